@@ -1,0 +1,296 @@
+"""Decode CIFAKE once into uint8 NHWC arrays and cache them with a manifest.
+
+Cache layout (format version ``FORMAT_VERSION``)::
+
+    <cache-dir>/<source-key>/
+        manifest.json            format version, source path + fingerprint, counts
+        train_images.npy         (N, 32, 32, 3) uint8, RGB, NHWC
+        train_labels.npy         (N,) uint8, FAKE = 0, REAL = 1
+        train_cifar_class.npy    (N,) uint8, CIFAR-10 class 1..10 from the file name (0 = unknown)
+        train_digests.npy        (N,) |S20, SHA-1 of the file's bytes (for duplicate/leak checks)
+        train_names.npy          (N,) <U.., 'REAL/1234 (3).jpg'
+        test_*.npy               the same for the test split
+
+Only plain ``.npy`` (loaded with ``allow_pickle=False``) and JSON: nothing is
+unpickled. The folder is built under a temporary name and renamed into place
+when complete, so an interrupted build never leaves a cache that loads. A cache
+whose manifest disagrees with its source (format version, fingerprint) is
+rebuilt, with a message saying why.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .images import SIZE, decode_dataset_image
+from .source import CLASSES, LABEL_OF, SPLITS, Entry, Source, cifar_class_of, open_source, \
+    resolve_path
+
+FORMAT_VERSION = 1
+_FIELDS = ("images", "labels", "cifar_class", "digests", "names")
+
+
+@dataclass
+class Split:
+    """One split, every array aligned on axis 0."""
+    images: np.ndarray       # (N, 32, 32, 3) uint8 RGB
+    labels: np.ndarray       # (N,) uint8: FAKE = 0, REAL = 1
+    cifar_class: np.ndarray  # (N,) uint8: 1..10, 0 = unknown
+    digests: np.ndarray      # (N,) S20: SHA-1 of the source file's bytes
+    names: np.ndarray        # (N,) str: 'CLASS/file name'
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: np.ndarray) -> "Split":
+        return Split(*(getattr(self, f)[idx] for f in _FIELDS))
+
+    def subset_per_class(self, n: int | None) -> "Split":
+        """The first ``n`` images of each class (in file-name order), for quick runs."""
+        if n is None:
+            return self
+        if n <= 0:
+            raise DataError(f"--subset must be a positive number of images per class, got {n}")
+        idx = np.concatenate([np.flatnonzero(self.labels == c)[:n] for c in range(len(CLASSES))])
+        return self.take(np.sort(idx))
+
+
+@dataclass
+class CIFAKE:
+    train: Split
+    test: Split
+    manifest: dict
+
+    def test_deduplicated(self) -> Split:
+        """The test split minus every image whose bytes also occur in train (the leak)."""
+        leaked = np.isin(self.test.digests, self.train.digests)
+        return self.test.take(np.flatnonzero(~leaked))
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cifake-detector"
+
+
+def _source_key(path: Path) -> str:
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- decoding
+_WORKER_SOURCE: Source | None = None
+
+
+def _worker_init(path: str) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = open_source(Path(path))
+    _WORKER_SOURCE.open()
+
+
+def _decode_chunk(args: tuple[str, list[str]]) -> tuple[np.ndarray, list[bytes]]:
+    path, keys = args
+    src = _WORKER_SOURCE if _WORKER_SOURCE is not None else open_source(Path(path))
+    out = np.empty((len(keys), SIZE, SIZE, 3), np.uint8)
+    digests = []
+    for i, key in enumerate(keys):
+        raw = src.read(key)
+        out[i] = decode_dataset_image(raw, f"{path}:{key}" if src.kind == "zip" else key)
+        digests.append(hashlib.sha1(raw).digest())
+    return out, digests
+
+
+def _decode_all(src: Source, entries: list[Entry], workers: int, progress: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    keys = [e.key for e in entries]
+    n = len(keys)
+    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    digests = np.empty((n,), "S20")
+    chunk = 2000  # images per task: large enough to amortise IPC, small enough for progress
+    tasks = [(str(src.path), keys[i:i + chunk]) for i in range(0, n, chunk)]
+    done = 0
+    t0 = time.time()
+
+    def store(i: int, res: tuple[np.ndarray, list[bytes]]) -> None:
+        nonlocal done
+        a, d = res
+        images[i * chunk:i * chunk + len(a)] = a
+        digests[i * chunk:i * chunk + len(a)] = d
+        done += len(a)
+        if progress:
+            print(f"\r  decoded {done:,}/{n:,} images ({time.time() - t0:.1f} s)", end="",
+                  file=sys.stderr, flush=True)
+
+    if workers <= 1 or n < 4 * chunk:
+        src.open()
+        global _WORKER_SOURCE
+        prev, _WORKER_SOURCE = _WORKER_SOURCE, src
+        try:
+            for i, t in enumerate(tasks):
+                store(i, _decode_chunk(t))
+        finally:
+            _WORKER_SOURCE = prev
+    else:
+        with ProcessPoolExecutor(workers, initializer=_worker_init,
+                                 initargs=(str(src.path),)) as ex:
+            for i, res in enumerate(ex.map(_decode_chunk, tasks)):
+                store(i, res)
+    if progress:
+        print(file=sys.stderr)
+    return images, digests
+
+
+# ---------------------------------------------------------------- build / load
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_cache(src: Source, target: Path, workers: int | None = None, progress: bool = True
+                ) -> dict:
+    """Decode every image of ``src`` into ``target`` (atomically). Returns the manifest."""
+    t0 = time.time()
+    entries = src.entries()
+    workers = workers or min(os.cpu_count() or 1, 8)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"cannot create cache folder {tmp.parent} ({e.strerror}); "
+                        f"choose another with --cache-dir") from None
+    try:
+        images, digests = _decode_all(src, entries, workers, progress)
+        counts = {}
+        offset = 0
+        for split in SPLITS:
+            sel = [i for i, e in enumerate(entries) if e.split == split]
+            lo, hi = sel[0], sel[-1] + 1
+            assert hi - lo == len(sel), "entries are grouped by split"
+            es = entries[lo:hi]
+            arrays = {
+                "images": images[lo:hi],
+                "labels": np.array([LABEL_OF[e.cls] for e in es], np.uint8),
+                "cifar_class": np.array([cifar_class_of(e.name) for e in es], np.uint8),
+                "digests": digests[lo:hi],
+                "names": np.array([f"{e.cls}/{e.name}" for e in es]),
+            }
+            for field, arr in arrays.items():
+                _write_npy(tmp / f"{split}_{field}.npy", arr)
+            counts[split] = {c: int(sum(e.cls == c for e in es)) for c in CLASSES}
+            offset = hi
+        del offset
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": {"path": str(src.path), "kind": src.kind, **src.stat_key(),
+                       "digest": src.digest()},
+            "counts": counts,
+            "ignored_files": len(src.ignored),
+            "label_convention": {c: LABEL_OF[c] for c in CLASSES},
+            "build_seconds": round(time.time() - t0, 2),
+        }
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        # replace atomically: an old cache is moved aside first, then deleted
+        if target.exists():
+            old = target.with_name(f"{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _read_manifest(target: Path) -> dict | None:
+    try:
+        with open(target / "manifest.json") as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stale_reason(m: dict | None, src: Source) -> str | None:
+    """None when the cache matches the source, else why it does not."""
+    if m is None:
+        return "no complete cache yet"
+    if m.get("format_version") != FORMAT_VERSION:
+        return f"cache format {m.get('format_version')} != {FORMAT_VERSION}"
+    s = m.get("source", {})
+    if s.get("path") != str(src.path) or s.get("kind") != src.kind:
+        return "cache was built from another source"
+    if src.kind == "zip":
+        sk = src.stat_key()
+        if s.get("size") == sk["size"] and s.get("mtime_ns") == sk["mtime_ns"]:
+            return None  # same file, untouched: skip reading the archive index
+    if s.get("digest") != src.digest():
+        return "the source's contents changed since the cache was built"
+    return None
+
+
+def _load_split(target: Path, split: str) -> Split:
+    arrays = []
+    for field in _FIELDS:
+        p = target / f"{split}_{field}.npy"
+        try:
+            arrays.append(np.load(p, allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{p}: unreadable cache file ({e}); delete the folder {target} "
+                            f"to rebuild it") from None
+    s = Split(*arrays)
+    n = len(s.labels)
+    if s.images.shape != (n, SIZE, SIZE, 3) or s.images.dtype != np.uint8 or any(
+            len(getattr(s, f)) != n for f in _FIELDS):
+        raise DataError(f"{target}: cache arrays for '{split}' have inconsistent shapes; "
+                        f"delete the folder to rebuild it")
+    return s
+
+
+def prepare(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+            verbose: bool = True, workers: int | None = None) -> tuple[Path, dict, Source]:
+    """Make sure a valid cache exists for the source; returns (cache folder, manifest, source)."""
+    path = resolve_path(data)
+    src = open_source(path)
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = base / _source_key(path)
+    m = _read_manifest(target)
+    reason = _stale_reason(m, src)
+    if reason is not None:
+        if verbose:
+            print(f"building CIFAKE cache from {path} ({reason}) -> {target}", file=sys.stderr)
+        m = build_cache(src, target, workers=workers, progress=verbose)
+    return target, m, src
+
+
+def load_cifake(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                subset: int | None = None, verbose: bool = True) -> CIFAKE:
+    """Load CIFAKE as uint8 arrays, building the cache first when needed.
+
+    ``subset``: keep the first N images per class in each split (quick runs).
+    """
+    target, m, src = prepare(data, cache_dir, verbose)
+    src.close()
+    ds = CIFAKE(_load_split(target, "train"), _load_split(target, "test"), m)
+    if subset is not None:
+        ds = CIFAKE(ds.train.subset_per_class(subset), ds.test.subset_per_class(subset), m)
+    return ds
+
+
+def duplicate_count(digests: np.ndarray) -> int:
+    """Number of files that are byte-identical copies of an earlier file in the same split."""
+    return int(len(digests) - len(np.unique(digests)))

@@ -1,0 +1,94 @@
+"""Image decoding: the one place bytes become uint8 RGB arrays.
+
+Two entry points:
+- ``decode_dataset_image`` for dataset files: must be exactly 32x32; the
+  declared size is checked from the header *before* any pixel is decoded, so a
+  decompression bomb costs nothing.
+- ``load_image_for_model`` for user images (predict): any size and mode, turned
+  into the model's 32x32 RGB input.
+
+Mode policy (both): grayscale (L, I;16, I, F), palette (P), RGBA/LA, CMYK and
+YCbCr are converted to RGB with Pillow's ``convert("RGB")``; transparency is
+dropped (alpha is discarded, not composited), as torchvision's ImageFolder
+loader does.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+
+SIZE = 32  # pixels: CIFAKE images are 32x32
+# Upper bound on the declared pixel count of any image we agree to decode
+# (user images in predict). 40 Mpx: a large photo is fine, a bomb is refused.
+MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Filter used to bring a user's image to 32x32. BOX (area averaging) is the
+# anti-aliased choice for large downscales; documented in README.
+RESIZE_FILTER = Image.Resampling.BOX
+
+
+def _open(data: bytes, where: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{where}: image declares too many pixels (decompression bomb refused)") \
+            from None
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError from plugins
+        raise DataError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+    return im
+
+
+def _to_rgb_array(im: Image.Image, where: str) -> np.ndarray:
+    try:
+        im.load()
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # truncated or corrupt pixel data
+        raise DataError(f"{where}: corrupt or truncated image data ({type(e).__name__}: {e})") \
+            from None
+
+
+def decode_dataset_image(data: bytes, where: str) -> np.ndarray:
+    """Bytes of one dataset file -> (32, 32, 3) uint8 RGB. Raises DataError naming ``where``."""
+    im = _open(data, where)
+    if im.size != (SIZE, SIZE):
+        raise DataError(f"{where}: image is {im.size[0]}x{im.size[1]}, CIFAKE images must be "
+                        f"{SIZE}x{SIZE}")
+    arr = _to_rgb_array(im, where)
+    if arr.shape != (SIZE, SIZE, 3):
+        raise DataError(f"{where}: decoded to shape {arr.shape}, expected (32, 32, 3)")
+    return arr
+
+
+def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """A user's image file (JPEG/PNG/WebP/..., any size or mode) -> model input.
+
+    Returns ``(image (32, 32, 3) uint8 RGB, resized?, original (width, height))``.
+    Images that are not 32x32 are resized with ``RESIZE_FILTER`` (the detector
+    was trained on 32x32 originals, so a resized image is out of distribution;
+    callers say so in their output).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an image file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    im = _open(data, path)
+    size = im.size
+    if size[0] < 1 or size[1] < 1:
+        raise DataError(f"{path}: image has no pixels ({size[0]}x{size[1]})")
+    arr = _to_rgb_array(im, path)
+    resized = size != (SIZE, SIZE)
+    if resized:
+        arr = np.asarray(Image.fromarray(arr).resize((SIZE, SIZE), RESIZE_FILTER), dtype=np.uint8)
+    return arr, resized, size

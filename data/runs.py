@@ -1,0 +1,275 @@
+"""What every stack's ``train``/``predict`` share: the flag vocabulary, run directories,
+atomic files, checked safetensors, and evaluation metrics.
+
+Run directory contract (numpy_mlp, torch_cnn and jax_port alike)::
+
+    RUN_DIR/config.json        the resolved configuration (stack, model, preset, every hyperparameter)
+    RUN_DIR/metrics.json       {"history": [per-epoch dicts], "final": {...}, "complete": bool}
+    RUN_DIR/model.safetensors  weights under canonical names (see each stack's README section);
+                               metadata: {"format": FORMAT, "family": "mlp"|"cnn", "model": NAME}
+    RUN_DIR/state.safetensors  what --resume needs beyond the weights (optimizer tensors)
+    RUN_DIR/state.json         epoch completed, RNG/bookkeeping, as JSON
+
+Every file is written to a temporary name in the same folder, fsynced and
+renamed, so a kill at any moment leaves either the previous file or the new
+one, never half of one. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+FORMAT = "cifake-detector/1"
+
+
+# ------------------------------------------------------------------ flags
+def positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+        return v
+    return parse
+
+
+def nonneg_float(name: str, strictly_positive: bool = False):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or v < 0 or (strictly_positive and v == 0):
+            kind = "positive" if strictly_positive else "non-negative"
+            raise argparse.ArgumentTypeError(f"{name} must be a finite {kind} number, got {s}")
+        return v
+    return parse
+
+
+def batch_size_arg(s: str) -> int | None:
+    """--batch-size N, or 'full' for full-batch mode (None)."""
+    if s.lower() == "full":
+        return None
+    return positive_int("--batch-size")(s)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise UserError(message)
+
+
+def common_parser(prog: str, description: str, presets: dict, decay: bool) -> argparse.ArgumentParser:
+    """The flag vocabulary all three stacks share. Defaults of None mean 'from the preset'."""
+    ap = _Parser(prog=prog, description=description)
+    ap.add_argument("--data", help="Kaggle cifake zip or its extracted folder "
+                                   "(default: $CIFAKE_PATH, then a kagglehub download)")
+    ap.add_argument("--cache-dir", help="decoded-image cache folder (default: ~/.cache/cifake-detector)")
+    ap.add_argument("--out", help="run directory (default: runs/<stack>-<preset or model>)")
+    ap.add_argument("--preset", choices=sorted(presets), help="a configuration of the original "
+                    "project; explicit flags override its values")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    ap.add_argument("--epochs", type=positive_int("--epochs"), help="passes over the training set")
+    ap.add_argument("--batch-size", type=batch_size_arg,
+                    help="images per step, or 'full' for full-batch gradient descent")
+    ap.add_argument("--lr", type=nonneg_float("--lr", strictly_positive=True),
+                    help="learning rate (lr0 of the decay schedule where there is one)")
+    if decay:
+        ap.add_argument("--decay", type=nonneg_float("--decay"),
+                        help="lr = lr0 / (1 + decay * epoch); 0 keeps lr constant")
+    ap.add_argument("--subset", type=positive_int("--subset"),
+                    help="use only the first N images per class of each split (quick runs)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last completed epoch")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def resolve_config(args: argparse.Namespace, presets: dict, defaults: dict) -> dict:
+    """defaults < preset < explicit flags. Returns a plain dict (JSON-able)."""
+    cfg = dict(defaults)
+    if args.preset:
+        cfg.update(presets[args.preset])
+        cfg["preset"] = args.preset
+    for k, v in vars(args).items():
+        if v is not None and k in cfg and k != "preset":
+            cfg[k] = v
+    return cfg
+
+
+# ------------------------------------------------------------------ files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+    """NumPy arrays -> .safetensors, atomically."""
+    from safetensors.numpy import save
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"format": FORMAT, **(metadata or {})})
+    atomic_write_bytes(path, data)
+
+
+def load_safetensors(path: str | os.PathLike,
+                     expected: dict[str, tuple[tuple[int, ...], str]] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load a .safetensors file as NumPy arrays, validating names, shapes and dtypes.
+
+    ``expected``: name -> (shape, dtype name). Missing, extra or mis-shaped
+    tensors raise UserError naming the file and the tensor.
+    """
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt headers
+        raise UserError(f"{path}: not a valid .safetensors file ({type(e).__name__}: {e})") \
+            from None
+    if expected is not None:
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise UserError(f"{path}: checkpoint does not fit this model "
+                            f"(missing {missing[:4]}, unexpected {extra[:4]})")
+        for k, (shape, dtype) in expected.items():
+            t = tensors[k]
+            if tuple(t.shape) != tuple(shape):
+                raise UserError(f"{path}: tensor '{k}' has shape {tuple(t.shape)}, "
+                                f"this model needs {tuple(shape)}")
+            if dtype is not None and str(t.dtype) != dtype:
+                raise UserError(f"{path}: tensor '{k}' has dtype {t.dtype}, expected {dtype}")
+    return tensors, meta
+
+
+def prepare_out_dir(out: str | os.PathLike, resume: bool, min_free_mb: int = 50) -> Path:
+    """Create/validate the run directory *before* any training starts.
+
+    Fails early when the folder is not writable or the disk is nearly full,
+    when --resume is given without a run to resume, or when a finished or
+    unrelated run would be overwritten without --resume.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {out} is not writable ({e.strerror})") from None
+    free_mb = shutil.disk_usage(out).free / 2**20
+    if free_mb < min_free_mb:
+        raise UserError(f"output directory {out} has only {free_mb:.0f} MiB free "
+                        f"(need at least {min_free_mb} MiB)")
+    has_state = (out / "state.json").exists()
+    if resume and not has_state:
+        raise UserError(f"--resume: {out} holds no run to resume (no state.json)")
+    if not resume and (has_state or (out / "metrics.json").exists()):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
+                        f"another --out")
+    return out
+
+
+# ------------------------------------------------------------------ metrics
+def bce_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid(logits) against 0/1 labels, computed stably."""
+    z = np.asarray(logits, np.float64).reshape(-1)
+    y = np.asarray(labels, np.float64).reshape(-1)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie correction). Label 1 is positive."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_report(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy (%), BCE loss, ROC-AUC and confusion matrix from logits of P(REAL)."""
+    z = np.asarray(logits, np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    pred = (z > 0).astype(np.int64)  # sigmoid(z) > 0.5
+    cm = np.zeros((2, 2), np.int64)
+    np.add.at(cm, (y, pred), 1)
+    auc = roc_auc(z, y)
+    return {
+        "accuracy": float(100.0 * (pred == y).mean()) if len(y) else float("nan"),
+        "loss": bce_from_logits(z, y),
+        "roc_auc": None if math.isnan(auc) else auc,
+        # rows: true class, columns: predicted class, in label order (FAKE, REAL)
+        "confusion": cm.tolist(),
+        "n": int(len(y)),
+    }

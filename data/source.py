@@ -1,0 +1,312 @@
+"""Where CIFAKE comes from: the Kaggle zip, the same tree extracted, or kagglehub.
+
+Layout (the Kaggle archive as downloaded)::
+
+    train/REAL/*.jpg  train/FAKE/*.jpg  test/REAL/*.jpg  test/FAKE/*.jpg
+
+optionally below one wrapper folder (``cifake/train/...``), which is detected.
+
+Policy for files that do not fit the layout (documented in README):
+- OS metadata (``__MACOSX/``, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``,
+  names starting with ``._``) is ignored silently;
+- any other file outside ``train|test/REAL|FAKE/`` (a README, a licence) is
+  ignored and counted, and ``python -m data.prepare`` reports the count;
+- inside a class folder every regular file must be an image with extension
+  .jpg/.jpeg/.png/.webp/.bmp; anything else is an error naming the file, as
+  is a sub-folder inside a class folder;
+- a missing split or class folder, or an empty class, is an error.
+
+Archive entries are never extracted to disk. Names containing ``..``, an
+absolute path, a drive letter or a backslash are refused before anything is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import DataError
+
+SPLITS = ("train", "test")
+# Alphabetical order, as torchvision's ImageFolder assigns indices: FAKE = 0, REAL = 1.
+CLASSES = ("FAKE", "REAL")
+LABEL_OF = {c: i for i, c in enumerate(CLASSES)}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+KAGGLE_HANDLE = "birdy654/cifake-real-and-ai-generated-synthetic-images"
+_OS_JUNK = {".ds_store", "thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image file of the dataset."""
+    split: str   # "train" | "test"
+    cls: str     # "FAKE" | "REAL"
+    name: str    # file name inside the class folder, e.g. "1234 (3).jpg"
+    key: str     # how the source reads it: the zip member name or a filesystem path
+
+
+def _is_os_junk(parts: tuple[str, ...]) -> bool:
+    return any(p == "__MACOSX" or p.lower() in _OS_JUNK or p.startswith("._") for p in parts)
+
+
+def check_member_name(name: str, archive: str) -> None:
+    """Refuse archive member names that could escape a folder (zip-slip)."""
+    if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise DataError(f"{archive}: archive entry has an absolute or non-POSIX path: {name!r}")
+    if ".." in PurePosixPath(name).parts:
+        raise DataError(f"{archive}: archive entry has '..' in its path: {name!r}")
+
+
+def cifar_class_of(name: str) -> int:
+    """CIFAR-10 class index 1..10 from a file name: 'NNNN.jpg' -> 1, 'NNNN (k).jpg' -> k.
+
+    Returns 0 when the name does not follow the convention (a user's own files).
+    """
+    stem = name.rsplit(".", 1)[0]
+    if stem.endswith(")") and " (" in stem:
+        k = stem.rsplit(" (", 1)[1][:-1]
+        return int(k) if k.isdigit() and 1 <= int(k) <= 10 else 0
+    return 1 if stem.isdigit() else 0
+
+
+def natural_key(name: str) -> tuple:
+    """Sort '2.jpg' before '10.jpg' and '5.jpg' before '5 (2).jpg'."""
+    stem = name.rsplit(".", 1)[0]
+    num, _, rest = stem.partition(" ")
+    return (0, int(num), cifar_class_of(name), name) if num.isdigit() else (1, 0, 0, name)
+
+
+class Source:
+    """Lists the dataset's entries and reads their bytes. Subclasses: ZipSource, DirSource."""
+    kind = "?"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ignored: list[str] = []   # files outside the layout, reported by data.prepare
+
+    def entries(self) -> list[Entry]:
+        raise NotImplementedError
+
+    def read(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def stat_key(self) -> dict:
+        """Cheap identity (size, mtime) used to skip recomputing the digest."""
+        raise NotImplementedError
+
+    def digest(self) -> str:
+        """Content fingerprint of the listing (names, sizes, CRCs or mtimes)."""
+        raise NotImplementedError
+
+    def open(self) -> None:
+        """(Re)open handles; called in each decoding worker process."""
+
+    def close(self) -> None:
+        pass
+
+    # shared by both sources: group relative paths into validated entries
+    def _collect(self, rel_paths: list[tuple[str, str, bool]]) -> list[Entry]:
+        """rel_paths: (relative POSIX path, key, is_dir). Returns sorted entries."""
+        parts_list = [(PurePosixPath(r).parts, k, d) for r, k, d in rel_paths]
+        parts_list = [(p, k, d) for p, k, d in parts_list if p and not _is_os_junk(p)]
+        prefix: tuple[str, ...] = ()
+        tops = {p[0] for p, _, _ in parts_list}
+        if not (tops & set(SPLITS)):
+            # one wrapper folder, e.g. "cifake/train/REAL/..."
+            wrappers = {p[0] for p, _, d in parts_list if len(p) > 1 or d}
+            if len(wrappers) == 1:
+                prefix = (next(iter(wrappers)),)
+        groups: dict[tuple[str, str], list[Entry]] = {(s, c): [] for s in SPLITS for c in CLASSES}
+        for parts, key, is_dir in parts_list:
+            if parts[:len(prefix)] != prefix:
+                self.ignored.append("/".join(parts))
+                continue
+            rel = parts[len(prefix):]
+            if len(rel) < 2 or rel[0] not in SPLITS or rel[1] not in CLASSES:
+                if not is_dir:
+                    self.ignored.append("/".join(parts))
+                continue
+            if len(rel) == 2:
+                continue  # the class folder itself
+            if len(rel) > 3 or is_dir:
+                raise DataError(f"{self.path}: unexpected sub-folder inside a class folder: "
+                                f"{'/'.join(parts)}")
+            name = rel[2]
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                raise DataError(f"{self.path}: not an image file (extension) in a class folder: "
+                                f"{'/'.join(parts)}")
+            groups[(rel[0], rel[1])].append(Entry(rel[0], rel[1], name, key))
+        present_splits = {s for (s, c), v in groups.items() if v}
+        for s in SPLITS:
+            folder_seen = any(p[len(prefix):][:1] == (s,) for p, _, _ in parts_list)
+            if not folder_seen:
+                raise DataError(f"{self.path}: missing split folder '{'/'.join(prefix + (s,))}/' "
+                                f"(expected train|test/REAL|FAKE/*.jpg)")
+            for c in CLASSES:
+                cls_seen = any(p[len(prefix):][:2] == (s, c) for p, _, _ in parts_list)
+                if not cls_seen:
+                    raise DataError(f"{self.path}: missing class folder "
+                                    f"'{'/'.join(prefix + (s, c))}/'")
+                if not groups[(s, c)]:
+                    raise DataError(f"{self.path}: class folder '{'/'.join(prefix + (s, c))}/' "
+                                    f"holds no images")
+        del present_splits
+        out: list[Entry] = []
+        for s in SPLITS:
+            for c in CLASSES:
+                out.extend(sorted(groups[(s, c)], key=lambda e: natural_key(e.name)))
+        return out
+
+
+class ZipSource(Source):
+    kind = "zip"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._zf: zipfile.ZipFile | None = None
+        self._infos: dict[str, zipfile.ZipInfo] | None = None
+
+    def open(self) -> None:
+        try:
+            self._zf = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{self.path}: not a readable zip archive ({e}); "
+                            f"a truncated download looks like this") from None
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._infos = None
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._zf is None:
+            self.open()
+        assert self._zf is not None
+        return self._zf
+
+    def _info(self) -> dict[str, zipfile.ZipInfo]:
+        if self._infos is None:
+            infos = self._zip().infolist()
+            for i in infos:
+                check_member_name(i.filename, str(self.path))
+            self._infos = {i.filename: i for i in infos}
+        return self._infos
+
+    def entries(self) -> list[Entry]:
+        self.ignored = []
+        rels = [(n.rstrip("/"), n, i.is_dir()) for n, i in self._info().items()]
+        return self._collect(rels)
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self._zip().read(self._info()[key])
+        except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
+            raise DataError(f"{self.path}: cannot read archive entry '{key}' ({e})") from None
+
+    def stat_key(self) -> dict:
+        st = self.path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for n, i in sorted(self._info().items()):
+            h.update(f"{n}\0{i.file_size}\0{i.CRC}\n".encode())
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self._zf is not None:
+            self._zf.close()
+        self._zf = None
+        self._infos = None
+
+
+class DirSource(Source):
+    kind = "dir"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._listing: list[tuple[str, str, bool, int, int]] | None = None
+
+    def _list(self):
+        if self._listing is None:
+            out = []
+            for root, dirs, files in os.walk(self.path):
+                rroot = Path(root).relative_to(self.path).as_posix()
+                for d in dirs:
+                    rel = d if rroot == "." else f"{rroot}/{d}"
+                    out.append((rel, os.path.join(root, d), True, 0, 0))
+                for f in files:
+                    rel = f if rroot == "." else f"{rroot}/{f}"
+                    full = os.path.join(root, f)
+                    try:
+                        st = os.stat(full)
+                    except OSError as e:
+                        raise DataError(f"{full}: cannot stat ({e.strerror})") from None
+                    if not stat.S_ISREG(st.st_mode):
+                        raise DataError(f"{full}: not a regular file")
+                    out.append((rel, full, False, st.st_size, st.st_mtime_ns))
+            out.sort()
+            self._listing = out
+        return self._listing
+
+    def entries(self) -> list[Entry]:
+        self.ignored = []
+        return self._collect([(r, k, d) for r, k, d, _, _ in self._list()])
+
+    def read(self, key: str) -> bytes:
+        try:
+            with open(key, "rb") as f:
+                return f.read()
+        except IsADirectoryError:
+            raise DataError(f"{key}: is a directory, expected an image file") from None
+        except OSError as e:
+            raise DataError(f"{key}: cannot read ({e.strerror})") from None
+
+    def stat_key(self) -> dict:
+        # a folder has no single mtime that covers its files: always use the digest
+        return {"size": -1, "mtime_ns": -1}
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for rel, _, is_dir, size, mtime in self._list():
+            if not is_dir:
+                h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        return h.hexdigest()
+
+
+def resolve_path(data: str | os.PathLike | None) -> Path:
+    """The dataset path from --data, else $CIFAKE_PATH, else a kagglehub download."""
+    if data is None or str(data) == "":
+        data = os.environ.get("CIFAKE_PATH") or None
+    if data is None:
+        return _kagglehub_download()
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise DataError(f"--data path does not exist: {p}")
+    return p.resolve()
+
+
+def _kagglehub_download() -> Path:
+    try:
+        import kagglehub  # optional; only used when no path is given
+    except ImportError:
+        raise DataError("no dataset given: pass --data PATH (the Kaggle cifake zip or its extracted "
+                        "folder) or set CIFAKE_PATH; or `pip install kagglehub` with Kaggle "
+                        f"credentials to download {KAGGLE_HANDLE}") from None
+    try:
+        return Path(kagglehub.dataset_download(KAGGLE_HANDLE)).resolve()
+    except Exception as e:  # network, credentials
+        raise DataError(f"kagglehub download of {KAGGLE_HANDLE} failed ({e}); pass --data PATH "
+                        f"or set CIFAKE_PATH instead") from None
+
+
+def open_source(path: Path) -> Source:
+    if path.is_dir():
+        return DirSource(path)
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path}: not a zip archive (truncated, or another format); expected "
+                            f"the Kaggle cifake zip or its extracted folder")
+        return ZipSource(path)
+    raise DataError(f"{path}: neither a zip file nor a folder")
