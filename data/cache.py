@@ -91,18 +91,19 @@ _WORKER_SOURCE: Source | None = None
 
 
 def _worker_init(path: str) -> None:
+    # No src.open(): members are read through the locators the parent computed
+    # (Source.locate), so a worker never re-reads the archive's directory.
     global _WORKER_SOURCE
     _WORKER_SOURCE = open_source(Path(path))
-    _WORKER_SOURCE.open()
 
 
-def _decode_chunk(args: tuple[str, list[str]]) -> tuple[np.ndarray, list[bytes]]:
-    path, keys = args
+def _decode_chunk(args: tuple[str, list[str], list]) -> tuple[np.ndarray, list[bytes]]:
+    path, keys, locs = args
     src = _WORKER_SOURCE if _WORKER_SOURCE is not None else open_source(Path(path))
     out = np.empty((len(keys), SIZE, SIZE, 3), np.uint8)
     digests = []
-    for i, key in enumerate(keys):
-        raw = src.read(key)
+    for i, (key, loc) in enumerate(zip(keys, locs)):
+        raw = src.read_located(key, loc)
         out[i] = decode_dataset_image(raw, f"{path}:{key}" if src.kind == "zip" else key)
         digests.append(hashlib.sha1(raw).digest())
     return out, digests
@@ -115,7 +116,8 @@ def _decode_all(src: Source, entries: list[Entry], workers: int, progress: bool
     images = np.empty((n, SIZE, SIZE, 3), np.uint8)
     digests = np.empty((n,), "S20")
     chunk = 2000  # images per task: large enough to amortise IPC, small enough for progress
-    tasks = [(str(src.path), keys[i:i + chunk]) for i in range(0, n, chunk)]
+    locs = src.locate(keys)
+    tasks = [(str(src.path), keys[i:i + chunk], locs[i:i + chunk]) for i in range(0, n, chunk)]
     done = 0
     t0 = time.time()
 

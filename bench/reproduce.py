@@ -1,0 +1,296 @@
+"""python -m bench.reproduce: rebuild the original seven-row results table.
+
+Runs each row's preset with a stack's own entry point (``python -m
+<stack>.train --preset ROW``) in a subprocess, one after the other, then
+writes into ``--out`` (default ``results/reproduce``)::
+
+    table.md, table.csv       train / test / gap per row next to the original and the difference,
+                              de-duplicated-test accuracy, ROC-AUC, wall time, device
+    curves_<row>.png          loss and accuracy per epoch, train vs test
+    bars.png                  the rows, ours vs the original
+    runs/<backend>-<row>/     each row's run directory (config, metrics, weights)
+    reproduce.json            everything above as data, with the command and date
+
+Resumable: a row whose run finished is not run again; an interrupted row is
+resumed (``--resume``) from its last completed epoch. ``--epochs-scale`` and
+``--subset`` produce a quick miniature, labelled as such in every output.
+
+Backends: ``spec`` (default: numpy_mlp for the MLP rows, torch_cnn for the CNN
+rows), ``numpy`` (MLP rows only), ``torch`` (CNN rows only), ``jax`` (all rows).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data.errors import UserError, run_cli
+from data.runs import atomic_write_bytes, atomic_write_json, positive_int
+
+from .original import ORIGINAL, ROWS
+
+STACK_OF = {("spec", "mlp"): "numpy_mlp", ("spec", "cnn"): "torch_cnn",
+            ("numpy", "mlp"): "numpy_mlp", ("torch", "cnn"): "torch_cnn",
+            ("jax", "mlp"): "jax_port", ("jax", "cnn"): "jax_port"}
+BACKENDS = ("spec", "numpy", "torch", "jax")
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--epochs-scale must be a number, got {s!r}") from None
+    if not (0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"--epochs-scale must be in (0, 1], got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 via run_cli, no usage dump
+        raise UserError(message)
+
+
+def parse_args(argv):
+    ap = _Parser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0])
+    ap.add_argument("--backend", default="spec", choices=BACKENDS)
+    ap.add_argument("--rows", default="all",
+                    help=f"comma-separated rows (default all): {','.join(ROWS)}")
+    ap.add_argument("--data", help="Kaggle cifake zip or folder (default: $CIFAKE_PATH)")
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--out", default="results/reproduce")
+    ap.add_argument("--epochs-scale", type=_positive_float, default=1.0,
+                    help="multiply each preset's epochs (at least 1): a miniature of the table")
+    ap.add_argument("--subset", type=positive_int("--subset"),
+                    help="first N images per class of each split: a miniature of the table")
+    ap.add_argument("--device", default=None, help="cpu|cuda|auto for torch rows (default auto)")
+    ap.add_argument("--plots-only", action="store_true",
+                    help="only rebuild the table and plots from the run directories present")
+    args = ap.parse_args(argv)
+    rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
+    bad = [r for r in rows if r not in ORIGINAL]
+    if bad:
+        raise UserError(f"unknown row(s) {bad}; choose from {','.join(ROWS)}")
+    args.rows = rows
+    return args
+
+
+def scaled_epochs(row: str, scale: float) -> int:
+    return max(1, round(ORIGINAL[row][2] * scale))
+
+
+def is_miniature(args) -> bool:
+    return args.epochs_scale != 1.0 or args.subset is not None
+
+
+def row_command(args, row: str, stack: str, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", f"{stack}.train", "--preset", row, "--out", str(run_dir),
+           "--no-progress"]
+    if args.data:
+        cmd += ["--data", args.data]
+    if args.cache_dir:
+        cmd += ["--cache-dir", args.cache_dir]
+    if args.epochs_scale != 1.0:
+        cmd += ["--epochs", str(scaled_epochs(row, args.epochs_scale))]
+    if args.subset:
+        cmd += ["--subset", str(args.subset)]
+    if args.device and stack == "torch_cnn":
+        cmd += ["--device", args.device]
+    return cmd
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
+    """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
+    m = _read_json(run_dir / "metrics.json")
+    if m and m.get("complete"):
+        return "skipped"
+    cmd = row_command(args, row, stack, run_dir)
+    if (run_dir / "state.json").exists():
+        cmd.append("--resume")
+    print(f"[{row}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    with open(log, "a") as lf:
+        lf.write(f"\n# {datetime.now(timezone.utc).isoformat()} {' '.join(cmd)}\n")
+        lf.flush()
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()  # the child got the same SIGINT and saves its last epoch
+            raise
+    status = "done" if rc == 0 else "failed"
+    print(f"[{row}] {status} in {time.time() - t0:.0f} s (log: {log})", file=sys.stderr,
+          flush=True)
+    return status
+
+
+def collect(args, row: str, stack: str, run_dir: Path, status: str) -> dict:
+    family, desc, epochs, o_test, o_train = ORIGINAL[row]
+    rec = {"row": row, "description": desc, "backend": stack, "status": status,
+           "run_dir": str(run_dir), "original_test": o_test, "original_train": o_train,
+           "original_gap": round(o_train - o_test, 2), "original_epochs": epochs}
+    m = _read_json(run_dir / "metrics.json")
+    c = _read_json(run_dir / "config.json") or {}
+    if not m or not m.get("final"):
+        return rec
+    f = m["final"]
+    rec.update({
+        "epochs": len(m.get("history", [])),
+        "train_acc": f.get("train_acc"), "test_acc": f.get("test_acc"), "gap_pp": f.get("gap_pp"),
+        "test_dedup_acc": (f.get("test_dedup") or {}).get("accuracy"),
+        "test_auc": f.get("test_auc"), "wall_seconds": m.get("wall_seconds"),
+        "device": c.get("device", "cpu"), "complete": bool(m.get("complete")),
+        "history": m.get("history", []),
+    })
+    if rec["test_acc"] is not None:
+        rec["diff_test_pp"] = round(rec["test_acc"] - o_test, 2)
+    return rec
+
+
+def _fmt(v, nd=2):
+    return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+COLUMNS = ["row", "description", "backend", "epochs", "train_acc", "test_acc", "gap_pp",
+           "original_test", "original_train", "original_gap", "diff_test_pp", "test_dedup_acc",
+           "test_auc", "wall_seconds", "device", "status"]
+
+
+def write_tables(out: Path, records: list[dict], label: str) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in records:
+        w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in COLUMNS])
+    atomic_write_bytes(out / "table.csv", buf.getvalue().encode())
+    lines = [f"# {label}", "",
+             "| row | backend | epochs | train % | test % | gap pp | original test % (train %, gap) "
+             "| Δ test pp | dedup test % | ROC-AUC | wall s | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        orig = f"{r['original_test']:.2f} ({r['original_train']:.2f}, {r['original_gap']:.2f})"
+        lines.append(
+            f"| {r['description']} | {r['backend']} | {_fmt(r.get('epochs'))} | "
+            f"{_fmt(r.get('train_acc'))} | {_fmt(r.get('test_acc'))} | {_fmt(r.get('gap_pp'))} | "
+            f"{orig} | {_fmt(r.get('diff_test_pp'))} | {_fmt(r.get('test_dedup_acc'))} | "
+            f"{_fmt(r.get('test_auc'), 4)} | {_fmt(r.get('wall_seconds'), 0)} | "
+            f"{r.get('device', '—')} |")
+    lines.append("")
+    atomic_write_bytes(out / "table.md", "\n".join(lines).encode())
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    for r in records:
+        h = r.get("history") or []
+        if not h:
+            continue
+        ep = [e["epoch"] for e in h]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+        a1.plot(ep, [e.get("train_loss") for e in h], label="train")
+        te = [(e["epoch"], e["test_loss"]) for e in h if e.get("test_loss") is not None]
+        if te:
+            a1.plot(*zip(*te), label="test", marker=".")
+        a1.set_xlabel("epoch"), a1.set_ylabel("BCE loss"), a1.legend()
+        a2.plot(ep, [e.get("train_acc") for e in h], label="train")
+        ta = [(e["epoch"], e["test_acc"]) for e in h if e.get("test_acc") is not None]
+        if ta:
+            a2.plot(*zip(*ta), label="test", marker=".")
+        a2.axhline(r["original_test"], color="gray", ls="--", lw=1, label="original test")
+        a2.set_xlabel("epoch"), a2.set_ylabel("accuracy %"), a2.legend()
+        fig.suptitle(f"{r['description']} ({r['backend']}) — {label}", fontsize=9)
+        fig.tight_layout()
+        name = f"curves_{r['row']}.png"
+        _save_fig(fig, out / name)
+        plt.close(fig)
+        written.append(name)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    xs = range(len(records))
+    ax.bar([x - 0.2 for x in xs], [r["original_test"] for r in records], 0.4, label="original",
+           color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], [r.get("test_acc") or 0 for r in records], 0.4, label="ours",
+           color="#3a6ea5")
+    ax.set_xticks(list(xs), [r["row"] for r in records], fontsize=8)
+    ax.set_ylim(50, 100)
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(label, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, out / "bars.png")
+    plt.close(fig)
+    written.append("bars.png")
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror})") from None
+    label = "CIFAKE results, full presets"
+    if is_miniature(args):
+        label = (f"MINIATURE (epochs x{args.epochs_scale}"
+                 f"{f', {args.subset} images/class' if args.subset else ''}) — not comparable "
+                 f"with the original")
+    records, failed = [], []
+    for row in args.rows:
+        family = ORIGINAL[row][0]
+        stack = STACK_OF.get((args.backend, family))
+        if stack is None:
+            print(f"[{row}] skipped: backend '{args.backend}' has no {family.upper()} models",
+                  file=sys.stderr)
+            continue
+        run_dir = out / "runs" / f"{stack}-{row}"
+        status = "present"
+        if not args.plots_only:
+            status = run_row(args, row, stack, run_dir, out / f"{stack}-{row}.log")
+            if status == "failed":
+                failed.append(row)
+        records.append(collect(args, row, stack, run_dir, status))
+    if not records:
+        raise UserError("no rows to run for this backend")
+    write_tables(out, records, label)
+    plots = write_plots(out, records, label)
+    atomic_write_json(out / "reproduce.json", {
+        "label": label, "miniature": is_miniature(args),
+        "command": " ".join(["python -m bench.reproduce"] + (argv if argv is not None
+                                                              else sys.argv[1:])),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": [{k: v for k, v in r.items() if k != "history"} for r in records],
+        "plots": plots})
+    print((out / "table.md").read_text())
+    if failed:
+        print(f"rows that failed: {', '.join(failed)} (see their logs in {out}); rerun the same "
+              f"command to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="bench.reproduce")

@@ -1,0 +1,221 @@
+"""The five models of the spec stacks as pure JAX functions (+ thin Flax linen wrappers).
+
+Why plain functions rather than stock ``flax.linen`` layers: parity with the specs
+needs exact control that the stock layers do not give --
+- BatchNorm must be torch's BatchNorm2d (momentum 0.1 in torch terms, *unbiased*
+  batch variance in running_var, ``num_batches_tracked``), not ``nn.BatchNorm``;
+- dropout must accept an explicit mask so tests can feed torch and JAX the same one;
+- the convolution formulation is chosen per backend: on XLA:CPU, ``lax.conv`` inside
+  ``lax.scan`` collapses (~50 images/s) while im2col + one matmul runs fast; on a GPU
+  cuDNN convolutions win.
+The variables still use Flax's layout and names (``{"params": {"conv1": {"kernel", "bias"}},
+"batch_stats": {...}}``, kernels HWIO / (in, out)), so ``FlaxCNN``/``FlaxMLP`` below are
+ordinary linen modules over the same functions and ``Module.apply`` works on these pytrees.
+
+Layouts: images NHWC; the MLP flattens each image in (H, W, C) order (the numpy_mlp
+convention), the CNN flattens its 8x8x64 feature map in (H, W, C) order (torch uses
+(C, H, W): ``convert.py`` permutes fc1's rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from data.batching import init_rng
+from data.errors import UserError
+
+# ---------------------------------------------------------------- architectures
+IMAGE_SHAPE = (32, 32, 3)  # H, W, C of a CIFAKE image
+N_IN = 32 * 32 * 3         # MLP input length (3072)
+
+# MLP hidden sizes per model (numpy_mlp.model.layer_dims_for): the original project's
+# 2-layer (one hidden ReLU layer of 7 units) and 4-layer ([20, 7, 5]) networks.
+MLP_HIDDEN = {"mlp2": (7,), "mlp4": (20, 7, 5)}
+
+BN_EPS = 1e-5        # torch BatchNorm2d eps
+BN_MOMENTUM = 0.1    # torch convention: running = (1 - 0.1) * running + 0.1 * batch statistic
+DROPOUT_P = 0.5      # probability of zeroing a unit of fc1's output (torch nn.Dropout(0.5))
+FC_HIDDEN = 512      # fc1 width
+CONV_CHANNELS = (32, 64)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str                      # "mlp" | "cnn"
+    layer_dims: tuple[int, ...] = ()  # MLP only: (3072, h1, ..., 1)
+    batchnorm: bool = False          # CNN only: BatchNorm2d after each conv
+    dropout: bool = False            # CNN only: Dropout(0.5) after fc1's ReLU
+
+
+# CNN variants (torch_cnn.model.build_model): baseline = plain; dropout = + Dropout(0.5);
+# v3 = + BatchNorm after both convs (and data augmentation, a training-loop option).
+CNN_VARIANTS = {"baseline": dict(batchnorm=False, dropout=False),
+                "dropout": dict(batchnorm=False, dropout=True),
+                "v3": dict(batchnorm=True, dropout=True)}
+MODELS = tuple(MLP_HIDDEN) + tuple(CNN_VARIANTS)
+
+
+def layer_dims_for(model: str, hidden: tuple[int, ...] | list[int] | None = None) -> tuple[int, ...]:
+    if model not in MLP_HIDDEN:
+        raise UserError(f"unknown MLP model {model!r} (choose from {', '.join(MLP_HIDDEN)})")
+    h = tuple(hidden) if hidden else MLP_HIDDEN[model]
+    if any(int(x) <= 0 for x in h):
+        raise UserError(f"--hidden sizes must be positive integers, got {list(h)}")
+    return (N_IN, *map(int, h), 1)
+
+
+def get_spec(model: str, hidden=None) -> ModelSpec:
+    if model in MLP_HIDDEN:
+        return ModelSpec(model, "mlp", layer_dims=layer_dims_for(model, hidden))
+    if model in CNN_VARIANTS:
+        if hidden:
+            raise UserError("--hidden applies to the MLP models only")
+        return ModelSpec(model, "cnn", **CNN_VARIANTS[model])
+    raise UserError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
+
+
+# ---------------------------------------------------------------- init
+def _init_key(seed: int) -> jax.Array:
+    # All randomness derives from the seed through the data layer's streams.
+    return jax.random.PRNGKey(int(init_rng(seed).integers(0, 2**31 - 1)))
+
+
+def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
+    """Fresh variables. MLP: He normal weights, zero biases (numpy_mlp's init).
+    CNN: PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every conv/linear
+    weight and bias, BN scale 1 / bias 0 / running mean 0 / running var 1."""
+    key = _init_key(seed)
+    params, stats = {}, {}
+    if spec.family == "mlp":
+        dims = spec.layer_dims
+        for l in range(1, len(dims)):
+            key, k = jax.random.split(key)
+            std = np.sqrt(2.0 / dims[l - 1])
+            params[f"dense{l}"] = {
+                "kernel": (jax.random.normal(k, (dims[l - 1], dims[l]), dtype) * std).astype(dtype),
+                "bias": jnp.zeros((dims[l],), dtype)}
+        return {"params": params}
+
+    def uniform(k, shape, fan_in):
+        b = 1.0 / np.sqrt(fan_in)
+        return jax.random.uniform(k, shape, dtype, -b, b)
+
+    c_in = IMAGE_SHAPE[2]
+    for i, c_out in enumerate(CONV_CHANNELS, start=1):
+        key, kw, kb = jax.random.split(key, 3)
+        fan_in = 9 * c_in
+        params[f"conv{i}"] = {"kernel": uniform(kw, (3, 3, c_in, c_out), fan_in),
+                              "bias": uniform(kb, (c_out,), fan_in)}
+        if spec.batchnorm:
+            params[f"bn{i}"] = {"scale": jnp.ones((c_out,), dtype), "bias": jnp.zeros((c_out,), dtype)}
+            stats[f"bn{i}"] = {"mean": jnp.zeros((c_out,), dtype), "var": jnp.ones((c_out,), dtype),
+                               "num_batches_tracked": jnp.zeros((), jnp.int32)}
+        c_in = c_out
+    flat = 8 * 8 * CONV_CHANNELS[-1]
+    for name, n_in, n_out in (("fc1", flat, FC_HIDDEN), ("fc2", FC_HIDDEN, 1)):
+        key, kw, kb = jax.random.split(key, 3)
+        params[name] = {"kernel": uniform(kw, (n_in, n_out), n_in), "bias": uniform(kb, (n_out,), n_in)}
+    out = {"params": params}
+    if spec.batchnorm:
+        out["batch_stats"] = stats
+    return out
+
+
+# ---------------------------------------------------------------- layers
+def conv3x3(x, kernel, bias, impl: str):
+    """3x3 convolution, stride 1, zero padding 1 (torch Conv2d(k=3, padding=1)), NHWC/HWIO.
+
+    ``impl="im2col"``: the 9 shifted copies concatenated on the channel axis and one matmul
+    with the kernel reshaped (9*C_in, C_out) (row order kh, kw, c_in = HWIO's memory order).
+    ``impl="xla"``: ``lax.conv_general_dilated`` (cuDNN on a GPU).
+    """
+    if impl == "xla":
+        y = lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
+    y = cols.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, -1)
+    return y.reshape(b, h, w, -1) + bias
+
+
+def maxpool2(x):
+    """2x2 max pooling, stride 2 (torch MaxPool2d(2)), as a reshape + max."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def batchnorm(x, p, s, train: bool):
+    """torch BatchNorm2d over NHWC. Returns (y, new_stats)."""
+    if not train:
+        inv = lax.rsqrt(s["var"] + BN_EPS)
+        return (x - s["mean"]) * inv * p["scale"] + p["bias"], s
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    mean = x.mean(axis=(0, 1, 2))
+    var = jnp.square(x - mean).mean(axis=(0, 1, 2))          # biased: used to normalise
+    y = (x - mean) * lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"]
+    unbiased = var * (n / (n - 1))                            # torch stores the unbiased one
+    mean, unbiased = lax.stop_gradient(mean), lax.stop_gradient(unbiased)
+    new = {"mean": (1 - BN_MOMENTUM) * s["mean"] + BN_MOMENTUM * mean,
+           "var": (1 - BN_MOMENTUM) * s["var"] + BN_MOMENTUM * unbiased,
+           "num_batches_tracked": s["num_batches_tracked"] + 1}
+    return y, new
+
+
+def dropout_mask(key, batch: int) -> jax.Array:
+    """Keep-mask (True = kept) for fc1's output, keep probability 1 - DROPOUT_P."""
+    return jax.random.bernoulli(key, 1.0 - DROPOUT_P, (batch, FC_HIDDEN))
+
+
+def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
+          conv_impl: str = "im2col"):
+    """Forward pass. ``x``: float images (B, 32, 32, 3) in [0, 1] (pixels / 255).
+
+    Returns ``(logits (B,), new_batch_stats)``; logits = log-odds that the image is REAL.
+    ``mask``: dropout keep-mask (B, 512) bool, required when ``train`` and the model
+    has dropout (the caller draws it, so tests can share it with torch).
+    """
+    p = variables["params"]
+    stats = variables.get("batch_stats", {})
+    b = x.shape[0]
+    if spec.family == "mlp":
+        a = x.reshape(b, -1)
+        n_layers = len(spec.layer_dims) - 1
+        for l in range(1, n_layers + 1):
+            a = a @ p[f"dense{l}"]["kernel"] + p[f"dense{l}"]["bias"]
+            if l < n_layers:
+                a = jax.nn.relu(a)
+        return a[:, 0], stats
+
+    new_stats = {}
+    h = x
+    for i in (1, 2):
+        h = conv3x3(h, p[f"conv{i}"]["kernel"], p[f"conv{i}"]["bias"], conv_impl)
+        if spec.batchnorm:
+            h, new_stats[f"bn{i}"] = batchnorm(h, p[f"bn{i}"], stats[f"bn{i}"], train)
+        h = maxpool2(jax.nn.relu(h))
+    h = h.reshape(b, -1)                                     # (H, W, C) flatten order
+    h = jax.nn.relu(h @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    if spec.dropout and train:
+        if mask is None:
+            raise ValueError("training a dropout model needs a dropout mask")
+        h = jnp.where(mask, h / (1.0 - DROPOUT_P), 0.0)      # inverted dropout, as torch
+    logits = (h @ p["fc2"]["kernel"] + p["fc2"]["bias"])[:, 0]
+    return logits, new_stats
+
+
+def bce_with_logits(logits, labels):
+    """Mean binary cross-entropy from logits, stable (torch BCEWithLogitsLoss)."""
+    y = labels.astype(logits.dtype)
+    return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def default_conv_impl() -> str:
+    """im2col on CPU (XLA:CPU's convolution collapses inside lax.scan), cuDNN elsewhere."""
+    return "im2col" if jax.default_backend() == "cpu" else "xla"

@@ -1,0 +1,221 @@
+"""Compiled training and evaluation: the jit-compiled core the CLI and bench/ share.
+
+- ``train_step(state, x_u8, y, draws, mask, lr)``: one pure step (augment on the device,
+  pixels / 255, forward, BCE, gradients, update). Parity tests call it directly with
+  explicit augmentation draws and dropout masks.
+- ``run_epoch``: the whole epoch as a few compiled ``lax.scan`` calls over chunks of
+  batches (the dataset stays on the device as uint8; only the epoch's indices and
+  augmentation draws travel), plus one plain step for a last partial batch. Compiled
+  once per shape and reused for every epoch.
+- ``evaluate``: logits for a whole split, in eval mode, fixed-size padded batches.
+
+The optimisers are the specs': plain gradient descent for the MLPs (no state: the
+learning rate lr0 / (1 + decay * epoch) is a traced argument, so changing it each epoch
+does not recompile) and ``optax.adam`` for the CNNs. torch's Adam divides by
+``sqrt(v_hat) + eps`` (eps outside the square root) with bias correction, which is
+exactly ``optax.adam``'s formula (eps_root=0); tests/test_parity_cnn.py checks it
+numerically.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from data.batching import (PAD, AugDraws, augment_draws, batch_slices, dropout_rng, epoch_order,
+                           identity_draws)
+
+from . import model as M
+
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
+EVAL_BATCH = 1000      # images per compiled eval call (padded), bounds memory
+CHUNK_BATCHES = 50     # batches per compiled scan call: progress/Ctrl-C granularity
+
+
+def augment_device(x_u8, dy, dx, flip, pad: int = PAD):
+    """On-device twin of ``data.batching.augment``: zero-pad ``pad``, crop 32x32 at
+    (dy, dx) in padded coordinates, then horizontal flip. Pure data movement, so
+    bit-identical to the NumPy reference (tested)."""
+    b, h, w, c = x_u8.shape
+    xp = jnp.pad(x_u8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    crop = jax.vmap(lambda im, y0, x0: lax.dynamic_slice(im, (y0, x0, 0), (h, w, c)))(xp, dy, dx)
+    return jnp.where(flip[:, None, None, None], crop[:, :, ::-1, :], crop)
+
+
+class Trainer:
+    """Everything compiled for one (model, hyperparameters) pair.
+
+    ``state`` is a pytree ``{"variables": {"params", ["batch_stats"]}, "opt": optax state}``.
+    """
+
+    def __init__(self, spec: M.ModelSpec, *, lr: float, batch_size: int | None,
+                 decay: float = 0.0, augment: bool = False, seed: int = 0,
+                 conv_impl: str | None = None, dtype=jnp.float32,
+                 chunk_batches: int = CHUNK_BATCHES):
+        self.spec, self.lr0, self.decay = spec, float(lr), float(decay)
+        self.batch_size, self.augment, self.seed = batch_size, bool(augment), int(seed)
+        self.conv_impl = conv_impl or M.default_conv_impl()
+        self.dtype = dtype
+        self.chunk_batches = chunk_batches
+        # MLP: plain GD (lr passed per call); CNN: Adam with torch's defaults, constant lr.
+        self.tx = None if spec.family == "mlp" else optax.adam(lr, ADAM_B1, ADAM_B2, ADAM_EPS)
+        self._step_jit = jax.jit(self._step)
+        self._scan_jit = jax.jit(self._scan)
+        self._eval_jit = jax.jit(self._eval_logits)
+
+    # ------------------------------------------------------------ state
+    def init_state(self, variables: dict) -> dict:
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        opt = () if self.tx is None else self.tx.init(variables["params"])
+        return {"variables": variables, "opt": opt}
+
+    def lr_at(self, epoch: int) -> float:
+        """lr0 / (1 + decay * epoch), epoch 0-based (numpy_mlp.model.lr_at); CNNs: constant."""
+        return self.lr0 / (1.0 + self.decay * epoch) if self.tx is None else self.lr0
+
+    # ------------------------------------------------------------ one step (pure)
+    def _inputs(self, x_u8, dy, dx, flip):
+        if self.augment:
+            x_u8 = augment_device(x_u8, dy, dx, flip)
+        return x_u8.astype(self.dtype) / jnp.asarray(255, self.dtype)
+
+    def _loss(self, params, stats, x, y, mask):
+        logits, new_stats = M.apply(self.spec, {"params": params, "batch_stats": stats}, x,
+                                    train=True, mask=mask, conv_impl=self.conv_impl)
+        return M.bce_with_logits(logits, y), (logits, new_stats)
+
+    def _step(self, state, x_u8, y, dy, dx, flip, mask, lr):
+        """One training step on one batch. Returns (new_state, (loss, n_correct))."""
+        x = self._inputs(x_u8, dy, dx, flip)
+        v = state["variables"]
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            v["params"], v.get("batch_stats", {}), x, y, mask)
+        if self.tx is None:
+            params = jax.tree_util.tree_map(lambda p, g: p - lr.astype(p.dtype) * g,
+                                            v["params"], grads)
+            opt = state["opt"]
+        else:
+            updates, opt = self.tx.update(grads, state["opt"], v["params"])
+            params = optax.apply_updates(v["params"], updates)
+        new_v = {"params": params}
+        if "batch_stats" in v:
+            new_v["batch_stats"] = new_stats
+        n_correct = jnp.sum((logits > 0) == (y == 1))
+        return {"variables": new_v, "opt": opt}, (loss, n_correct)
+
+    def train_step(self, state, x_u8, y, draws: AugDraws | None = None, mask=None, lr=None):
+        """Public single step (compiled). ``draws`` are used when the trainer augments
+        (identity when None); ``mask`` is the dropout keep-mask (B, 512) for dropout models
+        (drawn from the seed when None); ``lr`` defaults to lr0."""
+        b = len(y)
+        draws = draws if draws is not None else identity_draws(b)
+        if self.spec.dropout and mask is None:
+            mask = M.dropout_mask(jax.random.PRNGKey(self.seed), b)
+        lr = self.lr0 if lr is None else lr
+        return self._step_jit(state, jnp.asarray(x_u8), jnp.asarray(y), jnp.asarray(draws.dy),
+                              jnp.asarray(draws.dx), jnp.asarray(draws.flip),
+                              None if mask is None else jnp.asarray(mask),
+                              jnp.asarray(lr, self.dtype))
+
+    # ------------------------------------------------------------ a chunk of batches (scan)
+    def _scan(self, state, images, labels, idx, dy, dx, flip, steps, key, lr):
+        """``idx``/``dy``/``dx``/``flip``: (k, B) for k full batches; ``steps`` (k,) their
+        step numbers in the epoch (dropout masks = fold_in(key, step))."""
+        def body(st, xs):
+            i, a, b_, f, s = xs
+            mask = M.dropout_mask(jax.random.fold_in(key, s), i.shape[0]) \
+                if self.spec.dropout else None
+            st, (loss, nc) = self._step(st, images[i], labels[i], a, b_, f, mask, lr)
+            return st, (loss, nc)
+        state, (losses, ncs) = lax.scan(body, state, (idx, dy, dx, flip, steps))
+        return state, losses, ncs
+
+    def dropout_key(self, epoch: int):
+        return jax.random.PRNGKey(int(dropout_rng(self.seed, epoch).integers(0, 2**31 - 1)))
+
+    def run_epoch(self, state, images_dev, labels_dev, epoch: int,
+                  on_chunk: Callable[[int, float, int], None] | None = None):
+        """Train one epoch (0-based ``epoch``) over the device-resident split.
+
+        Returns ``(state, {"lr", "train_loss" (mean over steps), "train_acc" (%),
+        "seconds", "images_per_s"})``. ``on_chunk(images_done, last_loss, n_correct)``
+        is called after every compiled chunk (progress bar).
+        """
+        t0 = time.perf_counter()
+        n = int(labels_dev.shape[0])
+        order = epoch_order(self.seed, epoch, n).astype(np.int32)
+        draws = augment_draws(self.seed, epoch, n) if self.augment else identity_draws(n)
+        slices = batch_slices(n, self.batch_size)
+        bs = slices[0].stop - slices[0].start
+        n_full = n // bs
+        lr = jnp.asarray(self.lr_at(epoch), self.dtype)
+        key = self.dropout_key(epoch)
+        losses, correct = [], 0
+        for c0 in range(0, n_full, self.chunk_batches):
+            c1 = min(c0 + self.chunk_batches, n_full)
+            sl = slice(c0 * bs, c1 * bs)
+            shape = (c1 - c0, bs)
+            state, l, nc = self._scan_jit(
+                state, images_dev, labels_dev, jnp.asarray(order[sl].reshape(shape)),
+                jnp.asarray(draws.dy[sl].reshape(shape)), jnp.asarray(draws.dx[sl].reshape(shape)),
+                jnp.asarray(draws.flip[sl].reshape(shape)),
+                jnp.arange(c0, c1, dtype=jnp.int32), key, lr)
+            l = np.asarray(l)
+            losses.extend(l.tolist())
+            correct += int(np.asarray(nc).sum())
+            if on_chunk:
+                on_chunk(c1 * bs, float(l[-1]), correct)
+        if n_full * bs < n:  # last partial batch: a second compiled (non-scan) step
+            sl = slice(n_full * bs, n)
+            idx = jnp.asarray(order[sl])
+            mask = M.dropout_mask(jax.random.fold_in(key, n_full), n - n_full * bs) \
+                if self.spec.dropout else None
+            state, (l, nc) = self._step_jit(state, images_dev[idx], labels_dev[idx],
+                                            jnp.asarray(draws.dy[sl]), jnp.asarray(draws.dx[sl]),
+                                            jnp.asarray(draws.flip[sl]), mask, lr)
+            losses.append(float(l))
+            correct += int(nc)
+            if on_chunk:
+                on_chunk(n, float(l), correct)
+        jax.block_until_ready(state)
+        secs = time.perf_counter() - t0
+        return state, {"lr": self.lr_at(epoch), "train_loss": float(np.mean(losses)),
+                       "train_acc": 100.0 * correct / n, "seconds": secs,
+                       "images_per_s": n / secs, "losses": losses}
+
+    # ------------------------------------------------------------ evaluation
+    def _eval_logits(self, variables, x_u8):
+        x = x_u8.astype(self.dtype) / jnp.asarray(255, self.dtype)
+        logits, _ = M.apply(self.spec, variables, x, train=False, conv_impl=self.conv_impl)
+        return logits
+
+    def logits(self, variables, images_u8, batch: int = EVAL_BATCH) -> np.ndarray:
+        """Eval-mode logits for uint8 NHWC images (host or device array), in fixed-size
+        padded batches so one compilation serves every split."""
+        n = int(images_u8.shape[0])
+        if n == 0:
+            return np.zeros((0,), np.float32)
+        batch = min(batch, n)
+        out = []
+        for s in range(0, n, batch):
+            chunk = images_u8[s:s + batch]
+            k = chunk.shape[0]
+            if k < batch:
+                chunk = jnp.concatenate([jnp.asarray(chunk),
+                                         jnp.zeros((batch - k,) + chunk.shape[1:], chunk.dtype)])
+            out.append(np.asarray(self._eval_jit(variables, jnp.asarray(chunk)))[:k])
+        return np.concatenate(out)
+
+
+def non_finite_step(losses: list[float]) -> int | None:
+    """Index of the first non-finite loss, or None."""
+    for i, l in enumerate(losses):
+        if not math.isfinite(l):
+            return i
+    return None

@@ -1,0 +1,63 @@
+"""Canonical MLP checkpoints: ``W1, b1, ..., WL, bL`` in one .safetensors file.
+
+``Wl`` has shape (n_l, n_{l-1}) and ``bl`` shape (n_l, 1), where
+``layer_dims = [3072, n_1, ..., 1]``; the input vector is the NHWC uint8 image
+flattened in (H, W, C) order, / 255. Metadata: {"family": "mlp", "model":
+"mlp2"|"mlp4", "layer_dims": "[3072, 7, 1]", "dtype": "float32"|"float64"}.
+Tensors are stored in the dtype they were trained in (float64 runs keep every
+bit, which --resume needs); ``load`` accepts float32 and float64.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from data.errors import UserError
+from data.runs import load_safetensors, save_safetensors
+
+FAMILY = "mlp"
+
+
+def expected_shapes(layer_dims: list[int]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for l in range(1, len(layer_dims)):
+        shapes[f"W{l}"] = (layer_dims[l], layer_dims[l - 1])
+        shapes[f"b{l}"] = (layer_dims[l], 1)
+    return shapes
+
+
+def save(path, params: dict[str, np.ndarray], model: str, layer_dims: list[int],
+         extra_meta: dict[str, str] | None = None) -> None:
+    """Write ``params`` atomically under canonical names (shapes checked first)."""
+    shapes = expected_shapes(layer_dims)
+    if set(params) != set(shapes) or any(params[k].shape != s for k, s in shapes.items()):
+        raise ValueError(f"params do not match layer_dims {layer_dims}")
+    dtype = str(params["W1"].dtype)
+    meta = {"family": FAMILY, "model": model, "layer_dims": json.dumps(list(layer_dims)),
+            "dtype": dtype, **(extra_meta or {})}
+    save_safetensors(path, params, meta)
+
+
+def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a canonical MLP checkpoint -> (params, metadata), validating names, shapes, dtype.
+
+    Metadata gains ``layer_dims`` parsed as a list of ints.
+    """
+    _, meta = load_safetensors(path)  # first pass: read the metadata to know the shapes
+    if meta.get("family") != FAMILY:
+        raise UserError(f"{path}: not an MLP checkpoint (family {meta.get('family')!r})")
+    try:
+        dims = json.loads(meta["layer_dims"])
+        if not (isinstance(dims, list) and len(dims) >= 2
+                and all(isinstance(d, int) and d > 0 for d in dims)):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise UserError(f"{path}: metadata 'layer_dims' missing or invalid") from None
+    params, _ = load_safetensors(path, {k: (s, None) for k, s in expected_shapes(dims).items()})
+    dtypes = {str(p.dtype) for p in params.values()}
+    if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
+        raise UserError(f"{path}: MLP tensors must all be float32 or all float64, got "
+                        f"{sorted(dtypes)}")
+    meta = dict(meta, layer_dims=dims)
+    return params, meta

@@ -1,0 +1,82 @@
+"""Score images with a trained MLP: ``python -m numpy_mlp.predict --run RUN_DIR IMAGE... [--json]``.
+
+Loads RUN_DIR/config.json and RUN_DIR/model.safetensors (canonical MLP names, so a
+JAX-port MLP run works too). For each image prints ``path  P(FAKE)  verdict``
+(FAKE when P(FAKE) >= 0.5), adding "(resized from WxH)" when the image was not
+32x32. A file that cannot be read gets its own error line on stderr; the others
+are still scored, and the exit status is 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import load_image_for_model, run_cli
+from data.errors import DataError, UserError
+from data.runs import read_json
+
+from . import checkpoint
+from .model import forward, images_to_X, sigmoid
+
+PROG = "numpy_mlp.predict"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def load_run(run_dir) -> tuple[dict, dict]:
+    """(params, config) of a run directory, validated."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"--run: {run} is not a directory")
+    cfg = read_json(run / "config.json")
+    params, meta = checkpoint.load(run / "model.safetensors")
+    if meta["layer_dims"][0] != 32 * 32 * 3 or meta["layer_dims"][-1] != 1:
+        raise UserError(f"{run / 'model.safetensors'}: layer_dims {meta['layer_dims']} do not "
+                        f"map a 32x32x3 image to one logit")
+    return params, cfg
+
+
+def p_fake(params: dict, image: np.ndarray) -> float:
+    """P(FAKE) = 1 - sigmoid(logit) for one (32, 32, 3) uint8 image, computed in float64."""
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    logit = forward(images_to_X(image[None], np.float64), p64)[0]
+    return float(sigmoid(-logit)[0, 0])  # 1 - sigmoid(z) = sigmoid(-z), exact for any z
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Parser(prog=PROG, description="P(FAKE) of each image under a trained NumPy MLP.")
+    ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
+    ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
+    ap.add_argument("images", nargs="+", metavar="IMAGE")
+    args = ap.parse_args(argv)
+    params, _ = load_run(args.run)
+
+    results, failed = [], 0
+    for path in args.images:
+        try:
+            img, resized, size = load_image_for_model(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        p = p_fake(params, img)
+        verdict = "FAKE" if p >= 0.5 else "REAL"
+        results.append({"path": path, "p_fake": p, "verdict": verdict, "resized": resized,
+                        "original_size": list(size)})
+        if not args.json:
+            note = f"  (resized from {size[0]}x{size[1]})" if resized else ""
+            print(f"{path}  P(FAKE)={p:.4f}  {verdict}{note}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)

@@ -1,0 +1,52 @@
+"""bench.reproduce end to end: a clearly labelled miniature of the seven-row table."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.original import ROWS
+from tests.helpers import REPO
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "bench.reproduce", *args], cwd=REPO,
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_miniature_table_on_mini_archive(mini_zip, tmp_path):
+    out = tmp_path / "rep"
+    args = ["--data", str(mini_zip), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--epochs-scale", "0.0003", "--subset", "16"]
+    r = _run(args, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r_["row"] for r_ in rows] == list(ROWS)
+    for r_ in rows:
+        assert r_["status"] == "done"
+        assert 0 <= float(r_["test_acc"]) <= 100 and 0 <= float(r_["train_acc"]) <= 100
+        assert float(r_["gap_pp"]) == pytest.approx(float(r_["train_acc"]) - float(r_["test_acc"]),
+                                                    abs=1e-6)
+        assert r_["epochs"] == "1" or r_["row"].endswith("-full")
+    md = (out / "table.md").read_text()
+    assert "MINIATURE" in md and md.count("\n| ") == len(ROWS) + 1
+    for name in ["bars.png"] + [f"curves_{row}.png" for row in ROWS]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    meta = json.loads((out / "reproduce.json").read_text())
+    assert meta["miniature"] is True and len(meta["rows"]) == len(ROWS)
+
+    # resumable: a second invocation runs nothing again
+    r2 = _run(args, timeout=120)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "done in" not in r2.stderr and "--preset" not in r2.stderr
+
+
+def test_reproduce_refuses_bad_rows(tmp_path):
+    r = _run(["--rows", "mlp9", "--out", str(tmp_path / "x")], timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "mlp9" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,97 @@
+"""The three CNNs of the original project, from one builder.
+
+    baseline: Conv(3->32, 3x3, pad 1) -> ReLU -> MaxPool 2        (32, 16, 16)
+              Conv(32->64, 3x3, pad 1) -> ReLU -> MaxPool 2       (64, 8, 8)
+              Flatten (torch (C, H, W) order, 4096) -> Linear 4096->512 -> ReLU -> Linear 512->1
+    dropout:  baseline + Dropout(p=0.5) after FC1's ReLU
+    v3:       dropout + BatchNorm2d after each conv (before its ReLU); trained with augmentation
+              (random crop 32 / padding 4, horizontal flip: see pipeline.py)
+
+Output: ONE logit per image, shape (B,), = log-odds that the image is REAL
+(label 1); P(FAKE) = 1 - sigmoid(logit). The network never applies the
+sigmoid: training uses BCE-with-logits, which is stable for large |logit|.
+
+Input: float (B, 3, 32, 32) pixels / 255 in [0, 1], NCHW or channels_last
+memory format (same values either way).
+
+Module attribute names are the canonical checkpoint names shared by the CNN
+family: conv1, [bn1], conv2, [bn2], fc1, fc2. Only v3 creates bn1/bn2, so the
+baseline's state_dict has no BN keys. Dropout and pooling have no state.
+Convs keep their bias (torch default) even where BN follows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from data.batching import init_rng
+
+MODELS = ("baseline", "dropout", "v3")
+DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in the original
+
+
+class CifakeCNN(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in MODELS:
+            raise ValueError(f"unknown CNN model {name!r}; choose one of {', '.join(MODELS)}")
+        self.name = name
+        self.use_bn = name == "v3"
+        self.use_dropout = name in ("dropout", "v3")
+        # Attribute creation order = state_dict order = canonical checkpoint order.
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3, padding=1)
+        if self.use_bn:
+            self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        if self.use_bn:
+            self.bn2 = nn.BatchNorm2d(64)
+        self.fc1 = nn.Linear(64 * 8 * 8, 512)
+        self.fc2 = nn.Linear(512, 1)
+        self.dropout = nn.Dropout(DROPOUT_P) if self.use_dropout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.use_bn:
+            x = self.bn1(x)
+        x = F.max_pool2d(F.relu(x), 2)
+        x = self.conv2(x)
+        if self.use_bn:
+            x = self.bn2(x)
+        x = F.max_pool2d(F.relu(x), 2)
+        # reshape (not .view): works for channels_last activations too, and always
+        # flattens in logical (C, H, W) order, the order fc1.weight's columns use.
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.fc2(x).squeeze(1)  # (B, 1) -> (B,)
+
+
+def build_model(name: str) -> nn.Module:
+    """An untrained model ("baseline" | "dropout" | "v3") with PyTorch's default init
+    drawn from torch's global RNG (use ``init_model`` for a seeded one)."""
+    return CifakeCNN(name)
+
+
+def init_seed(seed: int) -> int:
+    """The torch seed for weight init, from the data layer's init stream rng(seed, 2)."""
+    return int(init_rng(seed).integers(0, 2**63 - 1))
+
+
+def init_model(name: str, seed: int) -> nn.Module:
+    """``build_model(name)`` with PyTorch default init seeded from ``seed``.
+
+    The global torch RNG is forked, so seeding the init does not disturb it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(seed))
+        return build_model(name)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["MODELS", "DROPOUT_P", "CifakeCNN", "build_model", "init_model", "init_seed",
+           "param_count"]
