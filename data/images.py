@@ -40,7 +40,9 @@ def _open(data: bytes, where: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{where}: image declares too many pixels (decompression bomb refused)") \
             from None
-    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError from plugins
+    except Image.UnidentifiedImageError:  # its message shows a BytesIO repr: say it plainly
+        raise DataError(f"{where}: not a readable image (no image format recognised)") from None
+    except Exception as e:  # OSError, SyntaxError from plugins
         raise DataError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
     return im
 

@@ -121,12 +121,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Test-only fault injection (tests/test_interrupts.py). Inert unless the environment
+# variable is set; no user-facing flag reaches it. CIFAKE_FAULT_KILL_IN_WRITE=NAME[@K]
+# makes this process SIGKILL itself in the middle of its K-th (default 1st) atomic write
+# of a file named NAME: half of the temp file is written and flushed, the rename has not
+# happened. It simulates a power cut / OOM kill during a checkpoint write, so the tests
+# can check that the previous file survives intact and --resume still works.
+FAULT_ENV = "CIFAKE_FAULT_KILL_IN_WRITE"
+_fault_writes: dict[str, int] = {}
+
+
+def _maybe_fault(path: Path, f, data: bytes) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, _, nth = spec.partition("@")
+    if path.name != name:
+        return
+    _fault_writes[name] = _fault_writes.get(name, 0) + 1
+    if _fault_writes[name] != int(nth or 1):
+        return
+    import signal
+    f.write(data[:len(data) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            _maybe_fault(path, f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -161,7 +189,12 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                      metadata: dict[str, str] | None = None) -> None:
     """NumPy arrays -> .safetensors, atomically."""
     from safetensors.numpy import save
-    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+    # np.ascontiguousarray turns a 0-d array into shape (1,); scalars such as BatchNorm's
+    # num_batches_tracked must keep shape (), so only copy what is not C-contiguous.
+    def contiguous(v):
+        a = np.asarray(v)
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    data = save({k: contiguous(v) for k, v in tensors.items()},
                 metadata={"format": FORMAT, **(metadata or {})})
     atomic_write_bytes(path, data)
 
@@ -226,6 +259,10 @@ def prepare_out_dir(out: str | os.PathLike, resume: bool, min_free_mb: int = 50)
     has_state = (out / "state.json").exists()
     if resume and not has_state:
         raise UserError(f"--resume: {out} holds no run to resume (no state.json)")
+    if resume:
+        # Refuse a damaged or foreign resume point before any work, whether or not the
+        # stack reads state.json later (read_json raises a one-line UserError).
+        read_json(out / "state.json")
     if not resume and (has_state or (out / "metrics.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
                         f"another --out")

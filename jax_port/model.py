@@ -211,9 +211,15 @@ def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
 
 
 def bce_with_logits(logits, labels):
-    """Mean binary cross-entropy from logits, stable (torch BCEWithLogitsLoss)."""
+    """Mean binary cross-entropy from logits, stable (torch BCEWithLogitsLoss):
+    softplus(z) - z * y = max(z, 0) - z y + log(1 + e^-|z|).
+
+    Written with ``jax.nn.softplus`` (logaddexp) rather than max/abs: autodiff of
+    ``maximum``/``abs`` splits the derivative at the tie z == 0 (which happens: an MLP
+    whose last hidden layer is all dead outputs exactly its zero-initialised bias) and
+    gives a wrong gradient there; softplus's derivative is sigmoid(z) everywhere."""
     y = labels.astype(logits.dtype)
-    return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    return jnp.mean(jax.nn.softplus(logits) - logits * y)
 
 
 def default_conv_impl() -> str:

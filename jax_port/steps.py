@@ -57,12 +57,16 @@ class Trainer:
     def __init__(self, spec: M.ModelSpec, *, lr: float, batch_size: int | None,
                  decay: float = 0.0, augment: bool = False, seed: int = 0,
                  conv_impl: str | None = None, dtype=jnp.float32,
-                 chunk_batches: int = CHUNK_BATCHES):
+                 chunk_batches: int = CHUNK_BATCHES, rng_epoch_offset: int = 0):
         self.spec, self.lr0, self.decay = spec, float(lr), float(decay)
         self.batch_size, self.augment, self.seed = batch_size, bool(augment), int(seed)
         self.conv_impl = conv_impl or M.default_conv_impl()
         self.dtype = dtype
         self.chunk_batches = chunk_batches
+        # The specs key their per-epoch random streams differently: numpy_mlp by the 0-based
+        # epoch, torch_cnn by the 1-based one. rng key = epoch (0-based) + this offset, so the
+        # port visits exactly the batches (and augmentation draws) of its spec.
+        self.rng_epoch_offset = int(rng_epoch_offset)
         # MLP: plain GD (lr passed per call); CNN: Adam with torch's defaults, constant lr.
         self.tx = None if spec.family == "mlp" else optax.adam(lr, ADAM_B1, ADAM_B2, ADAM_EPS)
         self._step_jit = jax.jit(self._step)
@@ -149,13 +153,27 @@ class Trainer:
         """
         t0 = time.perf_counter()
         n = int(labels_dev.shape[0])
-        order = epoch_order(self.seed, epoch, n).astype(np.int32)
-        draws = augment_draws(self.seed, epoch, n) if self.augment else identity_draws(n)
+        key_epoch = epoch + self.rng_epoch_offset
+        lr = jnp.asarray(self.lr_at(epoch), self.dtype)
+        if self.batch_size is None and not self.augment and not self.spec.dropout:
+            # full batch: one step over the split in its stored order (as numpy_mlp: the
+            # full-batch gradient is a sum over all images; a shuffle changes only rounding)
+            state, (l, nc) = self._step_jit(state, images_dev, labels_dev,
+                                            *self._no_draws(n), None, lr)
+            losses, correct = [float(l)], int(nc)
+            _check_finite(losses, epoch, 0)
+            if on_chunk:
+                on_chunk(n, losses[0], correct)
+            secs = time.perf_counter() - t0
+            return state, {"lr": self.lr_at(epoch), "train_loss": losses[0],
+                           "train_acc": 100.0 * correct / n, "seconds": secs,
+                           "images_per_s": n / secs}
+        order = epoch_order(self.seed, key_epoch, n).astype(np.int32)
+        draws = augment_draws(self.seed, key_epoch, n) if self.augment else identity_draws(n)
         slices = batch_slices(n, self.batch_size)
         bs = slices[0].stop - slices[0].start
         n_full = n // bs
-        lr = jnp.asarray(self.lr_at(epoch), self.dtype)
-        key = self.dropout_key(epoch)
+        key = self.dropout_key(key_epoch)
         losses, correct = [], 0
         for c0 in range(0, n_full, self.chunk_batches):
             c1 = min(c0 + self.chunk_batches, n_full)
@@ -167,6 +185,7 @@ class Trainer:
                 jnp.asarray(draws.flip[sl].reshape(shape)),
                 jnp.arange(c0, c1, dtype=jnp.int32), key, lr)
             l = np.asarray(l)
+            _check_finite(l.tolist(), epoch, len(losses))
             losses.extend(l.tolist())
             correct += int(np.asarray(nc).sum())
             if on_chunk:
@@ -179,6 +198,7 @@ class Trainer:
             state, (l, nc) = self._step_jit(state, images_dev[idx], labels_dev[idx],
                                             jnp.asarray(draws.dy[sl]), jnp.asarray(draws.dx[sl]),
                                             jnp.asarray(draws.flip[sl]), mask, lr)
+            _check_finite([float(l)], epoch, len(losses))
             losses.append(float(l))
             correct += int(nc)
             if on_chunk:
@@ -187,7 +207,11 @@ class Trainer:
         secs = time.perf_counter() - t0
         return state, {"lr": self.lr_at(epoch), "train_loss": float(np.mean(losses)),
                        "train_acc": 100.0 * correct / n, "seconds": secs,
-                       "images_per_s": n / secs, "losses": losses}
+                       "images_per_s": n / secs}
+
+    def _no_draws(self, n):
+        d = identity_draws(n)
+        return jnp.asarray(d.dy), jnp.asarray(d.dx), jnp.asarray(d.flip)
 
     # ------------------------------------------------------------ evaluation
     def _eval_logits(self, variables, x_u8):
@@ -213,9 +237,14 @@ class Trainer:
         return np.concatenate(out)
 
 
-def non_finite_step(losses: list[float]) -> int | None:
-    """Index of the first non-finite loss, or None."""
+class NonFiniteLoss(Exception):
+    """A training step produced a non-finite loss (``epoch`` 0-based, ``step`` 1-based)."""
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"non-finite loss {loss} at epoch {epoch + 1}, step {step}")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+def _check_finite(losses: list[float], epoch: int, steps_before: int) -> None:
     for i, l in enumerate(losses):
         if not math.isfinite(l):
-            return i
-    return None
+            raise NonFiniteLoss(epoch, steps_before + i + 1, l)

@@ -88,8 +88,11 @@ def train_epoch(params: dict, X: np.ndarray, Y: np.ndarray, order: np.ndarray | 
         idx = s if order is None else order[s]
         Xb = as_float_batch(take_columns(X, idx), dtype)
         Yb = Y[:, idx].astype(dtype)
-        logits, caches = forward(Xb, params)
-        loss = cost(logits, Yb)
+        # overflow/NaN is detected just below and reported as one error line,
+        # so NumPy's RuntimeWarnings would only add noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits, caches = forward(Xb, params)
+            loss = cost(logits, Yb)
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
         params = update(params, backward(logits, Yb, caches), lr)

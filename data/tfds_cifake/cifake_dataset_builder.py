@@ -105,7 +105,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         archive = self._archive or find_archive(Path(dl_manager.manual_dir))
-        src = open_source(archive)
+        src = open_source(archive.expanduser().resolve())
         entries = src.entries()  # validates the whole layout before anything is written
         self.info.metadata["source"] = {"path": str(src.path), "digest": src.digest()}
         return {split: self._generate_examples(src, [e for e in entries if e.split == split])

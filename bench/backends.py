@@ -1,0 +1,288 @@
+"""The five backends behind one interface, built only on each stack's public API.
+
+A backend trains and evaluates ONE model on ONE device:
+
+    b = make_backend(name, model, device)      # imports its stack lazily
+    h = b.put(split)                           # the split as this backend feeds it
+    b.init(seed)                               # fresh weights + optimizer state
+    b.train_epoch(h, epoch)                    # one pass over h; returns once the device is idle
+    b.logits(h)                                # eval-mode logits (N,), on the host
+
+``train_epoch`` and ``logits`` return only after the work is finished on the device
+(torch: ``torch.cuda.synchronize()``; JAX: ``jax.block_until_ready`` inside
+``Trainer.run_epoch`` / host copies in ``Trainer.logits``), so the caller may read
+the clock right after them.
+
+Hyperparameters are the specs' presets, identical for every backend of a family:
+MLPs the mini-batch preset of numpy_mlp (``<model>-mini``: lr0, decay, batch size),
+CNNs torch_cnn's preset of the model (Adam lr, batch size; augmentation for v3).
+
+This module imports neither torch nor jax at import time: ``compare`` validates names
+against ``BACKENDS`` without paying for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.batching import epoch_order, rng
+
+MLP_MODELS = ("mlp2", "mlp4")
+CNN_MODELS = ("baseline", "dropout", "v3")
+MODELS = MLP_MODELS + CNN_MODELS
+DEVICES = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    family: str          # "mlp" | "cnn"
+    stack: str           # the package that implements it
+    description: str
+    gpu: str | None      # which library must see a GPU for device "gpu" ("torch" | "jax" | None)
+
+
+BACKENDS = {
+    "numpy-mlp": BackendInfo("numpy-mlp", "mlp", "numpy_mlp",
+                             "NumPy MLP (the MLP spec): hand-written backprop, float32, BLAS", None),
+    "jax-mlp": BackendInfo("jax-mlp", "mlp", "jax_port",
+                           "JAX MLP: jit-compiled lax.scan epochs, data resident on the device", "jax"),
+    "torch-torchvision": BackendInfo("torch-torchvision", "cnn", "torch_cnn",
+                                     "torch CNN (the CNN spec) fed by the original torchvision "
+                                     "DataLoader pipeline (PIL + per-sample transforms)", "torch"),
+    "torch-device": BackendInfo("torch-device", "cnn", "torch_cnn",
+                                "torch CNN fed by the device pipeline (uint8 on the device, "
+                                "batched and augmented there)", "torch"),
+    "jax-cnn": BackendInfo("jax-cnn", "cnn", "jax_port",
+                           "JAX CNN: jit-compiled lax.scan epochs, im2col convs on CPU", "jax"),
+}
+# The reference each ratio is taken against, per family (measured in the same run).
+REFERENCE = {"mlp": "numpy-mlp", "cnn": "torch-torchvision"}
+
+
+def family_of_model(model: str) -> str:
+    return "mlp" if model in MLP_MODELS else "cnn"
+
+
+def hyperparameters(model: str) -> dict:
+    """The spec preset's training hyperparameters for ``model`` (same for every backend)."""
+    if family_of_model(model) == "mlp":
+        from numpy_mlp.presets import PRESETS
+        p = PRESETS[f"{model}-mini"]
+        return {"preset": f"{model}-mini", "batch_size": p["batch_size"], "lr": p["lr"],
+                "decay": p["decay"], "optimizer": "gradient descent, lr0 / (1 + decay * epoch)",
+                "augment": False}
+    from torch_cnn.presets import AUGMENTED_MODELS, PRESETS
+    p = PRESETS[model]
+    return {"preset": model, "batch_size": p["batch_size"], "lr": p["lr"], "decay": 0.0,
+            "optimizer": "Adam (0.9, 0.999, eps 1e-8), constant lr",
+            "augment": model in AUGMENTED_MODELS}
+
+
+class Backend:
+    name = ""
+    jit = False  # True: the first call compiles (reported as compile_s)
+
+    def __init__(self, model: str, device: str, seed: int = 0):
+        self.model, self.device, self.seed = model, device, seed
+        self.hp = hyperparameters(model)
+
+    def device_name(self) -> str:
+        return "cpu"
+
+    def peak_device_bytes(self) -> int | None:
+        """Peak accelerator memory allocated by this process (None on CPU)."""
+        return None
+
+    def notes(self) -> list[str]:
+        return []
+
+
+# ------------------------------------------------------------------ NumPy MLP
+class NumpyMLP(Backend):
+    name = "numpy-mlp"
+
+    def __init__(self, model, device, seed=0):
+        super().__init__(model, device, seed)
+        if device != "cpu":
+            raise ValueError("numpy-mlp runs on the CPU only")
+        from numpy_mlp import model as nm
+        from numpy_mlp import train as nt
+        self.nm, self.nt = nm, nt
+        self.dims = nm.layer_dims_for(model)
+
+    def put(self, split):
+        # uint8 columns (3072, n): a transposed view of the NHWC array, no float copy;
+        # numpy_mlp.train.train_epoch scales each batch to float32 on the fly.
+        return split.images.reshape(len(split), -1).T, split.labels.reshape(1, -1), len(split)
+
+    def init(self, seed):
+        self.params = self.nm.init_params(self.dims, seed, np.float32)
+
+    def train_epoch(self, h, epoch):
+        X, Y, n = h
+        lr = self.nm.lr_at(self.hp["lr"], self.hp["decay"], epoch)
+        self.params, loss, acc = self.nt.train_epoch(self.params, X, Y, epoch_order(
+            self.seed, epoch, n), self.hp["batch_size"], lr)
+        return {"loss": float(loss), "acc": float(acc)}
+
+    def logits(self, h):
+        return self.nm.predict_logits(h[0], self.params)
+
+
+# ------------------------------------------------------------------ torch CNN
+class TorchCNN(Backend):
+    pipeline = ""
+
+    def __init__(self, model, device, seed=0):
+        super().__init__(model, device, seed)
+        import torch
+        from torch_cnn import model as tm
+        from torch_cnn import train as tt
+        self.torch, self.tm, self.tt = torch, tm, tt
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+
+    def device_name(self):
+        if self.dev.type == "cuda":
+            return self.torch.cuda.get_device_name(self.dev)
+        return "cpu"
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize(self.dev)
+
+    def peak_device_bytes(self):
+        if self.dev.type == "cuda":
+            return int(self.torch.cuda.max_memory_allocated(self.dev))
+        return None
+
+    def init(self, seed):
+        self.net = self.tm.init_model(self.model, seed).to(self.dev)
+        self.opt = self.tt.make_optimizer(self.net, self.hp["lr"])
+
+    def batches(self, h, epoch):
+        raise NotImplementedError
+
+    def train_epoch(self, h, epoch):
+        torch = self.torch
+        # dropout masks: torch's global RNG, seeded per epoch as torch_cnn.train does
+        torch.manual_seed(int(rng(self.seed, 3, epoch).integers(0, 2**63 - 1)))
+        losses, correct, n = [], 0, 0
+        for x, y in self.batches(h, epoch):
+            loss, nc = self.tt.train_step(self.net, self.opt, x, y)
+            losses.append(loss)
+            correct += nc  # device tensor: no host sync inside the loop
+            n += len(y)
+        self.sync()
+        return {"loss": float(torch.stack(losses).mean()), "acc": 100.0 * float(correct) / n}
+
+    def logits(self, h):
+        out = self.tt.evaluate(self.net, self.split_of(h), self.dev)  # host copy = synchronised
+        self.sync()
+        return out
+
+
+class TorchTorchvision(TorchCNN):
+    name = "torch-torchvision"
+    pipeline = "torchvision"
+    NUM_WORKERS = 0  # DataLoader worker processes: torch_cnn measured 0 faster on 2 cores
+
+    def put(self, split):
+        return split  # host arrays; the DataLoader builds every batch from PIL images
+
+    def split_of(self, h):
+        return h
+
+    def batches(self, h, epoch):
+        from torch_cnn.pipeline import torchvision_loader
+        return torchvision_loader(h, self.seed, epoch, self.hp["batch_size"], self.hp["augment"],
+                                  num_workers=self.NUM_WORKERS, device=self.dev)
+
+    def notes(self):
+        return [f"torchvision DataLoader num_workers={self.NUM_WORKERS}; its augmentation draws "
+                f"come from torch's RNG (same batches, different crops/flips than the other "
+                f"backends)"]
+
+
+class TorchDevice(TorchCNN):
+    name = "torch-device"
+    pipeline = "device"
+
+    def put(self, split):
+        from torch_cnn.pipeline import DevicePipeline
+        return DevicePipeline(split, self.dev), split
+
+    def split_of(self, h):
+        return h[1]
+
+    def batches(self, h, epoch):
+        return h[0].batches(self.seed, epoch, self.hp["batch_size"], self.hp["augment"])
+
+
+# ------------------------------------------------------------------ JAX (both families)
+class JaxBackend(Backend):
+    jit = True
+
+    def __init__(self, model, device, seed=0):
+        super().__init__(model, device, seed)
+        import jax
+        from jax_port import model as jm
+        from jax_port import steps as js
+        self.jax, self.jm, self.js = jax, jm, js
+        try:
+            self.dev = jax.devices("gpu" if device == "gpu" else "cpu")[0]
+        except RuntimeError as e:
+            raise RuntimeError(f"JAX sees no {device} device ({e})") from None
+        self.spec = jm.get_spec(model)
+        self.trainer = js.Trainer(self.spec, lr=self.hp["lr"], batch_size=self.hp["batch_size"],
+                                  decay=self.hp["decay"], augment=self.hp["augment"], seed=seed)
+
+    def device_name(self):
+        return f"{self.dev.platform}:{getattr(self.dev, 'device_kind', '')}"
+
+    def peak_device_bytes(self):
+        if self.dev.platform == "cpu":
+            return None
+        stats = self.dev.memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+
+    def put(self, split):
+        # uint8 images resident on the device (4x smaller than float); only each epoch's
+        # indices and augmentation draws travel per call.
+        return (self.jax.device_put(split.images, self.dev),
+                self.jax.device_put(split.labels, self.dev))
+
+    def init(self, seed):
+        with self.jax.default_device(self.dev):
+            self.state = self.trainer.init_state(self.jm.init_variables(self.spec, seed))
+        self.state = self.jax.device_put(self.state, self.dev)
+
+    def train_epoch(self, h, epoch):
+        # run_epoch ends with jax.block_until_ready(state)
+        self.state, m = self.trainer.run_epoch(self.state, h[0], h[1], epoch)
+        return {"loss": m["train_loss"], "acc": m["train_acc"]}
+
+    def logits(self, h):
+        return self.trainer.logits(self.state["variables"], h[0])  # np.asarray: synchronised
+
+    def notes(self):
+        if self.spec.family == "cnn":
+            return [f"conv formulation: {self.trainer.conv_impl}; "
+                    f"{self.trainer.chunk_batches} batches per compiled lax.scan call"]
+        return [f"{self.trainer.chunk_batches} batches per compiled lax.scan call"]
+
+
+_CLASSES = {"numpy-mlp": NumpyMLP, "torch-torchvision": TorchTorchvision,
+            "torch-device": TorchDevice, "jax-mlp": JaxBackend, "jax-cnn": JaxBackend}
+
+
+def make_backend(name: str, model: str, device: str, seed: int = 0) -> Backend:
+    info = BACKENDS[name]
+    if family_of_model(model) != info.family:
+        raise ValueError(f"backend {name} runs {info.family.upper()} models, not {model}")
+    b = _CLASSES[name](model, device, seed)
+    b.name = name
+    return b

@@ -1,0 +1,595 @@
+"""``python -m bench.compare``: what does each backend cost and what does it reach, on this machine?
+
+For every selected (backend, device, model) a fresh worker process (``bench.worker``)
+measures training and evaluation throughput (median and min/max over ``--repeats``
+timed passes; compilation and warm-up excluded and reported apart), the time of one
+epoch over the whole training split (measured for MLPs; for CNNs estimated from the
+throughput unless ``--measure-cnn-epoch``), peak memory, and the test accuracy reached
+under ONE fixed budget shared by all (``--budget-epochs`` epochs on the first
+``--budget-subset`` training images per class, same seed and batch order, evaluated on
+the whole test split). ``bench.parity`` checks that the JAX port computes the specs'
+function. Ratios are taken against a reference measured in the same run (NumPy for the
+MLPs, the torchvision pipeline for the CNNs), and the project's speed goals are printed
+with their measured values and PASS/MISS.
+
+Outputs (``--out``, default ``results/bench/<UTC timestamp>/``, every file written via
+temp + rename): ``bench.json`` (every figure, how each was obtained, versions, devices,
+threads, git commit, configuration, command), ``table.txt`` (the console table) and
+``bench.png`` (throughput and accuracy per backend).
+
+Data: ``--data PATH``, else ``$CIFAKE_PATH``, else ``../shared/data/cifake/cifake.zip`` next
+to the repository (``cifake-mini.zip`` with ``--quick``). Without any of them (or with
+``--data none`` / ``--synthetic``) throughput is measured on random uint8 images of
+CIFAKE's shape and the accuracy columns are absent (the table says how to get CIFAKE).
+
+Devices: ``--devices auto`` (default) = the CPU, plus the GPU when torch or JAX sees one
+(a backend whose library sees no GPU is skipped with a note). Asking explicitly for
+``gpu`` when neither library sees one is an error (exit 2): the user asked for a
+measurement that cannot be made. Unknown backends/models/devices: one line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from data.errors import UserError, run_cli
+from data.runs import atomic_write_bytes, atomic_write_json, positive_int
+
+from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE
+from .worker import RESULT_TAG
+
+PROG = "python -m bench.compare"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "cifake"
+KAGGLE_URL = "https://www.kaggle.com/datasets/birdy654/cifake-real-and-ai-generated-synthetic-images"
+SCHEMA = "cifake-bench/1"
+
+# Default measurement sizes. Units: repeats = timed passes per throughput figure;
+# steps = training steps (batches) per timed CNN pass; eval_images = test images per timed
+# eval pass; budget_epochs = epochs; budget_subset = training images PER CLASS.
+DEFAULTS = dict(repeats=3, steps=50, eval_images=5000, budget_epochs=3, budget_subset=2000,
+                synthetic_train=100_000, synthetic_test=20_000)
+# --quick: a smoke test of about a minute on the mini archive (2000/class train).
+QUICK = dict(repeats=2, steps=10, eval_images=1000, budget_epochs=1, budget_subset=200,
+             synthetic_train=4000, synthetic_test=1000)
+DEFAULT_MODELS = ("mlp4", "v3")
+
+# Speed goals (issue 6). Units: ratios are x; throughput images/s; time seconds.
+GOAL_JAX_CNN_VS_TORCH = 1.5      # x the faster torch pipeline's training images/s (CPU)
+GOAL_JAX_CNN_IPS = 2400.0        # training images/s (CPU)
+GOAL_JAX_MLP_EPOCH = 3.0         # x faster epoch than numpy-mlp (CPU)
+GOAL_GPU_50_EPOCHS_S = 20.0      # seconds for 50 epochs x 100k images of v3 with JAX (GPU)
+FULL_TRAIN = 100_000             # CIFAKE's training images
+
+
+# ------------------------------------------------------------------ flags
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (via run_cli), no usage dump
+        raise UserError(message)
+
+
+def _names(kind: str, allowed: tuple[str, ...]):
+    def parse(s: str) -> list[str]:
+        items = [t.strip() for t in s.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(map(repr, bad)) or repr(s)} "
+                f"(choose from {', '.join(allowed)})")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", type=_names("backend", tuple(BACKENDS)), default=list(BACKENDS),
+                    help=f"comma-separated (default all: {','.join(BACKENDS)})")
+    ap.add_argument("--models", type=_names("model", MODELS), default=list(DEFAULT_MODELS),
+                    help=f"comma-separated from {','.join(MODELS)} (default mlp4,v3); each "
+                         f"backend runs the models of its family")
+    ap.add_argument("--devices", type=_names("device", ("auto",) + DEVICES), default=["auto"],
+                    help="cpu, gpu or auto (default: cpu, plus gpu when present)")
+    ap.add_argument("--data", help="CIFAKE zip or folder; 'none' = synthetic images "
+                                   "(default: $CIFAKE_PATH, then ../shared/data/cifake/)")
+    ap.add_argument("--synthetic", action="store_true", help="same as --data none")
+    ap.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/cifake-detector)")
+    ap.add_argument("--out", help="output folder (default results/bench/<UTC timestamp>)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test (~1 min): mini archive, fewer repeats/steps, tiny budget")
+    ap.add_argument("--repeats", type=positive_int("--repeats"),
+                    help=f"timed passes per throughput figure (default {DEFAULTS['repeats']}, "
+                         f"quick {QUICK['repeats']})")
+    ap.add_argument("--steps", type=positive_int("--steps"),
+                    help=f"training steps per timed CNN pass (default {DEFAULTS['steps']})")
+    ap.add_argument("--eval-images", type=positive_int("--eval-images"),
+                    help=f"test images per timed eval pass (default {DEFAULTS['eval_images']})")
+    ap.add_argument("--budget-epochs", type=positive_int("--budget-epochs"),
+                    help=f"epochs of the accuracy budget (default {DEFAULTS['budget_epochs']})")
+    ap.add_argument("--budget-subset", type=positive_int("--budget-subset"),
+                    help=f"training images PER CLASS of the accuracy budget "
+                         f"(default {DEFAULTS['budget_subset']})")
+    ap.add_argument("--measure-cnn-epoch", action="store_true",
+                    help="time a real full epoch for CNNs too (slow on CPU) instead of "
+                         "estimating it from the throughput")
+    ap.add_argument("--seed", type=int, default=0, help="seed of init, batch order, augmentation")
+    ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
+    ap.add_argument("--no-chart", action="store_true", help="skip bench.png")
+    ap.add_argument("--worker-timeout", type=positive_int("--worker-timeout"), default=900,
+                    help="seconds before a backend's worker is killed (default 900)")
+    return ap
+
+
+def resolve_data(args) -> tuple[str | None, str]:
+    """-> (path or None for synthetic, how it was chosen)."""
+    if args.synthetic or (args.data is not None and args.data.lower() == "none"):
+        return None, "synthetic (asked for with --synthetic / --data none)"
+    if args.data:
+        if not Path(args.data).exists():
+            raise UserError(f"--data {args.data}: no such file or folder")
+        return args.data, "--data"
+    env = os.environ.get("CIFAKE_PATH")
+    if env:
+        if not Path(env).exists():
+            raise UserError(f"CIFAKE_PATH={env}: no such file or folder")
+        return env, "$CIFAKE_PATH"
+    default = SHARED / ("cifake-mini.zip" if args.quick else "cifake.zip")
+    if default.is_file():
+        return str(default), "default next to the repository"
+    return None, (f"synthetic: no CIFAKE found (no --data, no $CIFAKE_PATH, no {default})")
+
+
+# ------------------------------------------------------------------ subprocesses
+def _stream(proc, sink: list[str]) -> None:
+    for line in proc.stderr:
+        sink.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def run_worker(argv: list[str], env: dict, timeout: float) -> tuple[dict | None, str]:
+    """Run ``python -m <argv>``; stream its stderr; -> (result dict or None, error text)."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    err: list[str] = []
+    t = threading.Thread(target=_stream, args=(proc, err), daemon=True)
+    t.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None, f"timed out after {timeout:.0f} s"
+    t.join(5)
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):]), ""
+    last = next((l.strip() for l in reversed(err) if l.strip()), "no output")
+    return None, f"worker exited with status {proc.returncode}: {last}"
+
+
+def worker_env(backend: str, device: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if BACKENDS[backend].stack == "jax_port":
+        # one platform per worker: a CPU row must not initialise (or wait for) a GPU
+        env["JAX_PLATFORMS"] = "cpu" if device == "cpu" else "cuda"
+        # allocate on demand, so peak_bytes_in_use is what the backend needs
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
+
+
+# ------------------------------------------------------------------ environment
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> dict:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None,
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+# ------------------------------------------------------------------ plan
+def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """-> ([(backend, device, model)], notes about what was skipped)."""
+    gpu_seen = {"torch": bool(probe.get("torch_cuda")), "jax": bool(probe.get("jax_gpu"))}
+    explicit_gpu = "gpu" in args.devices
+    if "auto" in args.devices:
+        devices = ["cpu"] + (["gpu"] if any(gpu_seen.values()) else [])
+    else:
+        devices = list(args.devices)
+    if explicit_gpu and not any(gpu_seen.values()):
+        raise UserError("--devices gpu: neither torch nor JAX sees a GPU on this machine "
+                        "(use --devices cpu or auto)")
+    notes = []
+    if "auto" in args.devices and "gpu" not in devices:
+        notes.append("gpu: no GPU visible to torch or JAX -- GPU rows skipped")
+    runs = []
+    for model in args.models:
+        fam = "mlp" if model in MLP_MODELS else "cnn"
+        backends = [b for b in args.backends if BACKENDS[b].family == fam]
+        if not backends:
+            raise UserError(f"--models {model}: none of the chosen backends "
+                            f"({', '.join(args.backends)}) runs {fam.upper()} models")
+        for b in backends:
+            for d in devices:
+                lib = BACKENDS[b].gpu
+                if d == "gpu" and (lib is None or not gpu_seen[lib]):
+                    notes.append(f"{b}/gpu/{model}: skipped ("
+                                 + ("CPU-only backend" if lib is None else f"{lib} sees no GPU")
+                                 + ")")
+                    continue
+                runs.append((b, d, model))
+    if not any(m in MLP_MODELS for m in args.models) and not any(
+            m in CNN_MODELS for m in args.models):
+        raise UserError("--models: nothing to run")
+    return runs, notes
+
+
+# ------------------------------------------------------------------ analysis
+def _med(r: dict, key: str) -> float | None:
+    try:
+        return r[key]["images_per_s"]["median"]
+    except (KeyError, TypeError):
+        return None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_* = this row's median / the family reference's median, same model (and same
+    device where the reference runs there; numpy-mlp is CPU-only)."""
+    ok = {(r["backend"], r["device"], r["model"]): r for r in rows if r.get("ok")}
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        ref_name = REFERENCE[r["family"]]
+        ref = ok.get((ref_name, r["device"], r["model"])) or ok.get((ref_name, "cpu", r["model"]))
+        r["reference"] = None if ref is None else f"{ref_name}/{ref['device']}"
+        for key in ("train", "eval"):
+            a, b = _med(r, key), _med(ref, key) if ref else None
+            r[key]["ratio_vs_reference"] = None if (a is None or not b) else a / b
+        r["epoch"]["speedup_vs_reference"] = (ref["epoch"]["seconds"] / r["epoch"]["seconds"]
+                                              if ref else None)
+
+
+def _goal(name: str, value, target: str, passed, how: str, extra: dict | None = None) -> dict:
+    status = "n/a" if passed is None else ("PASS" if passed else "MISS")
+    return {"goal": name, "target": target, "value": value, "status": status, "how": how,
+            **(extra or {})}
+
+
+def evaluate_goals(rows: list[dict], models: list[str]) -> list[dict]:
+    ok = {(r["backend"], r["device"], r["model"]): r for r in rows if r.get("ok")}
+    cnn = "v3" if "v3" in models else next((m for m in models if m in CNN_MODELS), None)
+    mlp = "mlp4" if "mlp4" in models else next((m for m in models if m in MLP_MODELS), None)
+    goals = []
+
+    jax_cpu = ok.get(("jax-cnn", "cpu", cnn))
+    torch_cpu = [ok[k] for k in (("torch-torchvision", "cpu", cnn), ("torch-device", "cpu", cnn))
+                 if k in ok]
+    best_torch = max(torch_cpu, key=lambda r: _med(r, "train"), default=None)
+    if jax_cpu and best_torch:
+        ratio = _med(jax_cpu, "train") / _med(best_torch, "train")
+        goals.append(_goal(f"cpu: jax-cnn {cnn} training >= {GOAL_JAX_CNN_VS_TORCH}x the faster "
+                           f"torch pipeline ({best_torch['backend']})", round(ratio, 3),
+                           f">= {GOAL_JAX_CNN_VS_TORCH}x", ratio >= GOAL_JAX_CNN_VS_TORCH,
+                           "ratio of median training images/s, same run"))
+    else:
+        goals.append(_goal(f"cpu: jax-cnn training >= {GOAL_JAX_CNN_VS_TORCH}x the faster torch "
+                           f"pipeline", None, f">= {GOAL_JAX_CNN_VS_TORCH}x", None,
+                           "not measured in this run (needs jax-cnn and a torch backend on cpu)"))
+    if jax_cpu:
+        v = _med(jax_cpu, "train")
+        goals.append(_goal(f"cpu: jax-cnn {cnn} training >= {GOAL_JAX_CNN_IPS:,.0f} images/s",
+                           round(v, 1), f">= {GOAL_JAX_CNN_IPS:,.0f} images/s",
+                           v >= GOAL_JAX_CNN_IPS, "median training images/s"))
+    else:
+        goals.append(_goal(f"cpu: jax-cnn training >= {GOAL_JAX_CNN_IPS:,.0f} images/s", None,
+                           f">= {GOAL_JAX_CNN_IPS:,.0f} images/s", None, "jax-cnn not run on cpu"))
+
+    jm, nm = ok.get(("jax-mlp", "cpu", mlp)), ok.get(("numpy-mlp", "cpu", mlp))
+    if jm and nm:
+        sp = nm["epoch"]["seconds"] / jm["epoch"]["seconds"]
+        goals.append(_goal(f"cpu: jax-mlp {mlp} epoch >= {GOAL_JAX_MLP_EPOCH}x faster than "
+                           f"numpy-mlp", round(sp, 3), f">= {GOAL_JAX_MLP_EPOCH}x",
+                           sp >= GOAL_JAX_MLP_EPOCH,
+                           f"numpy epoch s / jax epoch s (both {jm['epoch']['how']}, "
+                           f"{jm['epoch']['n_images']} images)"))
+    else:
+        goals.append(_goal(f"cpu: jax-mlp epoch >= {GOAL_JAX_MLP_EPOCH}x faster than numpy-mlp",
+                           None, f">= {GOAL_JAX_MLP_EPOCH}x", None,
+                           "not measured in this run (needs jax-mlp and numpy-mlp on cpu)"))
+
+    jg = ok.get(("jax-cnn", "gpu", "v3"))
+    if any(r.get("device") == "gpu" for r in rows) or jg:
+        if jg:
+            s, how = _fifty_epochs(jg)
+            tv = ok.get(("torch-torchvision", "gpu", "v3"))
+            tv_s = _fifty_epochs(tv)[0] if tv else None
+            goals.append(_goal(f"gpu: v3, 50 epochs x {FULL_TRAIN:,} images with JAX <= "
+                               f"{GOAL_GPU_50_EPOCHS_S:.0f} s", round(s, 2),
+                               f"<= {GOAL_GPU_50_EPOCHS_S:.0f} s", s <= GOAL_GPU_50_EPOCHS_S, how,
+                               {"torch_torchvision_s": None if tv_s is None else round(tv_s, 2)}))
+        else:
+            goals.append(_goal(f"gpu: v3, 50 epochs with JAX <= {GOAL_GPU_50_EPOCHS_S:.0f} s",
+                               None, f"<= {GOAL_GPU_50_EPOCHS_S:.0f} s", None,
+                               "jax-cnn v3 not run on the GPU"))
+    return goals
+
+
+def _fifty_epochs(r: dict) -> tuple[float, str]:
+    """Seconds for 50 epochs over 100k images, from the row's epoch figure."""
+    e = r["epoch"]
+    per_image = e["seconds"] / e["n_images"]
+    s = 50 * FULL_TRAIN * per_image
+    how = (f"estimated: 50 x {FULL_TRAIN:,} x (epoch seconds / images; epoch "
+           f"{e['how']} on {e['n_images']:,} images)")
+    return s, how
+
+
+def parity_for(backend: str, device: str, model: str, parity: dict | None) -> dict:
+    """The parity entry of one row."""
+    if backend in ("numpy-mlp", "torch-torchvision"):
+        return {"status": "reference", "detail": "the specification itself"}
+    if parity is None:
+        return {"status": "not run", "detail": "--no-parity or the parity run failed"}
+    key = "torch-device" if backend == "torch-device" else (
+        f"{model}:xla" if backend == "jax-cnn" and device == "gpu" else model)
+    c = parity.get("checks", {}).get(key)
+    if c is None:
+        return {"status": "not run", "detail": f"no parity check for {key}"}
+    return {"status": "pass" if c["passed"] else ("error" if c.get("error") else "FAIL"),
+            "check": key, "detail": c.get("summary", "")}
+
+
+# ------------------------------------------------------------------ table
+def _fmt_ips(s: dict | None) -> str:
+    if not s:
+        return "-"
+    return f"{s['median']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]"
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def render_table(doc: dict) -> str:
+    rows = doc["rows"]
+    head = ["backend", "dev", "model", "train img/s median [min-max]", "x ref",
+            "eval img/s median [min-max]", "epoch s", "compile s", "peak RSS MiB",
+            "budget acc %", "parity"]
+    lines = []
+    body = []
+    for r in rows:
+        if not r.get("ok"):
+            body.append([r["backend"], r["device"], r["model"], "FAILED: " + r.get("error", "")]
+                        + [""] * 7)
+            continue
+        t, e, ep = r["train"], r["eval"], r["epoch"]
+        epoch_s = f"{ep['seconds']:.2f}" + (" (est.)" if ep["how"] == "estimated" else "")
+        comp = t["compile_s"]
+        acc = "absent" if r["budget"] is None else f"{r['budget']['test_accuracy']:.2f}"
+        mem = f"{r['memory']['peak_rss_mib']:,.0f}"
+        if r["memory"]["peak_device_mib"] is not None:
+            mem += f" (dev {r['memory']['peak_device_mib']:,.0f})"
+        body.append([r["backend"], r["device"], r["model"], _fmt_ips(t["images_per_s"]),
+                     _fmt(t.get("ratio_vs_reference"), ".2f") + ("x" if t.get(
+                         "ratio_vs_reference") is not None else ""),
+                     _fmt_ips(e["images_per_s"]), epoch_s, _fmt(comp, ".1f"), mem, acc,
+                     r["parity"]["status"]])
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa
+    lines.append(fmt(head))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(fmt(b) for b in body)
+    cfg = doc["config"]
+    lines.append("")
+    d = doc["data"]
+    if d["synthetic"]:
+        lines.append(f"data: SYNTHETIC random images ({d['how']}). Accuracy columns are absent: "
+                     f"get CIFAKE from {KAGGLE_URL} and pass --data PATH/cifake.zip "
+                     f"(or set CIFAKE_PATH).")
+    else:
+        lines.append(f"data: {d['path']} ({d['how']}); {d['n_train']:,} train / "
+                     f"{d['n_test']:,} test images")
+        lines.append(f"budget: {cfg['budget_epochs']} epoch(s) on the first "
+                     f"{cfg['budget_subset']} training images per class, seed {cfg['seed']}, "
+                     f"each model's spec preset; accuracy on the whole test split")
+    lines.append(f"throughput: median [min-max] of {cfg['repeats']} timed passes; compilation "
+                 f"and warm-up excluded (compile s = first call incl. compilation, JIT backends); "
+                 f"x ref = vs {REFERENCE['mlp']} (MLP) / {REFERENCE['cnn']} (CNN); "
+                 f"epoch s (est.) = n_train / median train img/s")
+    lines.append("")
+    lines.append("speed goals:")
+    for g in doc["goals"]:
+        v = "-" if g["value"] is None else g["value"]
+        extra = (f"; torch-torchvision: {g['torch_torchvision_s']} s"
+                 if g.get("torch_torchvision_s") is not None else "")
+        lines.append(f"  [{g['status']:>4}] {g['goal']}: {v} (target {g['target']}; "
+                     f"{g['how']}{extra})")
+    for n in doc["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ chart
+def render_chart(doc: dict) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in doc["rows"] if r.get("ok")]
+    labels = [f"{r['backend']}\n{r['device']} {r['model']}" for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4.8))
+    if rows:
+        med = [r["train"]["images_per_s"]["median"] for r in rows]
+        lo = [m - r["train"]["images_per_s"]["min"] for m, r in zip(med, rows)]
+        hi = [r["train"]["images_per_s"]["max"] - m for m, r in zip(med, rows)]
+        colors = ["tab:blue" if r["family"] == "mlp" else "tab:orange" for r in rows]
+        a1.bar(range(len(rows)), med, yerr=[lo, hi], color=colors, capsize=4)
+        a1.set_yscale("log")
+        a1.set_xticks(range(len(rows)), labels, fontsize=7)
+    a1.set_ylabel("training images/s (median, min-max; log)")
+    a1.set_title("training throughput (blue MLP, orange CNN)")
+    acc_rows = [r for r in rows if r.get("budget")]
+    if acc_rows:
+        a2.bar(range(len(acc_rows)), [r["budget"]["test_accuracy"] for r in acc_rows],
+               color=["tab:blue" if r["family"] == "mlp" else "tab:orange" for r in acc_rows])
+        a2.set_xticks(range(len(acc_rows)),
+                      [f"{r['backend']}\n{r['device']} {r['model']}" for r in acc_rows], fontsize=7)
+        a2.set_ylim(0, 100)
+        a2.set_ylabel("test accuracy % (fixed budget)")
+        c = doc["config"]
+        a2.set_title(f"accuracy after {c['budget_epochs']} epoch(s) on {2 * c['budget_subset']} imgs")
+    else:
+        a2.text(0.5, 0.5, "accuracy absent:\nsynthetic data (no CIFAKE)", ha="center",
+                va="center", transform=a2.transAxes)
+        a2.set_axis_off()
+    fig.suptitle(f"bench.compare {doc['timestamp']} ({doc['environment']['cpu_model']})",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    base = QUICK if args.quick else DEFAULTS
+    cfg = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v)
+           for k, v in base.items()}
+    cfg.update(seed=args.seed, measure_cnn_epoch=args.measure_cnn_epoch, quick=args.quick,
+               backends=args.backends, models=args.models, devices=args.devices)
+
+    data_path, how = resolve_data(args)
+    timestamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else Path("results") / "bench" / timestamp
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: not writable")
+
+    data_info = {"synthetic": data_path is None, "path": data_path, "how": how}
+    if data_path is not None:
+        from data import load_cifake  # builds the decoded cache once, before the workers
+        print(f"[bench] data: {data_path} ({how})", file=sys.stderr, flush=True)
+        ds = load_cifake(data_path, args.cache_dir, verbose=True)
+        data_info.update(n_train=len(ds.train), n_test=len(ds.test))
+        del ds
+    else:
+        data_info.update(n_train=cfg["synthetic_train"], n_test=cfg["synthetic_test"])
+        print(f"[bench] data: {how}", file=sys.stderr, flush=True)
+
+    print("[bench] probing libraries and devices", file=sys.stderr, flush=True)
+    probe, err = run_worker(["bench.worker", "--probe"], worker_env("numpy-mlp", "cpu"), 300)
+    if probe is None:
+        raise UserError(f"could not probe the environment: {err}")
+    runs, notes = plan_runs(args, probe)
+
+    rows = []
+    for i, (b, d, m) in enumerate(runs, 1):
+        print(f"[bench] ({i}/{len(runs)}) {b} on {d}, model {m}", file=sys.stderr, flush=True)
+        spec = {"backend": b, "device": d, "model": m, "data": data_path,
+                "cache_dir": args.cache_dir, **{k: cfg[k] for k in base},
+                "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"]}
+        res, err = run_worker(["bench.worker", json.dumps(spec)], worker_env(b, d),
+                              args.worker_timeout)
+        if res is None:
+            res = {"ok": False, "backend": b, "device": d, "model": m, "error": err}
+        res.setdefault("family", BACKENDS[b].family)
+        rows.append(res)
+
+    parity = None
+    if not args.no_parity:
+        want = sorted({m for (b, _, m) in runs if b.startswith("jax")})
+        # the port uses lax.conv on a GPU: check that formulation too (computed on the CPU)
+        want += sorted({f"{m}:xla" for (b, d, m) in runs if b == "jax-cnn" and d == "gpu"})
+        checks = want + (["torch-device"] if any(b == "torch-device" for b, _, _ in runs) else [])
+        if checks:
+            print(f"[bench] parity checks: {', '.join(checks)}", file=sys.stderr, flush=True)
+            parity, err = run_worker(["bench.parity", "--json", "--checks", ",".join(checks)],
+                                     worker_env("jax-cnn", "cpu"), args.worker_timeout)
+            if parity is None:
+                notes.append(f"parity run failed: {err}")
+    for r in rows:
+        if r.get("ok"):
+            r["parity"] = parity_for(r["backend"], r["device"], r["model"], parity)
+    add_ratios(rows)
+    goals = evaluate_goals(rows, args.models)
+    notes += sorted({n for r in rows if r.get("ok") for n in r.get("notes", [])})
+    notes.append("the machine may be shared: throughput is what it was during this run "
+                 "(see min-max spread)")
+
+    doc = {
+        "schema": SCHEMA,
+        "timestamp": timestamp,
+        "command": " ".join([PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None
+                                                               else argv)]),
+        "config": cfg,
+        "data": data_info,
+        "environment": {"cpu_model": cpu_model(), "gpu": probe.get("torch_gpu") or probe.get(
+            "jax_gpu"), "python": probe.get("python"), "numpy": probe.get("numpy"),
+            "torch": probe.get("torch"), "torchvision": probe.get("torchvision"),
+            "jax": probe.get("jax"), "flax": probe.get("flax"), "optax": probe.get("optax"),
+            "platform": probe.get("platform"), "threads": probe.get("threads"),
+            "torch_threads": probe.get("torch_threads"), "jax_backend": probe.get("jax_backend"),
+            "probe": probe, "git": git_commit()},
+        "methods": {
+            "train_images_per_s": "images per second over whole training steps (batch gather, "
+                                  "augmentation, host->device input, forward, backward, update), "
+                                  "device synchronised before each clock read; median/min/max of "
+                                  "the timed passes; first pass excluded (compile_s / warmup_s)",
+            "eval_images_per_s": "eval-mode logits, after one untimed warm-up call",
+            "epoch": "MLP: measured (timed full-epoch passes); CNN: 'estimated' = n_train / "
+                     "median train images/s unless --measure-cnn-epoch ('measured')",
+            "memory": "peak ru_maxrss of the backend's own worker process; GPU: "
+                      "torch.cuda.max_memory_allocated / JAX memory_stats peak_bytes_in_use",
+            "budget": "fresh init (seed), budget_epochs epochs over the first budget_subset "
+                      "training images per class with the spec preset's hyperparameters, "
+                      "test accuracy on the whole test split",
+            "ratio_vs_reference": "median / the reference backend's median, same model, same run",
+            "parity": "bench.parity: JAX vs spec on one small batch from converted weights"},
+        "rows": rows,
+        "parity": parity,
+        "goals": goals,
+        "notes": notes,
+        "wall_seconds": None,
+    }
+    doc["wall_seconds"] = time.perf_counter() - t_start
+    table = render_table(doc)
+    atomic_write_json(out / "bench.json", doc)
+    atomic_write_bytes(out / "table.txt", (table + "\n").encode())
+    if not args.no_chart:
+        atomic_write_bytes(out / "bench.png", render_chart(doc))
+    print(table)
+    print(f"\nwrote {out}/bench.json, table.txt" + ("" if args.no_chart else ", bench.png")
+          + f" in {doc['wall_seconds']:.0f} s")
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)

@@ -1,0 +1,278 @@
+"""Measure ONE (backend, device, model) in this process: ``python -m bench.worker SPEC_JSON``.
+
+Run by ``bench.compare`` in a fresh subprocess per backend, so the peak memory
+(``ru_maxrss``) and the thread pools are this backend's alone. Progress goes to
+stderr, one line per phase; the result is ONE line on stdout, prefixed ``RESULT_TAG``.
+``python -m bench.worker --probe`` instead prints the environment (versions, threads,
+visible GPUs) as that line.
+
+Phases (all clocks read with ``time.perf_counter`` after the device is idle):
+1. throughput   -- a timing set of ``steps * batch_size`` training images (CNNs) or the
+                   whole training split (MLPs: one timed pass = one real epoch). The first
+                   pass is not timed into throughput: for JIT backends it is reported as
+                   ``compile_s`` (compilation + one pass), for eager ones as ``warmup_s``.
+                   Then ``repeats`` timed passes -> images/s median / min / max.
+2. eval         -- eval-mode logits of ``eval_images`` test images: one untimed warm-up
+                   call, then ``repeats`` timed calls.
+3. epoch        -- time of one epoch over the whole training split: MLPs measured (phase 1);
+                   CNNs measured only with ``measure_cnn_epoch`` (after a warm-up epoch for
+                   JIT backends), otherwise estimated as n_train / median images/s.
+4. budget       -- accuracy after ``budget_epochs`` epochs on the first ``budget_subset``
+                   training images per class, from a fresh init with the bench seed, evaluated
+                   on the whole test split (skipped on synthetic data).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+RESULT_TAG = "BENCH_RESULT "
+
+
+def log(spec: dict, msg: str) -> None:
+    print(f"[bench] {spec['backend']}/{spec['device']}/{spec['model']}: {msg}",
+          file=sys.stderr, flush=True)
+
+
+def rss_peak_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def spread(values: list[float]) -> dict:
+    """Median and spread of repeated measurements."""
+    v = sorted(values)
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1],
+            "values": v, "n": len(v)}
+
+
+# ------------------------------------------------------------------ data
+class _Split:
+    """The bits of data.cache.Split the backends use (images, labels, len, take)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def take(self, idx):
+        return _Split(self.images[idx], self.labels[idx])
+
+    def subset_per_class(self, n):
+        idx = np.concatenate([np.flatnonzero(self.labels == c)[:n] for c in (0, 1)])
+        return self.take(np.sort(idx))
+
+
+def synthetic_splits(n_train: int, n_test: int, seed: int):
+    """Random uint8 images of CIFAKE's shape and random labels: throughput only."""
+    g = np.random.default_rng(seed)
+    mk = lambda n: _Split(g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),  # noqa: E731
+                          g.integers(0, 2, n).astype(np.uint8))
+    return mk(n_train), mk(n_test)
+
+
+def load_splits(spec: dict):
+    if spec["data"] is None:
+        return synthetic_splits(spec["synthetic_train"], spec["synthetic_test"], spec["seed"])
+    from data import load_cifake
+    ds = load_cifake(spec["data"], spec.get("cache_dir"), verbose=False)
+    return ds.train, ds.test
+
+
+# ------------------------------------------------------------------ phases
+def run(spec: dict) -> dict:
+    from bench.backends import family_of_model, make_backend
+    t_start = time.perf_counter()
+    model, seed, repeats = spec["model"], spec["seed"], spec["repeats"]
+    family = family_of_model(model)
+    log(spec, "importing and loading data")
+    train, test = load_splits(spec)
+    b = make_backend(spec["backend"], model, spec["device"], seed)
+    setup_s = time.perf_counter() - t_start
+    rss_setup = rss_peak_mib()
+    res = {"backend": spec["backend"], "device": spec["device"], "model": model,
+           "family": family, "device_name": b.device_name(), "hyperparameters": b.hp,
+           "notes": b.notes(), "setup_s": setup_s, "n_train": len(train), "n_test": len(test),
+           "threads": thread_info()}
+
+    # 1. training throughput
+    bs = b.hp["batch_size"]
+    if family == "mlp":
+        tset, how = train, "whole training split per timed pass (one real epoch)"
+    else:
+        k = min(len(train), spec["steps"] * bs)
+        tset = train.take(np.arange(k))
+        how = f"{k} training images ({-(-k // bs)} steps of {bs}) per timed pass"
+    h = b.put(tset)
+    b.init(seed)
+    if b.jit and family == "cnn":
+        # one compiled lax.scan call covers the whole timing set
+        b.trainer.chunk_batches = max(1, len(tset) // bs)
+    log(spec, f"training warm-up{' + compilation' if b.jit else ''} ({len(tset)} images)")
+    t0 = time.perf_counter()
+    b.train_epoch(h, 0)
+    first_s = time.perf_counter() - t0
+    secs = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        m = b.train_epoch(h, 1 + r)
+        secs.append(time.perf_counter() - t0)
+        log(spec, f"train pass {r + 1}/{repeats}: {len(tset) / secs[-1]:,.0f} images/s")
+    if not np.isfinite(m["loss"]):
+        raise RuntimeError(f"non-finite training loss {m['loss']} during the timing passes")
+    ips = spread([len(tset) / s for s in secs])
+    res["train"] = {"images_per_s": ips, "seconds_per_pass": spread(secs),
+                    "images_per_pass": len(tset), "how": how,
+                    "compile_s": first_s if b.jit else None,
+                    "warmup_s": None if b.jit else first_s,
+                    "first_call": "compilation + one pass (not in images/s)" if b.jit
+                    else "one untimed warm-up pass"}
+    del h
+
+    # 2. evaluation throughput
+    k = min(len(test), spec["eval_images"])
+    eset = test.take(np.arange(k))
+    h = b.put(eset)
+    log(spec, f"eval warm-up ({k} images)")
+    t0 = time.perf_counter()
+    b.logits(h)
+    eval_first = time.perf_counter() - t0
+    secs = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        b.logits(h)
+        secs.append(time.perf_counter() - t0)
+    res["eval"] = {"images_per_s": spread([k / s for s in secs]), "images_per_pass": k,
+                   "compile_s": eval_first if b.jit else None,
+                   "warmup_s": None if b.jit else eval_first,
+                   "how": f"eval-mode logits of {k} test images per timed pass"}
+    log(spec, f"eval: {res['eval']['images_per_s']['median']:,.0f} images/s")
+    del h
+
+    # 3. one epoch over the whole training split
+    if family == "mlp":
+        res["epoch"] = {"seconds": res["train"]["seconds_per_pass"]["median"],
+                        "n_images": len(train), "how": "measured",
+                        "detail": "median of the timed full-epoch passes"}
+    elif spec["measure_cnn_epoch"]:
+        h = b.put(train)
+        if b.jit:  # the full split adds scan shapes: compile them outside the clock
+            log(spec, "full-epoch warm-up (compilation of the full split's shapes)")
+            b.train_epoch(h, 0)
+        log(spec, f"timing one full epoch ({len(train)} images)")
+        t0 = time.perf_counter()
+        b.train_epoch(h, 1)
+        s = time.perf_counter() - t0
+        res["epoch"] = {"seconds": s, "n_images": len(train), "how": "measured",
+                        "detail": "one full epoch, after warm-up"}
+        del h
+    else:
+        res["epoch"] = {"seconds": len(train) / ips["median"], "n_images": len(train),
+                        "how": "estimated",
+                        "detail": "n_train / median training images/s of phase 1"}
+
+    # 4. accuracy under the fixed budget
+    if spec["data"] is None:
+        res["budget"] = None
+    else:
+        bset = train.subset_per_class(spec["budget_subset"])
+        log(spec, f"budget: {spec['budget_epochs']} epoch(s) on {len(bset)} images, "
+                  f"then the whole test split ({len(test)})")
+        b.init(seed)
+        if b.jit and family == "cnn":
+            b.trainer.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
+        h = b.put(bset)
+        t0 = time.perf_counter()
+        hist = [b.train_epoch(h, e) for e in range(spec["budget_epochs"])]
+        train_s = time.perf_counter() - t0
+        del h
+        from data.runs import classification_report
+        rep = classification_report(b.logits(b.put(test)), test.labels)
+        res["budget"] = {"epochs": spec["budget_epochs"], "subset_per_class": spec["budget_subset"],
+                         "n_train": len(bset), "train_seconds": train_s,
+                         "train_seconds_note": "wall time incl. any compilation",
+                         "final_train_loss": hist[-1]["loss"],
+                         "test_accuracy": rep["accuracy"], "test_loss": rep["loss"],
+                         "test_auc": rep["roc_auc"], "test_confusion": rep["confusion"],
+                         "n_test": rep["n"]}
+        log(spec, f"budget: test accuracy {rep['accuracy']:.2f}%")
+
+    res["memory"] = {"peak_rss_mib": rss_peak_mib(), "rss_after_setup_mib": rss_setup,
+                     "how": "ru_maxrss of this worker process (imports + data + training)"}
+    dev = b.peak_device_bytes()
+    res["memory"]["peak_device_mib"] = None if dev is None else dev / 2**20
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+# ------------------------------------------------------------------ environment
+def thread_info() -> dict:
+    out = {"os_cpu_count": os.cpu_count(),
+           "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+           "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                              "OPENBLAS_NUM_THREADS", "XLA_FLAGS")
+                   if k in os.environ}}
+    if "torch" in sys.modules:
+        out["torch_threads"] = sys.modules["torch"].get_num_threads()
+        out["torch_interop_threads"] = sys.modules["torch"].get_num_interop_threads()
+    return out
+
+
+def probe() -> dict:
+    """Versions, devices and threads, importing every library (in this throwaway process)."""
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "platform": platform.platform()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.cuda.is_available()
+        info["torch_gpu"] = torch.cuda.get_device_name(0) if info["torch_cuda"] else None
+        info["torch_threads"] = torch.get_num_threads()
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except Exception as e:  # noqa: BLE001 -- report, don't fail: the row will say why
+        info["torch_error"] = f"{type(e).__name__}: {e}"
+    try:
+        import jax
+        info["jax"] = jax.__version__
+        import flax
+        import optax
+        info["flax"], info["optax"] = flax.__version__, optax.__version__
+        info["jax_backend"] = jax.default_backend()
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        info["jax_gpu"] = gpus[0].device_kind if gpus else None
+    except Exception as e:  # noqa: BLE001
+        info["jax_error"] = f"{type(e).__name__}: {e}"
+    info["threads"] = thread_info()
+    return info
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--probe"]:
+        print(RESULT_TAG + json.dumps(probe()), flush=True)
+        return 0
+    spec = json.loads(argv[0])
+    try:
+        out = {"ok": True, **run(spec)}
+    except Exception as e:  # noqa: BLE001 -- one failed backend must not sink the bench
+        traceback.print_exc(file=sys.stderr)
+        out = {"ok": False, "backend": spec["backend"], "device": spec["device"],
+               "model": spec["model"], "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""``model.safetensors`` under the spec stacks' canonical names, so any stack of a family
+can evaluate any other's checkpoint.
+
+MLP: numpy_mlp's ``W1, b1, ...`` (float32 or float64), metadata {"family": "mlp", "model",
+"layer_dims": "[3072, 7, 1]", "dtype"}. CNN: torch_cnn's ``state_dict`` names (float32,
+``bn*.num_batches_tracked`` int64 shape ()), metadata {"family": "cnn", "model"}.
+The conversion is ``convert.py`` (lossless); names/shapes/dtypes are validated on load.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from data.errors import UserError
+from data.runs import load_safetensors, save_safetensors
+
+from . import convert
+from .model import CNN_VARIANTS, ModelSpec, get_spec
+
+
+def cnn_expected(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Canonical tensor name -> (shape, dtype) of CNN ``name`` (torch state_dict order)."""
+    f = "float32"
+    out = {}
+    for i, (c_in, c_out) in enumerate(((3, 32), (32, 64)), start=1):
+        out[f"conv{i}.weight"] = ((c_out, c_in, 3, 3), f)
+        out[f"conv{i}.bias"] = ((c_out,), f)
+        if CNN_VARIANTS[name]["batchnorm"]:
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                out[f"bn{i}.{k}"] = ((c_out,), f)
+            out[f"bn{i}.num_batches_tracked"] = ((), "int64")
+    out.update({"fc1.weight": ((512, 4096), f), "fc1.bias": ((512,), f),
+                "fc2.weight": ((1, 512), f), "fc2.bias": ((1,), f)})
+    return out
+
+
+def mlp_expected(layer_dims) -> dict[str, tuple[tuple[int, ...], None]]:
+    out = {}
+    for l in range(1, len(layer_dims)):
+        out[f"W{l}"] = ((layer_dims[l], layer_dims[l - 1]), None)
+        out[f"b{l}"] = ((layer_dims[l], 1), None)
+    return out
+
+
+def to_tensors(spec: ModelSpec, variables: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Canonical tensors + metadata for ``variables`` (what ``save`` writes)."""
+    tensors = convert.to_canonical(jax_to_numpy(variables))
+    if spec.family == "mlp":
+        meta = {"family": "mlp", "model": spec.name, "layer_dims": json.dumps(list(spec.layer_dims)),
+                "dtype": str(tensors["W1"].dtype)}
+    else:
+        meta = {"family": "cnn", "model": spec.name}
+    return tensors, meta
+
+
+def save(path, spec: ModelSpec, variables: dict, extra_meta: dict[str, str] | None = None,
+         prefix: str = "", extra_tensors: dict[str, np.ndarray] | None = None) -> None:
+    """Write ``variables`` atomically under canonical names (optionally prefixed, plus extra
+    tensors: the resume state file uses that)."""
+    tensors, meta = to_tensors(spec, variables)
+    tensors = {prefix + k: v for k, v in tensors.items()}
+    tensors.update(extra_tensors or {})
+    save_safetensors(path, tensors, {**meta, **(extra_meta or {})})
+
+
+def load(path, model: str | None = None) -> tuple[ModelSpec, dict, dict]:
+    """Read a canonical checkpoint of either family -> (spec, JAX variables (NumPy leaves), meta).
+
+    ``model``: the model the caller expects (e.g. from config.json); a mismatch is an error.
+    """
+    _, meta = load_safetensors(path)  # metadata first: it says which shapes to expect
+    family, name = meta.get("family"), meta.get("model")
+    if model is not None and name is not None and name != model:
+        raise UserError(f"{path}: checkpoint is for model {name!r}, not {model!r}")
+    name = name or model
+    if family == "mlp":
+        try:
+            dims = json.loads(meta["layer_dims"])
+            if not (isinstance(dims, list) and len(dims) >= 3 and dims[0] == 3072 and dims[-1] == 1
+                    and all(isinstance(d, int) and d > 0 for d in dims)):
+                raise ValueError
+        except (KeyError, ValueError, TypeError):
+            raise UserError(f"{path}: metadata 'layer_dims' missing or invalid") from None
+        if name not in ("mlp2", "mlp4"):
+            raise UserError(f"{path}: unknown MLP model {name!r}")
+        tensors, _ = load_safetensors(path, mlp_expected(dims))
+        dtypes = {str(t.dtype) for t in tensors.values()}
+        if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
+            raise UserError(f"{path}: MLP tensors must all be float32 or all float64, got "
+                            f"{sorted(dtypes)}")
+        spec = get_spec(name, dims[1:-1])
+    elif family == "cnn":
+        if name not in CNN_VARIANTS:
+            raise UserError(f"{path}: unknown CNN model {name!r}")
+        tensors, _ = load_safetensors(path, cnn_expected(name))
+        spec = get_spec(name)
+    else:
+        raise UserError(f"{path}: unknown model family {family!r} (expected 'mlp' or 'cnn')")
+    return spec, convert.from_canonical(tensors), meta
+
+
+def jax_to_numpy(tree):
+    import jax
+    return jax.tree_util.tree_map(np.asarray, tree)

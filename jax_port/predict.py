@@ -1,0 +1,71 @@
+"""Score images with a trained run: ``python -m jax_port.predict --run RUN_DIR IMAGE... [--json]``.
+
+RUN_DIR may come from any stack of the family (numpy_mlp or jax_port for an MLP,
+torch_cnn or jax_port for a CNN): the weights are read from RUN_DIR/model.safetensors
+under canonical names. One line per image: path, P(FAKE) (4 decimals), verdict
+(P(FAKE) >= 0.5 -> FAKE), "(resized from WxH)" for images that are not 32x32.
+An unreadable image gets its own error line on stderr; the others are still scored,
+and the exit status is 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import load_image_for_model, run_cli
+from data.errors import DataError, UserError
+from data.runs import read_json
+
+PROG = "jax_port.predict"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Parser(prog=f"python -m {PROG}", description="P(FAKE) for each image, with a JAX model.")
+    ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
+    ap.add_argument("images", nargs="+", metavar="IMAGE")
+    ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    cfg = read_json(run / "config.json")
+    if cfg.get("dtype") == "float64":
+        import jax
+        jax.config.update("jax_enable_x64", True)
+
+    from . import checkpoint
+    from .steps import Trainer
+    spec, variables, meta = checkpoint.load(run / "model.safetensors", cfg.get("model"))
+    dtype = np.asarray(variables["params"][next(iter(variables["params"]))]["kernel"]).dtype
+    trainer = Trainer(spec, lr=1.0, batch_size=1, dtype=dtype)
+
+    results, failed = [], 0
+    for path in args.images:
+        try:
+            img, resized, size = load_image_for_model(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        logit = float(trainer.logits(variables, img[None])[0])
+        p_fake = float(0.5 * (1.0 - np.tanh(logit / 2)))  # 1 - sigmoid(logit), no overflow
+        results.append({"path": path, "p_fake": p_fake,
+                        "verdict": "FAKE" if p_fake >= 0.5 else "REAL",
+                        "resized": bool(resized), "original_size": list(size)})
+        if not args.json:
+            note = f" (resized from {size[0]}x{size[1]})" if resized else ""
+            print(f"{path}  P(FAKE)={p_fake:.4f}  {results[-1]['verdict']}{note}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)

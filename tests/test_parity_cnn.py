@@ -1,0 +1,230 @@
+"""Parity of the JAX CNNs with the PyTorch specification (torch_cnn), micrograd-style:
+the same weights (converted from torch) and batches in both engines, values AND
+gradients compared, then whole Adam trajectories; float32 throughout.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from torch.nn import functional as F
+
+from data.batching import AugDraws, augment_draws, dropout_rng, epoch_order, identity_draws
+from jax_port import convert
+from jax_port import model as JM
+from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, Trainer
+from tests.test_parity_helpers import assert_close_tree
+from torch_cnn.checkpoint import state_to_numpy
+from torch_cnn.model import DROPOUT_P, init_model
+from torch_cnn.pipeline import DevicePipeline, augment_torch, to_input
+from torch_cnn.train import make_optimizer, train_step
+
+# eval-mode logits, absolute: float32 has ~6e-8 relative precision; a logit sums ~4e4
+# products of O(1e-2) terms through 4 layers, and the engines order the sums differently
+# (im2col matmul vs torch's conv kernels), so ~1e-6 is typical; 1e-5 leaves a margin.
+EVAL_ATOL = 1e-5
+# gradients, relative to each tensor's max |value| (entry-wise relative error is
+# meaningless for entries near zero): float32 rounding through backprop, ~1e-6 typical.
+GRAD_RTOL = 1e-4
+# weights and BN statistics after ADAM_STEPS Adam steps, relative to each tensor's max
+# |value|. Adam divides by sqrt(v_hat) + eps, so a rounding difference in a tiny gradient
+# can change that parameter's step by up to ~lr = 1e-3 (the step size, vs weights of
+# O(1e-2..1)); such differences are bounded by steps * lr and do not compound at this
+# length. Measured worst case ~1e-5; 1e-3 is the bound stated by that argument.
+TRAIN_RTOL = 1e-3
+ADAM_STEPS = 24
+BATCH = 8
+LR = 1e-3
+SEED = 7
+MODELS = ("baseline", "dropout", "v3")
+
+
+class _FixedMaskDropout(torch.nn.Module):
+    """torch's inverted dropout with a mask we choose (so JAX can use the same one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return x * (self.mask.to(x.dtype) / (1.0 - DROPOUT_P))
+
+
+def _torch_model(name):
+    m = init_model(name, SEED)
+    if m.dropout is not None:
+        m.dropout = _FixedMaskDropout()
+    return m
+
+
+def _data(n=64, seed=0):
+    g = np.random.default_rng(seed)
+    return (g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            g.integers(0, 2, n).astype(np.uint8))
+
+
+def _mask(step, b=BATCH):
+    return dropout_rng(SEED, step).random((b, 512)) < 1.0 - DROPOUT_P
+
+
+def _torch_grads(model):
+    return {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_conversion_round_trip_is_exact(name):
+    sd = state_to_numpy(init_model(name, SEED))
+    if "bn1.running_var" in sd:  # non-trivial buffers
+        sd["bn1.running_var"] = np.linspace(0.5, 2, 32, dtype=np.float32)
+        sd["bn2.num_batches_tracked"] = np.asarray(12345, np.int64)
+    back = convert.cnn_to_canonical(convert.cnn_from_canonical(sd))
+    assert list(back) == list(sd)  # names AND state_dict order
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
+        assert np.array_equal(back[k], sd[k]), k
+
+
+@pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_gradients_match_torch(name, conv_impl):
+    model = _torch_model(name)
+    v = convert.cnn_from_canonical(state_to_numpy(model))
+    spec = JM.get_spec(name)
+    images, labels = _data(BATCH)
+    x_t, y_t = to_input(torch.from_numpy(images)), torch.from_numpy(labels.astype(np.float32))
+    x_j = jnp.asarray(images, jnp.float32) / 255.0
+
+    # eval mode: dropout off, BN running statistics
+    model.eval()
+    with torch.no_grad():
+        z_t = model(x_t).numpy()
+    z_j, _ = JM.apply(spec, v, x_j, train=False, conv_impl=conv_impl)
+    assert_close_tree({"logits": np.asarray(z_j)}, {"logits": z_t}, EVAL_ATOL,
+                      f"{name}/{conv_impl} eval logits", relative=False)
+
+    # train mode: batch statistics, dropout with a shared mask
+    model.train()
+    mask = _mask(0)
+    if spec.dropout:
+        model.dropout.mask = torch.from_numpy(mask)
+    model.zero_grad()
+    loss_t = F.binary_cross_entropy_with_logits(model(x_t), y_t)
+    loss_t.backward()
+
+    def loss_fn(params):
+        z, stats = JM.apply(spec, {"params": params, "batch_stats": v.get("batch_stats", {})},
+                            x_j, train=True, mask=jnp.asarray(mask), conv_impl=conv_impl)
+        return JM.bce_with_logits(z, jnp.asarray(labels)), stats
+
+    (loss_j, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+    assert abs(float(loss_j) - loss_t.item()) < EVAL_ATOL
+    g_j, g_t = convert.cnn_params_to_canonical(g), _torch_grads(model)
+    if spec.batchnorm:
+        # A conv bias followed by BatchNorm has an exactly-zero true gradient (BN subtracts
+        # the batch mean), so both engines return rounding noise there: check that it is
+        # noise (tiny next to the model's largest gradient) instead of comparing noise.
+        top = max(float(np.abs(a).max()) for a in g_t.values())
+        for k in ("conv1.bias", "conv2.bias"):
+            assert np.abs(g_j.pop(k)).max() < 1e-5 * top and np.abs(g_t.pop(k)).max() < 1e-5 * top
+    assert_close_tree(g_j, g_t, GRAD_RTOL, f"{name}/{conv_impl} gradients")
+    if spec.batchnorm:  # running stats after one training forward (momentum, unbiased var)
+        got = convert.cnn_to_canonical({"params": v["params"], "batch_stats": stats})
+        want = state_to_numpy(model)
+        for k in ("bn1", "bn2"):
+            assert int(got[f"{k}.num_batches_tracked"]) == int(want[f"{k}.num_batches_tracked"]) == 1
+        assert_close_tree({k: got[k] for k in got if "running" in k},
+                          {k: want[k] for k in want if "running" in k}, GRAD_RTOL,
+                          f"{name} BN running statistics")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_adam_steps_match_torch(name):
+    """ADAM_STEPS steps on identical batches, identical augmentation draws (v3) and
+    identical dropout masks: weights, BN statistics and Adam's step count still agree."""
+    model = _torch_model(name)
+    opt = make_optimizer(model, LR)
+    spec = JM.get_spec(name)
+    augment = name == "v3"
+    tr = Trainer(spec, lr=LR, batch_size=BATCH, augment=augment, seed=SEED, conv_impl="im2col")
+    state = tr.init_state(convert.cnn_from_canonical(state_to_numpy(model)))
+    images, labels = _data(64)
+    n = len(labels)
+    for step in range(ADAM_STEPS):
+        epoch, k = divmod(step * BATCH, n)
+        order = epoch_order(SEED, epoch, n)[k:k + BATCH]
+        draws = augment_draws(SEED, epoch, n)[k:k + BATCH] if augment else identity_draws(BATCH)
+        x_u8, y = images[order], labels[order]
+        mask = _mask(step)
+        if spec.dropout:
+            model.dropout.mask = torch.from_numpy(mask)
+        xt = torch.from_numpy(x_u8)
+        if augment:
+            xt = augment_torch(xt, torch.from_numpy(draws.dy), torch.from_numpy(draws.dx),
+                               torch.from_numpy(draws.flip))
+        loss_t, nc_t = train_step(model, opt, to_input(xt), torch.from_numpy(y.astype(np.float32)))
+        state, (loss_j, nc_j) = tr.train_step(state, x_u8, y, draws, mask)
+        assert abs(float(loss_j) - loss_t.item()) < 1e-4 * max(1.0, abs(loss_t.item())), step
+    got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["variables"]))
+    want = state_to_numpy(model)
+    if spec.batchnorm:
+        for k in ("bn1", "bn2"):
+            assert int(got[f"{k}.num_batches_tracked"]) == int(want[f"{k}.num_batches_tracked"]) \
+                == ADAM_STEPS
+    assert int(state["opt"][0].count) == ADAM_STEPS
+    assert_close_tree({k: v for k, v in got.items() if "num_batches" not in k},
+                      {k: v for k, v in want.items() if "num_batches" not in k},
+                      TRAIN_RTOL, f"{name} after {ADAM_STEPS} Adam steps")
+
+
+def test_compiled_epoch_follows_torch_device_pipeline():
+    """A whole compiled epoch (scan over full batches + one partial batch) visits the
+    batches of torch_cnn's DevicePipeline for the same (seed, epoch): baseline model
+    (no dropout, so the trajectory is fully determined), 40 images in batches of 16."""
+    from data.cache import Split
+    model = init_model("baseline", SEED)
+    opt = make_optimizer(model, LR)
+    images, labels = _data(40, seed=3)
+    split = Split(images, labels, np.zeros(40, np.uint8), np.zeros(40, "S20"), np.zeros(40, "U1"))
+    tr = Trainer(JM.get_spec("baseline"), lr=LR, batch_size=16, seed=SEED, conv_impl="im2col",
+                 rng_epoch_offset=1)  # torch_cnn keys its epochs from 1
+    state = tr.init_state(convert.cnn_from_canonical(state_to_numpy(model)))
+    pipe = DevicePipeline(split)
+    losses = []
+    for x, y in pipe.batches(SEED, 1, 16, augment=False):
+        losses.append(train_step(model, opt, x, y)[0].item())
+    state, row = tr.run_epoch(state, jnp.asarray(images), jnp.asarray(labels), 0)
+    assert abs(row["train_loss"] - np.mean(losses)) < 1e-4
+    assert_close_tree(convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["variables"])),
+                      state_to_numpy(model), TRAIN_RTOL, "baseline after one compiled epoch")
+
+
+def test_optax_adam_is_torch_adam():
+    """torch.optim.Adam divides by sqrt(v_hat) + eps (eps outside the square root, with
+    bias correction): optax.adam(eps_root=0). Gradients down to 1e-9 make eps matter."""
+    g = np.random.default_rng(0)
+    grads = (g.standard_normal((30, 200)) * np.logspace(-9, 0, 200)).astype(np.float32)
+    p0 = g.standard_normal(200).astype(np.float32)
+    pt = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = torch.optim.Adam([pt], lr=LR, betas=(ADAM_B1, ADAM_B2), eps=ADAM_EPS, foreach=False)
+
+    def run(tx):
+        p, st = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+        for gr in grads:
+            u, st = tx.update(jnp.asarray(gr), st, p)
+            p = optax.apply_updates(p, u)
+        return np.asarray(p)
+
+    for gr in grads:
+        pt.grad = torch.from_numpy(gr)
+        opt.step()
+    want = pt.detach().numpy()
+    got = run(optax.adam(LR, ADAM_B1, ADAM_B2, ADAM_EPS))
+    assert np.max(np.abs(got - want)) < 1e-6
+    # the check can fail: eps inside the square root gives a visibly different trajectory
+    wrong = run(optax.adam(LR, ADAM_B1, ADAM_B2, eps=0.0, eps_root=ADAM_EPS))
+    assert np.max(np.abs(wrong - want)) > 1e-4

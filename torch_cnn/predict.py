@@ -1,0 +1,97 @@
+"""Score images with a trained CNN: ``python -m torch_cnn.predict --run RUN_DIR IMAGE... [--json]``.
+
+Loads RUN_DIR/config.json (for the model name) and RUN_DIR/model.safetensors
+(canonical CNN names: written by torch_cnn or the JAX port). Each image is
+brought to 32x32 RGB by ``data.images.load_image_for_model``; one line per image:
+
+    PATH  P(FAKE)=0.9731  FAKE  (resized from 640x480)
+
+P(FAKE) = 1 - sigmoid(logit); verdict FAKE when P(FAKE) >= 0.5. ``--json``
+prints a JSON list of {"path", "p_fake", "verdict", "resized", "original_size"}.
+A file that cannot be read gets its own "error: ..." line on stderr; the others
+are still scored, and the exit status is 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import DataError, UserError, run_cli
+from data.images import load_image_for_model
+from data.runs import read_json
+
+from . import checkpoint
+from .model import MODELS, build_model
+from .pipeline import to_input
+
+PROG = "python -m torch_cnn.predict"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def load_run(run_dir: str | Path) -> torch.nn.Module:
+    """The model of a run directory, in eval mode on the CPU."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"--run {run}: not a directory")
+    cfg = read_json(run / "config.json")
+    name = cfg.get("model")
+    if cfg.get("family", "cnn") != "cnn" or name not in MODELS:
+        raise UserError(f"{run / 'config.json'}: model {name!r} is not a CNN of this family "
+                        f"({', '.join(MODELS)})")
+    model = build_model(name)
+    checkpoint.load_into(run / "model.safetensors", model)
+    return model.eval()
+
+
+def p_fake(model: torch.nn.Module, images_u8_nhwc: np.ndarray) -> np.ndarray:
+    """P(FAKE) per image (float64), = 1 - sigmoid(logit) = sigmoid(-logit)."""
+    with torch.inference_mode():
+        logits = model(to_input(torch.from_numpy(np.ascontiguousarray(images_u8_nhwc))))
+    return torch.sigmoid(-logits.double()).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Parser(prog=PROG, description="P(FAKE) for images with a trained CIFAKE CNN.")
+    ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
+    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size/mode)")
+    ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
+    args = ap.parse_args(argv)
+    model = load_run(args.run)
+
+    ok, arrays, failed = [], [], 0
+    for path in args.images:
+        try:
+            arr, resized, size = load_image_for_model(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        ok.append((path, resized, size))
+        arrays.append(arr)
+    probs = p_fake(model, np.stack(arrays)) if arrays else np.zeros(0)
+    results = []
+    for (path, resized, size), p in zip(ok, probs):
+        results.append({"path": path, "p_fake": round(float(p), 6),
+                        "verdict": "FAKE" if p >= 0.5 else "REAL", "resized": bool(resized),
+                        "original_size": [int(size[0]), int(size[1])]})
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r, p in zip(results, probs):
+            note = (f"  (resized from {r['original_size'][0]}x{r['original_size'][1]})"
+                    if r["resized"] else "")
+            print(f"{r['path']}  P(FAKE)={p:.4f}  {r['verdict']}{note}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="torch_cnn.predict")
