@@ -4,7 +4,8 @@ A backend trains and evaluates ONE model on ONE device:
 
     b = make_backend(name, model, device)      # imports its stack lazily
     h = b.put(split)                           # the split as this backend feeds it
-    b.init(seed)                               # fresh weights + optimizer state
+    b.init(seed, weights=None)                 # fresh weights + optimizer state; ``weights``:
+                                               # canonical tensors (the spec's init) to start from
     b.train_epoch(h, epoch)                    # one pass over h; returns once the device is idle
     b.logits(h)                                # eval-mode logits (N,), on the host
 
@@ -99,6 +100,18 @@ class Backend:
         return []
 
 
+def spec_init_weights(model: str, seed: int) -> dict[str, np.ndarray]:
+    """The SPEC stack's initial weights for ``seed`` under the canonical names (numpy_mlp's
+    He init for MLPs, torch_cnn's seeded default init for CNNs). The accuracy budget starts
+    every backend of a family from these, so its rows differ only by the engine (and by the
+    augmentation / dropout draws, which each pipeline makes its own way)."""
+    if family_of_model(model) == "mlp":
+        from numpy_mlp import model as nm
+        return nm.init_params(nm.layer_dims_for(model), seed, np.float32)
+    from torch_cnn.model import init_model
+    return {k: v.detach().cpu().numpy().copy() for k, v in init_model(model, seed).state_dict().items()}
+
+
 # ------------------------------------------------------------------ NumPy MLP
 class NumpyMLP(Backend):
     name = "numpy-mlp"
@@ -117,8 +130,9 @@ class NumpyMLP(Backend):
         # numpy_mlp.train.train_epoch scales each batch to float32 on the fly.
         return split.images.reshape(len(split), -1).T, split.labels.reshape(1, -1), len(split)
 
-    def init(self, seed):
-        self.params = self.nm.init_params(self.dims, seed, np.float32)
+    def init(self, seed, weights=None):
+        self.params = (self.nm.init_params(self.dims, seed, np.float32) if weights is None else
+                       {k: np.asarray(v, np.float32) for k, v in weights.items()})
 
     def train_epoch(self, h, epoch):
         X, Y, n = h
@@ -159,8 +173,12 @@ class TorchCNN(Backend):
             return int(self.torch.cuda.max_memory_allocated(self.dev))
         return None
 
-    def init(self, seed):
-        self.net = self.tm.init_model(self.model, seed).to(self.dev)
+    def init(self, seed, weights=None):
+        net = self.tm.init_model(self.model, seed)
+        if weights is not None:
+            net.load_state_dict({k: self.torch.from_numpy(np.array(v)) for k, v in
+                                 weights.items()})
+        self.net = net.to(self.dev)
         self.opt = self.tt.make_optimizer(self.net, self.hp["lr"])
 
     def batches(self, h, epoch):
@@ -255,9 +273,15 @@ class JaxBackend(Backend):
         return (self.jax.device_put(split.images, self.dev),
                 self.jax.device_put(split.labels, self.dev))
 
-    def init(self, seed):
+    def init(self, seed, weights=None):
+        if weights is None:
+            with self.jax.default_device(self.dev):
+                variables = self.jm.init_variables(self.spec, seed)
+        else:
+            from jax_port import convert
+            variables = convert.from_canonical(weights)
         with self.jax.default_device(self.dev):
-            self.state = self.trainer.init_state(self.jm.init_variables(self.spec, seed))
+            self.state = self.trainer.init_state(variables)
         self.state = self.jax.device_put(self.state, self.dev)
 
     def train_epoch(self, h, epoch):

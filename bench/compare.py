@@ -38,6 +38,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -119,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"training images PER CLASS of the accuracy budget "
                          f"(default {DEFAULTS['budget_subset']})")
     ap.add_argument("--measure-cnn-epoch", action="store_true",
-                    help="time a real full epoch for CNNs too (slow on CPU) instead of "
-                         "estimating it from the throughput")
+                    help="time a real full CNN epoch on the CPU too (slow there) instead of "
+                         "estimating it from the throughput (GPU CNN epochs are always measured)")
     ap.add_argument("--seed", type=int, default=0, help="seed of init, batch order, augmentation")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     ap.add_argument("--no-chart", action="store_true", help="skip bench.png")
@@ -149,28 +150,34 @@ def resolve_data(args) -> tuple[str | None, str]:
 
 
 # ------------------------------------------------------------------ subprocesses
-def _stream(proc, sink: list[str]) -> None:
-    for line in proc.stderr:
+def _pump(stream, sink: list[str], echo: bool) -> None:
+    for line in stream:
         sink.append(line)
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        if echo:  # the worker's progress lines, live
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def run_worker(argv: list[str], env: dict, timeout: float) -> tuple[dict | None, str]:
     """Run ``python -m <argv>``; stream its stderr; -> (result dict or None, error text)."""
     proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    out: list[str] = []
     err: list[str] = []
-    t = threading.Thread(target=_stream, args=(proc, err), daemon=True)
-    t.start()
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, False), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, err, True), daemon=True)]
+    for t in pumps:
+        t.start()
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         return None, f"timed out after {timeout:.0f} s"
-    t.join(5)
-    for line in reversed(out.splitlines()):
+    finally:
+        for t in pumps:
+            t.join(10)
+    for line in reversed(out):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):]), ""
     last = next((l.strip() for l in reversed(err) if l.strip()), "no output")
@@ -219,9 +226,12 @@ def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str]], list[str]]
         devices = ["cpu"] + (["gpu"] if any(gpu_seen.values()) else [])
     else:
         devices = list(args.devices)
-    if explicit_gpu and not any(gpu_seen.values()):
-        raise UserError("--devices gpu: neither torch nor JAX sees a GPU on this machine "
-                        "(use --devices cpu or auto)")
+    libs = sorted({BACKENDS[b].gpu for b in args.backends if BACKENDS[b].gpu})
+    if explicit_gpu and not any(gpu_seen[lib] for lib in libs):
+        who = ("the chosen backends run on the CPU only" if not libs else
+               f"{libs[0]} sees no GPU on this machine" if len(libs) == 1 else
+               "neither torch nor JAX sees a GPU on this machine")
+        raise UserError(f"--devices gpu: {who} (use --devices cpu or auto)")
     notes = []
     if "auto" in args.devices and "gpu" not in devices:
         notes.append("gpu: no GPU visible to torch or JAX -- GPU rows skipped")
@@ -241,9 +251,6 @@ def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str]], list[str]]
                                  + ")")
                     continue
                 runs.append((b, d, model))
-    if not any(m in MLP_MODELS for m in args.models) and not any(
-            m in CNN_MODELS for m in args.models):
-        raise UserError("--models: nothing to run")
     return runs, notes
 
 
@@ -414,7 +421,8 @@ def render_table(doc: dict) -> str:
                      f"{d['n_test']:,} test images")
         lines.append(f"budget: {cfg['budget_epochs']} epoch(s) on the first "
                      f"{cfg['budget_subset']} training images per class, seed {cfg['seed']}, "
-                     f"each model's spec preset; accuracy on the whole test split")
+                     f"same initial weights and batch order per family, each model's spec "
+                     f"preset; accuracy on the whole test split")
     lines.append(f"throughput: median [min-max] of {cfg['repeats']} timed passes; compilation "
                  f"and warm-up excluded (compile s = first call incl. compilation, JIT backends); "
                  f"x ref = vs {REFERENCE['mlp']} (MLP) / {REFERENCE['cnn']} (CNN); "
@@ -483,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.update(seed=args.seed, measure_cnn_epoch=args.measure_cnn_epoch, quick=args.quick,
                backends=args.backends, models=args.models, devices=args.devices)
 
+    for model in args.models:  # before any slow step: a selection that cannot run is one line
+        fam = "mlp" if model in MLP_MODELS else "cnn"
+        if not any(BACKENDS[b].family == fam for b in args.backends):
+            raise UserError(f"--models {model}: none of the chosen backends "
+                            f"({', '.join(args.backends)}) runs {fam.upper()} models")
     data_path, how = resolve_data(args)
     timestamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out) if args.out else Path("results") / "bench" / timestamp
@@ -505,23 +518,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] data: {how}", file=sys.stderr, flush=True)
 
     print("[bench] probing libraries and devices", file=sys.stderr, flush=True)
-    probe, err = run_worker(["bench.worker", "--probe"], worker_env("numpy-mlp", "cpu"), 300)
+    libs = sorted({BACKENDS[b].gpu for b in args.backends if BACKENDS[b].gpu})
+    probe, err = run_worker(["bench.worker", "--probe", *libs], worker_env("numpy-mlp", "cpu"),
+                            300)
     if probe is None:
         raise UserError(f"could not probe the environment: {err}")
     runs, notes = plan_runs(args, probe)
+
+    # The accuracy budget starts every backend of a family from the same weights: the
+    # spec's init for the seed, written once per model (a temporary file, not a result).
+    tmp = tempfile.TemporaryDirectory(prefix="bench-init-")
+    init_files = {}
+    if data_path is not None:
+        for m in args.models:
+            path = Path(tmp.name) / f"init-{m}.safetensors"
+            res, err = run_worker(["bench.worker", "--init", m, str(cfg["seed"]), str(path)],
+                                  worker_env("numpy-mlp", "cpu"), 300)
+            if res is None:
+                notes.append(f"{m}: could not write the spec's initial weights ({err}); each "
+                             f"backend starts the budget from its own init")
+            else:
+                init_files[m] = str(path)
 
     rows = []
     for i, (b, d, m) in enumerate(runs, 1):
         print(f"[bench] ({i}/{len(runs)}) {b} on {d}, model {m}", file=sys.stderr, flush=True)
         spec = {"backend": b, "device": d, "model": m, "data": data_path,
                 "cache_dir": args.cache_dir, **{k: cfg[k] for k in base},
-                "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"]}
+                "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"],
+                "init_weights": init_files.get(m)}
         res, err = run_worker(["bench.worker", json.dumps(spec)], worker_env(b, d),
                               args.worker_timeout)
         if res is None:
             res = {"ok": False, "backend": b, "device": d, "model": m, "error": err}
         res.setdefault("family", BACKENDS[b].family)
         rows.append(res)
+    tmp.cleanup()
 
     parity = None
     if not args.no_parity:
@@ -564,11 +596,13 @@ def main(argv: list[str] | None = None) -> int:
                                   "device synchronised before each clock read; median/min/max of "
                                   "the timed passes; first pass excluded (compile_s / warmup_s)",
             "eval_images_per_s": "eval-mode logits, after one untimed warm-up call",
-            "epoch": "MLP: measured (timed full-epoch passes); CNN: 'estimated' = n_train / "
-                     "median train images/s unless --measure-cnn-epoch ('measured')",
+            "epoch": "MLP: measured (timed full-epoch passes); CNN: measured on a GPU or with "
+                     "--measure-cnn-epoch (one full epoch after warm-up), else 'estimated' = "
+                     "n_train / median train images/s",
             "memory": "peak ru_maxrss of the backend's own worker process; GPU: "
                       "torch.cuda.max_memory_allocated / JAX memory_stats peak_bytes_in_use",
-            "budget": "fresh init (seed), budget_epochs epochs over the first budget_subset "
+            "budget": "the spec's initial weights for the seed (same for every backend of a "
+                      "family), budget_epochs epochs over the first budget_subset "
                       "training images per class with the spec preset's hyperparameters, "
                       "test accuracy on the whole test split",
             "ratio_vs_reference": "median / the reference backend's median, same model, same run",

@@ -3,8 +3,8 @@
 Run by ``bench.compare`` in a fresh subprocess per backend, so the peak memory
 (``ru_maxrss``) and the thread pools are this backend's alone. Progress goes to
 stderr, one line per phase; the result is ONE line on stdout, prefixed ``RESULT_TAG``.
-``python -m bench.worker --probe`` instead prints the environment (versions, threads,
-visible GPUs) as that line.
+``python -m bench.worker --probe [torch] [jax]`` instead prints the environment (versions,
+threads, the GPUs those libraries see) as that line.
 
 Phases (all clocks read with ``time.perf_counter`` after the device is idle):
 1. throughput   -- a timing set of ``steps * batch_size`` training images (CNNs) or the
@@ -15,11 +15,13 @@ Phases (all clocks read with ``time.perf_counter`` after the device is idle):
 2. eval         -- eval-mode logits of ``eval_images`` test images: one untimed warm-up
                    call, then ``repeats`` timed calls.
 3. epoch        -- time of one epoch over the whole training split: MLPs measured (phase 1);
-                   CNNs measured only with ``measure_cnn_epoch`` (after a warm-up epoch for
-                   JIT backends), otherwise estimated as n_train / median images/s.
+                   CNNs measured on a GPU or with ``measure_cnn_epoch`` (after a warm-up epoch
+                   for JIT backends), otherwise (CPU) estimated as n_train / median images/s.
 4. budget       -- accuracy after ``budget_epochs`` epochs on the first ``budget_subset``
-                   training images per class, from a fresh init with the bench seed, evaluated
+                   training images per class, starting from the spec's initial weights for the
+                   seed (``init_weights``, shared by every backend of the family), evaluated
                    on the whole test split (skipped on synthetic data).
+``python -m bench.worker --init MODEL SEED PATH`` writes those initial weights (safetensors).
 """
 from __future__ import annotations
 
@@ -163,7 +165,7 @@ def run(spec: dict) -> dict:
         res["epoch"] = {"seconds": res["train"]["seconds_per_pass"]["median"],
                         "n_images": len(train), "how": "measured",
                         "detail": "median of the timed full-epoch passes"}
-    elif spec["measure_cnn_epoch"]:
+    elif spec["measure_cnn_epoch"] or spec["device"] == "gpu":  # a GPU epoch is cheap: measure
         h = b.put(train)
         if b.jit:  # the full split adds scan shapes: compile them outside the clock
             log(spec, "full-epoch warm-up (compilation of the full split's shapes)")
@@ -187,7 +189,11 @@ def run(spec: dict) -> dict:
         bset = train.subset_per_class(spec["budget_subset"])
         log(spec, f"budget: {spec['budget_epochs']} epoch(s) on {len(bset)} images, "
                   f"then the whole test split ({len(test)})")
-        b.init(seed)
+        weights = None
+        if spec.get("init_weights"):
+            from data.runs import load_safetensors
+            weights, _ = load_safetensors(spec["init_weights"])
+        b.init(seed, weights)
         if b.jit and family == "cnn":
             b.trainer.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
         h = b.put(bset)
@@ -198,6 +204,8 @@ def run(spec: dict) -> dict:
         from data.runs import classification_report
         rep = classification_report(b.logits(b.put(test)), test.labels)
         res["budget"] = {"epochs": spec["budget_epochs"], "subset_per_class": spec["budget_subset"],
+                         "init": ("the spec's init for the seed (shared file)" if weights is not None
+                                  else "this backend's own init for the seed"),
                          "n_train": len(bset), "train_seconds": train_s,
                          "train_seconds_note": "wall time incl. any compilation",
                          "final_train_loss": hist[-1]["loss"],
@@ -227,10 +235,28 @@ def thread_info() -> dict:
     return out
 
 
-def probe() -> dict:
-    """Versions, devices and threads, importing every library (in this throwaway process)."""
+def probe(libs: list[str]) -> dict:
+    """Versions of every library (from package metadata, without importing them); devices
+    and threads of the libraries in ``libs`` ("torch", "jax"), imported in this throwaway
+    process."""
+    from importlib import metadata
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "platform": platform.platform()}
+    for pkg in ("torch", "torchvision", "jax", "jaxlib", "flax", "optax"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    if "torch" in libs:
+        info.update(_probe_torch())
+    if "jax" in libs:
+        info.update(_probe_jax())
+    info["threads"] = thread_info()
+    return info
+
+
+def _probe_torch() -> dict:
+    info = {}
     try:
         import torch
         info["torch"] = torch.__version__
@@ -241,6 +267,11 @@ def probe() -> dict:
         info["torchvision"] = torchvision.__version__
     except Exception as e:  # noqa: BLE001 -- report, don't fail: the row will say why
         info["torch_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def _probe_jax() -> dict:
+    info = {}
     try:
         import jax
         info["jax"] = jax.__version__
@@ -255,13 +286,19 @@ def probe() -> dict:
         info["jax_gpu"] = gpus[0].device_kind if gpus else None
     except Exception as e:  # noqa: BLE001
         info["jax_error"] = f"{type(e).__name__}: {e}"
-    info["threads"] = thread_info()
     return info
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["--probe"]:
-        print(RESULT_TAG + json.dumps(probe()), flush=True)
+    if argv and argv[0] == "--probe":  # --probe [torch] [jax]
+        print(RESULT_TAG + json.dumps(probe(argv[1:])), flush=True)
+        return 0
+    if argv and argv[0] == "--init":  # --init MODEL SEED PATH: the spec's initial weights
+        from bench.backends import spec_init_weights
+        from data.runs import save_safetensors
+        model, seed, path = argv[1], int(argv[2]), argv[3]
+        save_safetensors(path, spec_init_weights(model, seed), {"model": model, "seed": str(seed)})
+        print(RESULT_TAG + json.dumps({"ok": True, "path": path}), flush=True)
         return 0
     spec = json.loads(argv[0])
     try:

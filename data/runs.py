@@ -295,9 +295,19 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Accuracy (%), BCE loss, ROC-AUC and confusion matrix from logits of P(REAL)."""
+    """Accuracy (%), BCE loss, ROC-AUC and confusion matrix from logits of P(REAL).
+
+    Non-finite logits (NaN/inf: weights that diverged, e.g. a learning rate far too large
+    when an epoch has a single step, so the training loss never saw it) raise UserError:
+    no number in such a report means anything, and metrics.json (strict JSON) could not
+    hold it. Callers evaluate before saving an epoch, so the last good checkpoint stays.
+    """
     z = np.asarray(logits, np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1).astype(np.int64)
+    bad = int((~np.isfinite(z)).sum())
+    if bad:
+        raise UserError(f"evaluation produced {bad:,} non-finite logits (NaN/inf) out of "
+                        f"{len(z):,}: the model diverged; try a smaller --lr")
     pred = (z > 0).astype(np.int64)  # sigmoid(z) > 0.5
     cm = np.zeros((2, 2), np.int64)
     np.add.at(cm, (y, pred), 1)

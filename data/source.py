@@ -274,6 +274,9 @@ class ZipSource(Source):
             return self._zip().read(self._info()[key])
         except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
             raise DataError(f"{self.path}: cannot read archive entry '{key}' ({e})") from None
+        except (NotImplementedError, RuntimeError) as e:  # unsupported method, encrypted
+            raise DataError(f"{self.path}: cannot read archive entry '{key}' ({e}); "
+                            f"re-zip it with plain deflate") from None
 
     def stat_key(self) -> dict:
         st = self.path.stat()

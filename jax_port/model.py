@@ -9,8 +9,8 @@ needs exact control that the stock layers do not give --
   ``lax.scan`` collapses (~50 images/s) while im2col + one matmul runs fast; on a GPU
   cuDNN convolutions win.
 The variables still use Flax's layout and names (``{"params": {"conv1": {"kernel", "bias"}},
-"batch_stats": {...}}``, kernels HWIO / (in, out)), so ``FlaxCNN``/``FlaxMLP`` below are
-ordinary linen modules over the same functions and ``Module.apply`` works on these pytrees.
+"batch_stats": {...}}``, kernels HWIO / (in, out)), and ``FlaxModel`` below is an ordinary
+linen Module over the same functions, so ``Module.init``/``apply`` work on these pytrees.
 
 Layouts: images NHWC; the MLP flattens each image in (H, W, C) order (the numpy_mlp
 convention), the CNN flattens its 8x8x64 feature map in (H, W, C) order (torch uses
@@ -18,6 +18,7 @@ convention), the CNN flattens its 8x8x64 feature map in (H, W, C) order (torch u
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -89,7 +90,13 @@ def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
     """Fresh variables. MLP: He normal weights, zero biases (numpy_mlp's init).
     CNN: PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every conv/linear
     weight and bias, BN scale 1 / bias 0 / running mean 0 / running var 1."""
-    key = _init_key(seed)
+    # one compiled function for the whole init (eagerly, every weight shape would be a
+    # separate small compilation: seconds on a busy 2-core CPU)
+    return _init_jit(spec, _init_key(seed), jnp.dtype(dtype))
+
+
+def init_variables_from_key(spec: ModelSpec, key: jax.Array, dtype=jnp.float32) -> dict:
+    """``init_variables`` from a JAX PRNG key (what the Flax wrapper's ``init`` passes)."""
     params, stats = {}, {}
     if spec.family == "mlp":
         dims = spec.layer_dims
@@ -113,8 +120,7 @@ def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
                               "bias": uniform(kb, (c_out,), fan_in)}
         if spec.batchnorm:
             params[f"bn{i}"] = {"scale": jnp.ones((c_out,), dtype), "bias": jnp.zeros((c_out,), dtype)}
-            stats[f"bn{i}"] = {"mean": jnp.zeros((c_out,), dtype), "var": jnp.ones((c_out,), dtype),
-                               "num_batches_tracked": jnp.zeros((), jnp.int32)}
+            stats[f"bn{i}"] = _fresh_bn_stats(params[f"bn{i}"]["scale"])
         c_in = c_out
     flat = 8 * 8 * CONV_CHANNELS[-1]
     for name, n_in, n_out in (("fc1", flat, FC_HIDDEN), ("fc2", FC_HIDDEN, 1)):
@@ -124,6 +130,9 @@ def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
     if spec.batchnorm:
         out["batch_stats"] = stats
     return out
+
+
+_init_jit = jax.jit(init_variables_from_key, static_argnums=(0, 2))
 
 
 # ---------------------------------------------------------------- layers
@@ -225,3 +234,62 @@ def bce_with_logits(logits, labels):
 def default_conv_impl() -> str:
     """im2col on CPU (XLA:CPU's convolution collapses inside lax.scan), cuDNN elsewhere."""
     return "im2col" if jax.default_backend() == "cpu" else "xla"
+
+
+# ---------------------------------------------------------------- Flax linen wrapper
+@functools.lru_cache(maxsize=None)
+def _flax_module():
+    import flax.linen as nn
+
+    class FlaxModel(nn.Module):
+        """A linen Module over ``apply``: ``FlaxModel(spec).init(key, x)`` gives variables
+        in exactly the layout above (``{"params": {"conv1": {"kernel", "bias"}, ...},
+        "batch_stats": {...}}``) and ``.apply(variables, x, train=True, mask=m,
+        mutable=["batch_stats"])`` runs the same function the port trains with."""
+        spec: ModelSpec
+        conv_impl: str = "im2col"
+
+        @nn.compact
+        def __call__(self, x, train: bool = False, mask=None):
+            fresh = {}
+
+            def param_init(name):
+                def init(rng, *_):
+                    if "v" not in fresh:  # one draw of the whole model per init
+                        fresh["v"] = init_variables_from_key(self.spec, rng, x.dtype)
+                    return fresh["v"]["params"][name]
+                return init
+            params = {k: self.param(k, param_init(k)) for k in _param_names(self.spec)}
+            stats = {k: self.variable("batch_stats", k, _fresh_bn_stats, params[k]["scale"])
+                     for k in _stat_names(self.spec)}
+            logits, new = apply(self.spec, {"params": params,
+                                            "batch_stats": {k: v.value for k, v in stats.items()}},
+                                x, train=train, mask=mask, conv_impl=self.conv_impl)
+            if train and not self.is_initializing():
+                for k, v in stats.items():
+                    v.value = new[k]
+            return logits
+
+    return FlaxModel
+
+
+def _param_names(spec: ModelSpec) -> list[str]:
+    if spec.family == "mlp":
+        return [f"dense{l}" for l in range(1, len(spec.layer_dims))]
+    return ["conv1"] + (["bn1"] if spec.batchnorm else []) + ["conv2"] + \
+        (["bn2"] if spec.batchnorm else []) + ["fc1", "fc2"]
+
+
+def _fresh_bn_stats(like):
+    return {"mean": jnp.zeros_like(like), "var": jnp.ones_like(like),
+            "num_batches_tracked": jnp.zeros((), jnp.int32)}
+
+
+def _stat_names(spec: ModelSpec) -> list[str]:
+    return ["bn1", "bn2"] if spec.batchnorm else []
+
+
+def __getattr__(name):  # ``model.FlaxModel``, built lazily so importing flax is optional
+    if name == "FlaxModel":
+        return _flax_module()
+    raise AttributeError(name)

@@ -36,6 +36,7 @@ from . import model as M
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
 EVAL_BATCH = 1000      # images per compiled eval call (padded), bounds memory
 CHUNK_BATCHES = 50     # batches per compiled scan call: progress/Ctrl-C granularity
+_COMPILED: dict = {}   # (spec, lr, augment, conv_impl, dtype) -> jitted (step, scan, eval)
 
 
 def augment_device(x_u8, dy, dx, flip, pad: int = PAD):
@@ -44,7 +45,8 @@ def augment_device(x_u8, dy, dx, flip, pad: int = PAD):
     bit-identical to the NumPy reference (tested)."""
     b, h, w, c = x_u8.shape
     xp = jnp.pad(x_u8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    crop = jax.vmap(lambda im, y0, x0: lax.dynamic_slice(im, (y0, x0, 0), (h, w, c)))(xp, dy, dx)
+    crop = jax.vmap(lambda im, y0, x0: lax.dynamic_slice(
+        im, (y0, x0, jnp.zeros((), y0.dtype)), (h, w, c)))(xp, dy, dx)
     return jnp.where(flip[:, None, None, None], crop[:, :, ::-1, :], crop)
 
 
@@ -69,9 +71,14 @@ class Trainer:
         self.rng_epoch_offset = int(rng_epoch_offset)
         # MLP: plain GD (lr passed per call); CNN: Adam with torch's defaults, constant lr.
         self.tx = None if spec.family == "mlp" else optax.adam(lr, ADAM_B1, ADAM_B2, ADAM_EPS)
-        self._step_jit = jax.jit(self._step)
-        self._scan_jit = jax.jit(self._scan)
-        self._eval_jit = jax.jit(self._eval_logits)
+        # Compile once, reuse: the jitted functions depend only on this key (not on the seed,
+        # decay, batch size or chunking, which are arguments or shapes), so Trainers that
+        # share it (a resumed run, bench repeats, tests) share the compiled code.
+        key = (spec, None if self.tx is None else self.lr0, self.augment, self.conv_impl,
+               jnp.dtype(dtype).name)
+        if key not in _COMPILED:
+            _COMPILED[key] = (jax.jit(self._step), jax.jit(self._scan), jax.jit(self._eval_logits))
+        self._step_jit, self._scan_jit, self._eval_jit = _COMPILED[key]
 
     # ------------------------------------------------------------ state
     def init_state(self, variables: dict) -> dict:

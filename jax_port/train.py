@@ -111,6 +111,8 @@ def resolve(args, argv: list[str]) -> dict:
 
 def _resume_config(args, argv, out: Path) -> dict:
     cfg = read_json(out / "config.json")
+    if args.model is None and args.preset is None:
+        args.model = cfg.get("model")  # plain `--out RUN --resume`: the run's own model
     fresh = resolve(args, argv)
     for k, v in fresh.items():
         flag = "--" + k.replace("_", "-")

@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         start = int(meta.get("epoch_completed", -1))
         if start < 0 or meta["layer_dims"] != layer_dims or str(params["W1"].dtype) != str(dtype):
             raise UserError(f"{out / 'state.safetensors'}: does not match {out / 'config.json'}")
+        if start > cfg["epochs"]:
+            raise UserError(f"--resume: {out} already completed {start} epochs, more than "
+                            f"--epochs {cfg['epochs']}")
         if (out / "metrics.json").exists():
             history = [h for h in read_json(out / "metrics.json").get("history", [])
                        if h["epoch"] <= start]
@@ -244,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             "history": history, "final": final, "complete": complete,
             "wall_seconds": prior_wall + time.perf_counter() - t_run})
 
-    epoch = start
     try:
         for epoch in range(start, epochs):
             lr = lr_at(cfg["lr"], cfg["decay"], epoch)

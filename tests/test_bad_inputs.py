@@ -427,7 +427,7 @@ def test_cnn_predict_refuses_an_mlp_run(stack, corpus, tmp_path):
     r = _copy_run(corpus["mlp_run"], tmp_path / "run")
     if stack == "torch_cnn":  # the torch CNN predictor gets an MLP run
         p = run(f"{stack}.predict", "--run", r, corpus["images"] / "good.jpg")
-        assert_user_error(p, "model.safetensors")
+        assert_user_error(p, "mlp2")
     else:  # the JAX predictor (both families) gets an MLP run with a truncated checkpoint
         _break_corrupt(r)
         p = run(f"{stack}.predict", "--run", r, corpus["images"] / "good.jpg")
@@ -517,3 +517,64 @@ def test_jax_resume_refuses_state_json_not_json(corpus, tmp_path):
     p = _resume("jax_port", d, corpus)
     assert_user_error(p, "state.json", "not valid JSON")
     assert _digests(d) == before
+
+
+# ------------------------------------------------------------------ special files: no hang
+def _limit_memory():  # the child may use at most 3 GiB of address space
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_predict_neither_hangs_nor_eats_memory_on_special_files(kind, corpus, tmp_path):
+    """A named pipe would block open() forever; /dev/zero would be read until memory
+    runs out. Both must get an error line naming the file (exit 1), the good image
+    still scored. The child is time- and memory-limited so a failure cannot hurt the
+    machine."""
+    import subprocess
+    from tests.test_reliability import cmd, env
+    if kind == "fifo":
+        special = tmp_path / "pipe.jpg"
+        os.mkfifo(special)
+    else:
+        special = Path("/dev/zero")
+        if not special.exists():
+            pytest.skip("no /dev/zero")
+    good = corpus["images"] / "good.jpg"
+    try:
+        p = subprocess.run(cmd("numpy_mlp.predict", "--run", corpus["mlp_run"], special, good),
+                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=20,
+                           preexec_fn=_limit_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"predict hung on {special}")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert str(special) in p.stderr and str(good) in p.stdout
+
+
+_RSS_PROBE = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], "
+              "capture_output=True, text=True); sys.stderr.write(p.stderr); "
+              "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def test_zip_bomb_member_is_refused_without_inflating_it(tmp_path):
+    """A 256 MiB run of zeros deflates to ~250 KB: as a class-folder member it is a zip
+    bomb (a 32x32 image is a few KB). It must be refused from its declared size, and
+    the decoding process must never hold it in memory (peak RSS of the child measured)."""
+    import subprocess
+    import sys
+    from tests.test_reliability import cmd, env
+    zp = make_archive(tmp_path / "a.zip")
+    with zipfile.ZipFile(zp, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("train/REAL/huge.jpg", "w", force_zip64=True) as f:
+            block = b"\0" * 2**20
+            for _ in range(256):
+                f.write(block)
+    assert zp.stat().st_size < 2 * 2**20
+    p = subprocess.run([sys.executable, "-c", _RSS_PROBE,
+                        *cmd("data.prepare", "--data", zp, "--cache-dir", tmp_path / "c")],
+                       env=env(), capture_output=True, text=True, timeout=120,
+                       preexec_fn=_limit_memory)
+    rc, peak_kib = map(int, p.stdout.split())
+    assert rc == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "huge.jpg" in last_line(p.stderr)
+    assert peak_kib < 200 * 1024, f"the child peaked at {peak_kib / 1024:.0f} MiB"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -152,15 +151,16 @@ def test_worker_processes_give_the_same_cache(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ cache
-def test_cache_reused_then_rebuilt_when_source_changes(tmp_path, cache_dir, capsys, monkeypatch):
+def test_cache_reused_then_rebuilt_when_source_changes(tmp_path, cache_dir, capsys):
     z = make_archive(tmp_path / "t.zip")
     first = load_cifake(z, cache_dir=cache_dir)
     assert "building CIFAKE cache" in capsys.readouterr().err
     second = load_cifake(z, cache_dir=cache_dir)
     assert "building" not in capsys.readouterr().err
     assert_same_splits(first, second)
-    # same archive rewritten with one image changed
-    time.sleep(0.01)
+    # same archive rewritten with one image changed (the sleep guarantees a new mtime
+    # even on file systems with coarse timestamps)
+    time.sleep(0.02)
     changed = image_bytes(255 - synthetic_image(1, 3))
     make_archive(z, extra={"train/REAL/3 (4).jpg": changed})
     third = load_cifake(z, cache_dir=cache_dir)
@@ -221,6 +221,7 @@ def test_killed_build_leaves_an_untrusted_temp_folder(tiny_zip, cache_dir, capsy
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
+        p.stdout.close()
     leftovers = list(cache_dir.iterdir())
     assert [d.name.split(".tmp-")[1] for d in leftovers] == [str(p.pid)]
     ds = load_cifake(tiny_zip, cache_dir=cache_dir)
@@ -378,6 +379,22 @@ def test_corrupt_member_bytes_fail_the_crc_check(tmp_path, cache_dir):
     blob[start:start + 8] = bytes(8)
     z.write_bytes(bytes(blob))
     with pytest.raises(DataError, match=r"train/FAKE/2 \(3\)\.jpg.*CRC"):
+        load(z, cache_dir)
+
+
+def test_unsupported_compression_method_is_a_data_error(tmp_path, cache_dir):
+    z = make_archive(tmp_path / "t.zip")
+    with zipfile.ZipFile(z) as zf:
+        first = zf.infolist()[0]  # its central-directory record is the first one
+        start_dir = zf.start_dir
+    blob = bytearray(z.read_bytes())
+    # method field: +8 in the local header, +10 in the central record; 99 is no method
+    blob[first.header_offset + 8:first.header_offset + 10] = struct.pack("<H", 99)
+    blob[start_dir + 10:start_dir + 12] = struct.pack("<H", 99)
+    z.write_bytes(bytes(blob))
+    with zipfile.ZipFile(z) as zf, pytest.raises(NotImplementedError):
+        zf.read(first.filename)  # what zipfile itself does with it
+    with pytest.raises(DataError, match=f"{first.filename}.*not supported"):
         load(z, cache_dir)
 
 

@@ -9,6 +9,7 @@ epoch and step and keeps the last good checkpoint.
 """
 from __future__ import annotations
 
+import ast
 import json
 import signal
 import time
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import make_archive
+from tests.helpers import REPO, make_archive
 from tests.test_reliability import (assert_ok, assert_run_files_whole, assert_same_weights,
-                                    assert_user_error, kill, load_weights, run, start,
+                                    assert_user_error, kill, last_line, load_weights, run, start,
                                     state_epoch, wait_for_epoch)
 
 # Per stack: extra flags and the number of epochs (enough that a kill/Ctrl-C issued as
@@ -28,8 +29,8 @@ from tests.test_reliability import (assert_ok, assert_run_files_whole, assert_sa
 # jax_port runs its MLP (a CNN costs ~10 s of compilation per process on this CPU).
 STACKS = {
     "numpy_mlp": (("--lr", "0.05"), 30),
-    "torch_cnn": (("--model", "v3", "--device", "cpu"), 8),
-    "jax_port": (("--model", "mlp2", "--lr", "0.05"), 8),
+    "torch_cnn": (("--model", "v3", "--device", "cpu"), 6),
+    "jax_port": (("--model", "mlp2", "--lr", "0.05"), 6),
 }
 BATCH = 2  # images per step: 8 steps per epoch on the 16-image training set
 
@@ -83,14 +84,21 @@ def _temp_files(out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ the kill chain
-@pytest.mark.parametrize("stack", list(STACKS))
+# the checkpoint writes killed by the fault hook, per stack (each costs a process start:
+# ~0.5 s for NumPy, ~5-10 s for torch/jax on the shared 2 cores)
+WRITE_KILLS = {"numpy_mlp": ("model.safetensors", "state.safetensors"),
+               "torch_cnn": ("model.safetensors",), "jax_port": ("state.safetensors",)}
+
+
+@pytest.mark.parametrize("stack", [pytest.param(s, marks=pytest.mark.slow) if s != "numpy_mlp"
+                                   else s for s in STACKS])
 def test_kill_anywhere_then_resume_is_bit_identical(stack, archive, references, tmp_path):
-    """One run, interrupted four ways in a row, each time resumed:
+    """One run, interrupted several ways in a row, each time resumed:
     1. SIGKILL as soon as epoch 1 is saved (lands mid-epoch 2 or later);
-    2. SIGKILL half-way through writing model.safetensors;
-    3. SIGKILL half-way through writing state.safetensors;
-    4. SIGINT (Ctrl-C) after the next epoch: exit 130, a message with the resume command;
-    then a last --resume runs to the end and must equal the uninterrupted run bit for bit."""
+    2. SIGKILL half-way through writing a checkpoint (WRITE_KILLS);
+    3. SIGINT (Ctrl-C) after the next epoch: exit 130, a message with the resume command;
+    then the printed resume command runs to the end and must equal the uninterrupted
+    run bit for bit (weights and per-epoch losses)."""
     ref = references(stack)
     epochs = STACKS[stack][1]
     out = tmp_path / "run"
@@ -105,7 +113,7 @@ def test_kill_anywhere_then_resume_is_bit_identical(stack, archive, references, 
     log.append(("SIGKILL mid-run", state_epoch(out)))
 
     # 2./3. hard kill inside a checkpoint write (the fault hook)
-    for name in ("model.safetensors", "state.safetensors"):
+    for name in WRITE_KILLS[stack]:
         before = state_epoch(out)
         p = run(f"{stack}.train", *_args(stack, archive, out, resume=True),
                 CIFAKE_FAULT_KILL_IN_WRITE=f"{name}@1")
@@ -123,7 +131,8 @@ def test_kill_anywhere_then_resume_is_bit_identical(stack, archive, references, 
     assert wait_for_epoch(p, out, before + 1)
     rc, err = kill(p, signal.SIGINT)
     assert rc == 130, err[-2000:]
-    assert "Traceback" not in err and "--resume" in err and str(out) in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert f"-m {stack}.train --out {out} --resume" in last_line(err), err[-2000:]
     assert_run_files_whole(out)
     assert json.loads((out / "state.json").read_text())["epoch_completed"] >= before + 1
     log.append(("SIGINT", state_epoch(out)))
@@ -178,6 +187,7 @@ def test_kill_during_cache_build_leaves_nothing_trusted(tmp_path):
     p = run("data.prepare", "--data", zp, "--cache-dir", cache, "--json")
     assert_ok(p)
     assert json.loads(p.stdout)["counts"]["train"] == {"FAKE": 1000, "REAL": 1000}
+    assert not [d for d in cache.iterdir() if ".tmp-" in d.name], "the killed build's leftovers stay"
     # identical to a build that was never interrupted
     assert_ok(run("data.prepare", "--data", zp, "--cache-dir", tmp_path / "clean"))
     [a] = [d for d in cache.iterdir() if _is_trusted(d)]
@@ -187,9 +197,8 @@ def test_kill_during_cache_build_leaves_nothing_trusted(tmp_path):
                                       np.load(b / f, allow_pickle=False))
 
 
-@pytest.mark.xfail(strict=True, reason="data/cache.py build_cache: a SIGKILLed build's "
-                   "'<key>.tmp-<pid>' folder is never removed (reported in issue 7)")
 def test_a_later_build_removes_a_killed_builds_temp_folder(tmp_path):
+    """A dead build's temp folder (up to 400 MB on the full set) is cleaned by the next build."""
     zp = make_archive(tmp_path / "a.zip")
     cache = tmp_path / "cache"
     assert_ok(run("data.prepare", "--data", zp, "--cache-dir", cache))
@@ -203,14 +212,24 @@ def test_a_later_build_removes_a_killed_builds_temp_folder(tmp_path):
 
 
 # ------------------------------------------------------------------ non-finite loss
-@pytest.mark.parametrize("stack", list(STACKS))
-def test_absurd_lr_stops_with_a_clear_message(stack, archive, tmp_path):
-    """--lr 1e30: a real user mistake. The loss overflows; the run stops naming epoch
-    and step, exit 2, and any checkpoint left is finite."""
+# (stack, batch size): 2 = eight steps per epoch, the training loss overflows and names
+# its step; "single" = one step per epoch (full batch), the step's loss is still finite
+# and only the evaluation after it sees NaN/inf -- the path a full-batch user hits.
+ABSURD_LR_CASES = [("numpy_mlp", "2"), ("numpy_mlp", "full"), ("torch_cnn", "2"),
+                   ("jax_port", "64")]
+
+
+@pytest.mark.parametrize("stack,batch", ABSURD_LR_CASES)
+def test_absurd_lr_stops_with_a_clear_message(stack, batch, archive, tmp_path):
+    """--lr 1e30: a real user mistake. The run stops with one line (exit 2, no
+    traceback), nothing diverged is saved, and any checkpoint left is finite."""
     out = tmp_path / "run"
-    p = run(f"{stack}.train", *_args(stack, archive, out, epochs=3), "--lr", "1e30")
-    line = assert_user_error(p, "non-finite", "epoch", "step", str(out))
-    assert "--lr" in line or "lr" in line
+    p = run(f"{stack}.train", *_args(stack, archive, out, epochs=3), "--lr", "1e30",
+            "--batch-size", batch)
+    if batch == "2":
+        assert_user_error(p, "non-finite", "epoch", "step", str(out), "lr")
+    else:
+        assert_user_error(p, "non-finite", "diverged", "--lr")
     if (out / "model.safetensors").exists():
         for k, v in load_weights(out / "model.safetensors").items():
             assert np.isfinite(v).all(), k
@@ -218,7 +237,7 @@ def test_absurd_lr_stops_with_a_clear_message(stack, archive, tmp_path):
         json.loads((out / "metrics.json").read_text())["complete"] is False
 
 
-@pytest.mark.parametrize("stack", ["numpy_mlp", "torch_cnn"])
+@pytest.mark.parametrize("stack", ["numpy_mlp"])
 def test_divergence_after_epoch_one_keeps_epoch_one(stack, archive, tmp_path):
     """Epoch 1 trains fine; the run then diverges (config.json's lr raised to 1e30 before
     --resume, standing in for an lr schedule gone wrong). model.safetensors must still
@@ -233,3 +252,57 @@ def test_divergence_after_epoch_one_keeps_epoch_one(stack, archive, tmp_path):
     assert_user_error(p, "non-finite", "epoch 2", "step")
     assert (out / "model.safetensors").read_bytes() == good
     assert state_epoch(out) == 1
+
+
+# ------------------------------------------------------------------ every write is atomic
+# Writers allowed to bypass data.runs' atomic helpers, and why.
+ATOMIC_EXEMPT = {
+    "data/runs.py": "the atomic helpers themselves (temp + fsync + rename) and the write probe",
+    "data/cache.py": "writes only inside '<key>.tmp-PID/', fsynced, renamed into place whole",
+    "bench/reproduce.py": "appends to a run's log file (a log, never read back as state)",
+}
+_WRITE_FUNCS = {"save", "savez", "savez_compressed", "dump", "tofile", "write_text",
+                "write_bytes", "savetxt"}
+
+
+def non_atomic_writes(text: str, where: str) -> list[str]:
+    """open(..., 'w'/'a'/'x'/'+') and np.save / json.dump / torch.save / Path.write_* calls."""
+    found = []
+    for node in ast.walk(ast.parse(text, where)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        if name in ("open", "fdopen"):
+            mode = node.args[1] if len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)
+            if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and \
+                    set(mode.value) & set("wax+"):
+                found.append(f"{where}:{node.lineno}: open(..., {mode.value!r})")
+        elif name in _WRITE_FUNCS and isinstance(f, ast.Attribute):
+            owner = ast.unparse(f.value)
+            if name == "save" and owner not in ("np", "numpy", "torch", "jnp"):
+                continue  # e.g. checkpoint.save(...), which goes through save_safetensors
+            if name == "dump" and owner not in ("json", "pickle", "yaml", "np"):
+                continue
+            found.append(f"{where}:{node.lineno}: {owner}.{name}(")
+    return found
+
+
+def test_every_file_the_stacks_write_goes_through_the_atomic_helpers():
+    files = sorted(p for d in ("numpy_mlp", "torch_cnn", "jax_port", "data", "bench")
+                   for p in (REPO / d).rglob("*.py"))
+    bad = []
+    for p in files:
+        rel = p.relative_to(REPO).as_posix()
+        if rel not in ATOMIC_EXEMPT:
+            bad += non_atomic_writes(p.read_text(), rel)
+    assert bad == [], "writes that bypass data.runs.atomic_write_* / save_safetensors:\n" + \
+        "\n".join(bad)
+
+
+@pytest.mark.parametrize("snippet", ["open(p, 'w').write(x)\n", "open(p, mode='ab')\n",
+                                     "np.save(p, a)\n", "json.dump(o, f)\n", "torch.save(m, p)\n",
+                                     "Path(p).write_text(s)\n", "a.tofile(p)\n"])
+def test_atomic_scanner_catches_direct_writes(snippet):
+    assert non_atomic_writes(snippet, "x.py"), snippet

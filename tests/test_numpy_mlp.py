@@ -415,3 +415,23 @@ def test_ctrl_c_keeps_last_epoch_and_resume_matches(archive, tmp_path, capsys, m
     for k in wu:
         np.testing.assert_array_equal(wu[k], wi[k])
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 4
+
+
+def test_cli_full_batch_and_resume_flag_checks(archive, tmp_path, capsys):
+    args = base_args(archive, tmp_path, "f") + ["--epochs", "2", "--batch-size", "full",
+                                                "--preset", "mlp2-full", "--eval-every", "5"]
+    code, _, err = run_main(T.main, args, capsys)
+    assert code == 0, err
+    run = tmp_path / "f"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["batch_size"] is None and cfg["preset"] == "mlp2-full" and cfg["epochs"] == 2
+    assert cfg["lr"] == 0.05  # explicit flag beats the preset
+    hist = json.loads((run / "metrics.json").read_text())["history"]
+    assert "test_acc" not in hist[0] and "test_acc" in hist[1]  # last epoch always evaluated
+    resume = ["--out", str(run), "--resume", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    code, _, err = run_main(T.main, resume + ["--lr", "0.5"], capsys)
+    assert code == 2 and "--lr" in err
+    code, _, err = run_main(T.main, resume + ["--epochs", "1"], capsys)
+    assert code == 2 and "already completed 2 epochs" in err
+    code, _, err = run_main(T.main, ["--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert code == 2 and "no run to resume" in err

@@ -242,3 +242,27 @@ def test_resume_refuses_a_state_json_that_is_not_json(tmp_path):
     (tmp_path / "state.json").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="state.json: not valid JSON"):
         runs.prepare_out_dir(tmp_path, resume=True)
+
+
+def test_classification_report_refuses_non_finite_logits():
+    """Diverged weights give NaN/inf logits: one UserError, not a NaN in metrics.json
+    (which strict JSON cannot even hold: that used to end in a ValueError traceback)."""
+    from data.errors import UserError
+    from data.runs import classification_report
+    labels = np.array([0, 1, 1])
+    assert classification_report(np.array([-2.0, 3.0, 0.5]), labels)["accuracy"] == 100.0
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(UserError, match="1 non-finite logits .* out of 3: the model diverged"):
+            classification_report(np.array([-2.0, bad, 0.5]), labels)
+
+
+def test_save_safetensors_keeps_zero_dim_tensors(tmp_path):
+    """BatchNorm's num_batches_tracked has shape (); np.ascontiguousarray would make it
+    (1,), and the CNN loaders (which demand ()) would then refuse every v3 checkpoint."""
+    from data.runs import load_safetensors, save_safetensors
+    path = tmp_path / "x.safetensors"
+    t = {"n": np.array(7, np.int64), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+    save_safetensors(path, t)
+    got, _ = load_safetensors(path, {"n": ((), "int64"), "w": ((3, 2), "float32")})
+    assert got["n"].shape == () and int(got["n"]) == 7
+    np.testing.assert_array_equal(got["w"], t["w"])

@@ -3,7 +3,6 @@ and holds exactly what data.load_cifake returns for the same archive."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 import numpy as np
 import pytest
@@ -78,4 +77,16 @@ def test_bad_archive_is_a_data_error(tmp_path):
     assert not list((tmp_path / "tfds").glob("cifake/*/dataset_info.json"))
     with pytest.raises(DataError, match="no such archive"):
         load_data_source(tmp_path / "missing.zip", tmp_path / "tfds")
-    shutil.rmtree(tmp_path / "tfds", ignore_errors=True)
+
+
+def test_find_archive_in_manual_dir(tmp_path):
+    from data.tfds_cifake import find_archive
+    with pytest.raises(DataError, match="no cifake.zip"):
+        find_archive(tmp_path)
+    a = make_archive(tmp_path / "download.zip", n_train=1, n_test=1)
+    assert find_archive(tmp_path) == a  # the only zip
+    make_archive(tmp_path / "other.zip", n_train=1, n_test=1)
+    with pytest.raises(DataError, match="several zips"):
+        find_archive(tmp_path)
+    c = make_archive(tmp_path / "cifake.zip", n_train=1, n_test=1)
+    assert find_archive(tmp_path) == c  # the preferred name wins

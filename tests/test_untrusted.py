@@ -232,17 +232,40 @@ def test_jax_predict_refuses_pickle_bombs(name, runs_dir, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("stack,extra", [("torch_cnn", ("--device", "cpu")),
-                                         ("jax_port", ("--model", "mlp2"))])
-def test_torch_and_jax_resume_refuse_a_pickled_state(stack, extra, runs_dir, tmp_path):
-    """A trained run whose state.safetensors was swapped for a torch.save-style pickle."""
-    out = tmp_path / "run"
-    common = ("--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"], "--out", out,
-              "--batch-size", 4, "--no-progress", *extra)
-    assert_ok(run(f"{stack}.train", *common, "--epochs", 1))
+@pytest.fixture(scope="module")
+def torch_run(runs_dir):
+    pytest.importorskip("torch")
+    out = runs_dir["dir"] / "cnn"
+    assert_ok(run("torch_cnn.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
+                  "--out", out, "--epochs", 1, "--batch-size", 4, "--no-progress",
+                  "--device", "cpu"))
+    return out
+
+
+@pytest.mark.parametrize("name", PREDICT_READS)
+def test_torch_predict_refuses_pickle_bombs(name, torch_run, runs_dir, tmp_path):
+    marker = tmp_path / "PWNED"
+    r = _plant(torch_run, tmp_path / "run", name, bomb_variants(marker)["torch_save_zip"])
+    p = run("torch_cnn.predict", "--run", r, runs_dir["img"])
+    assert_user_error(p, name)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("stack", ["torch_cnn", "jax_port"])
+def test_torch_and_jax_resume_refuse_a_pickled_state(stack, torch_run, runs_dir, tmp_path):
+    """A trained run whose state.safetensors was swapped for a torch.save-style pickle
+    (jax_port resumes the torch run's twin: its own MLP run, trained here)."""
+    if stack == "torch_cnn":
+        out = shutil.copytree(torch_run, tmp_path / "run")
+    else:
+        out = tmp_path / "run"
+        assert_ok(run("jax_port.train", "--data", runs_dir["zip"], "--cache-dir",
+                      runs_dir["cache"], "--out", out, "--epochs", 1, "--batch-size", 4,
+                      "--no-progress", "--model", "mlp2"))
     marker = tmp_path / "PWNED"
     (out / "state.safetensors").write_bytes(bomb_variants(marker)["torch_save_zip"])
-    p = run(f"{stack}.train", *common, "--epochs", 2, "--resume")
+    p = run(f"{stack}.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
+            "--out", out, "--epochs", 2, "--resume", "--no-progress")
     assert_user_error(p, "state.safetensors")
     assert not marker.exists()
 

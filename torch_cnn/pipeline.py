@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.batching import PAD, AugDraws, augment_draws, batch_slices, epoch_order, rng
+from data.batching import PAD, augment_draws, batch_slices, epoch_order, rng
 
 _STREAM_TV_AUG = 11  # rng(seed, 11, epoch): torchvision pipeline's per-epoch transform seed
 
@@ -163,4 +163,4 @@ def torchvision_loader(split, seed: int, epoch: int, batch_size: int | None, aug
                y.to(dev, non_blocking=True))
 
 
-__all__ = ["to_input", "augment_torch", "DevicePipeline", "torchvision_loader", "AugDraws"]
+__all__ = ["to_input", "augment_torch", "DevicePipeline", "torchvision_loader"]

@@ -115,6 +115,17 @@ def optimizer_tensors(model, optimizer) -> dict[str, np.ndarray]:
     return out
 
 
+def state_shapes(model, name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Expected contents of state.safetensors: weights + Adam tensors per parameter."""
+    out = {f"model.{k}": v for k, v in checkpoint.expected_shapes(name).items()}
+    for pname, p in model.named_parameters():
+        shape = tuple(p.shape)
+        out.update({f"adam.exp_avg.{pname}": (shape, "float32"),
+                    f"adam.exp_avg_sq.{pname}": (shape, "float32"),
+                    f"adam.step.{pname}": ((), "float32")})
+    return out
+
+
 def load_optimizer_tensors(model, optimizer, tensors: dict[str, np.ndarray], where) -> None:
     sd = optimizer.state_dict()
     state = {}
@@ -224,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     history, start, wall_before = [], 0, 0.0
     if args.resume:
         wall_before = float(read_json(out / "state.json").get("wall_seconds", 0.0))
-        tensors, meta = load_safetensors(out / "state.safetensors")
+        tensors, meta = load_safetensors(out / "state.safetensors", state_shapes(model, name))
+        if meta.get("model") != name:
+            raise UserError(f"{out / 'state.safetensors'}: holds model {meta.get('model')!r}, "
+                            f"the run's config says {name!r}")
         start = int(meta.get("epoch_completed", 0))
         weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        exp = checkpoint.expected_shapes(name)
-        if set(weights) != set(exp):
-            raise UserError(f"{out / 'state.safetensors'}: weights do not fit model {name}")
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
         load_optimizer_tensors(model, optimizer, tensors, out / "state.safetensors")
         old = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
@@ -257,11 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     epoch = start
     try:
         for epoch in range(start + 1, cfg["epochs"] + 1):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                g_seed = int(rng(seed, _STREAM_DROPOUT, epoch).integers(0, 2**63 - 1))
-                torch.manual_seed(g_seed)  # dropout masks of this epoch
-                stats = _train_epoch(model, optimizer, epoch_batches(epoch), epoch, cfg, steps,
-                                     device, out, tqdm, args.no_progress)
+            # dropout masks of this epoch (manual_seed seeds the CPU and every CUDA generator)
+            torch.manual_seed(int(rng(seed, _STREAM_DROPOUT, epoch).integers(0, 2**63 - 1)))
+            stats = _train_epoch(model, optimizer, epoch_batches(epoch), epoch, cfg, steps,
+                                 device, out, tqdm, args.no_progress)
             test_logits = evaluate(model, ds.test, device, channels_last=cfg["channels_last"])
             rep = classification_report(test_logits, ds.test.labels)
             history.append({"epoch": epoch, "lr": cfg["lr"], **stats,
@@ -275,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                         wall_before + time.time() - t_start)
     except KeyboardInterrupt:
         done = len(history)
-        print(f"interrupted during epoch {epoch}; epoch {done} is saved in {out}; "
-              f"resume with: {_fmt_cmd(out)}", file=sys.stderr)
+        if done == 0:
+            print(f"interrupted during epoch {epoch}; no epoch completed, nothing saved to "
+                  f"resume in {out}", file=sys.stderr)
+        else:
+            print(f"interrupted during epoch {epoch}; epoch {done} is saved in {out}; "
+                  f"resume with: {_fmt_cmd(out)}", file=sys.stderr)
         return 130
 
     # final evaluation in eval mode over whole splits

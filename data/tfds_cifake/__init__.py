@@ -33,7 +33,7 @@ def load_data_source(zip_path: str | os.PathLike, data_dir: str | os.PathLike,
                      verbose: bool = False) -> dict:
     """Build (once) the ``cifake`` TFDS dataset from ``zip_path`` into ``data_dir``
     and return ``{"train": source, "test": source}``: random-access sequences of
-    example dicts (``len(src)``, ``src[i]``, ``src[[i, j]]``).
+    example dicts (``len(src)``, ``src[i]``, ``src.__getitems__([i, j])`` for a batch).
 
     A ``data_dir`` already holding ``cifake`` built from another archive (or
     from this path before its contents changed) is an error rather than stale data.
@@ -47,7 +47,7 @@ def load_data_source(zip_path: str | os.PathLike, data_dir: str | os.PathLike,
     zip_path = zip_path.resolve()
     src = open_source(zip_path)  # a non-zip fails here, with data.source's message
     if not verbose:
-        tfds.disable_progress_bar()
+        tfds.disable_progress_bar()  # TFDS's switch is process-wide
     builder = tfds.builder(NAME, data_dir=str(data_dir), archive=str(zip_path))
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(zip_path.parent)))

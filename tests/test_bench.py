@@ -1,0 +1,241 @@
+"""bench.compare: the JSON/table it writes, its refusals, the synthetic-data path, the goal logic.
+
+The end-to-end runs are kept small with flags (1 repeat, 1 step, a few eval images, a tiny
+budget); they still start one worker process per backend, so the all-backends run is the
+slow one here.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import compare
+from bench.backends import BACKENDS
+from data.errors import run_cli
+from tests.helpers import REPO, make_archive
+
+SMALL = ["--quick", "--repeats", "1", "--steps", "1", "--eval-images", "6", "--budget-epochs", "1",
+         "--budget-subset", "6"]
+
+
+# ------------------------------------------------------------------ schema validator
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_spread(s: dict, where: str) -> None:
+    for k in ("median", "min", "max"):
+        assert _num(s[k]) and s[k] > 0, f"{where}.{k} = {s.get(k)!r}"
+    assert s["min"] <= s["median"] <= s["max"], where
+    assert isinstance(s["values"], list) and len(s["values"]) == s["n"] >= 1, where
+
+
+def validate_bench(doc: dict, expect_rows: set[tuple[str, str, str]], accuracy: bool) -> None:
+    """Required keys and types of bench.json, per row."""
+    for k, t in (("schema", str), ("timestamp", str), ("command", str), ("config", dict),
+                 ("data", dict), ("environment", dict), ("methods", dict), ("rows", list),
+                 ("goals", list), ("notes", list)):
+        assert isinstance(doc.get(k), t), f"top-level {k!r} missing or not {t.__name__}"
+    assert doc["schema"] == compare.SCHEMA
+    assert _num(doc["wall_seconds"]) and doc["wall_seconds"] > 0
+    env = doc["environment"]
+    for k in ("cpu_model", "python", "numpy", "torch", "jax", "flax", "threads", "git"):
+        assert env.get(k) is not None, f"environment.{k} missing"
+    assert "commit" in env["git"]
+    assert isinstance(doc["data"]["synthetic"], bool) and doc["data"]["synthetic"] != accuracy
+    got = {(r["backend"], r["device"], r["model"]) for r in doc["rows"]}
+    assert got == expect_rows, f"rows {sorted(got)} != requested {sorted(expect_rows)}"
+    for r in doc["rows"]:
+        w = f"{r['backend']}/{r['device']}/{r['model']}"
+        assert r["ok"] is True, f"{w} failed: {r.get('error')}"
+        assert r["family"] == BACKENDS[r["backend"]].family
+        _check_spread(r["train"]["images_per_s"], f"{w}.train.images_per_s")
+        _check_spread(r["eval"]["images_per_s"], f"{w}.eval.images_per_s")
+        assert isinstance(r["train"]["how"], str)
+        if BACKENDS[r["backend"]].stack == "jax_port":   # JIT: compilation reported apart
+            assert _num(r["train"]["compile_s"]) and r["train"]["warmup_s"] is None, w
+        else:
+            assert r["train"]["compile_s"] is None and _num(r["train"]["warmup_s"]), w
+        assert r["train"]["ratio_vs_reference"] is None or _num(r["train"]["ratio_vs_reference"])
+        assert r["epoch"]["how"] in ("measured", "estimated") and r["epoch"]["seconds"] > 0
+        assert r["epoch"]["how"] == ("measured" if r["family"] == "mlp" else "estimated"), w
+        assert _num(r["memory"]["peak_rss_mib"]) and r["memory"]["peak_rss_mib"] > 0
+        assert r["parity"]["status"] in ("reference", "pass", "FAIL", "error", "not run"), w
+        if accuracy:
+            b = r["budget"]
+            assert 0.0 <= b["test_accuracy"] <= 100.0 and b["n_test"] == doc["data"]["n_test"]
+            assert sum(map(sum, b["test_confusion"])) == b["n_test"]
+        else:
+            assert r["budget"] is None, w
+    for g in doc["goals"]:
+        assert g["status"] in ("PASS", "MISS", "n/a") and isinstance(g["how"], str)
+        assert (g["value"] is None) == (g["status"] == "n/a")
+
+
+def _run(argv, capsys):
+    """bench.compare in-process, as its __main__ runs it -> (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(compare.main, argv, prog=compare.PROG)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_quick_run_on_a_tiny_archive_reports_every_backend(tmp_path, cache_dir, capsys):
+    z = make_archive(tmp_path / "tiny.zip")
+    out = tmp_path / "res"
+    rc, stdout, _ = _run(SMALL + ["--data", str(z), "--cache-dir", str(cache_dir), "--out",
+                                  str(out), "--models", "mlp2,baseline", "--no-parity"], capsys)
+    assert rc == 0
+    doc = json.loads((out / "bench.json").read_text())
+    validate_bench(doc, {(b, "cpu", "mlp2" if i.family == "mlp" else "baseline")
+                         for b, i in BACKENDS.items()}, accuracy=True)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "table.txt").read_text().strip() == stdout.split("\nwrote ")[0].strip()
+    for b in BACKENDS:
+        assert b in stdout
+    assert "(est.)" in stdout and "speed goals:" in stdout
+    # references are 1.00x of themselves; the ratios come from the same run
+    ref = {r["backend"]: r for r in doc["rows"]}
+    assert ref["numpy-mlp"]["train"]["ratio_vs_reference"] == 1.0
+    assert ref["jax-cnn"]["train"]["ratio_vs_reference"] == pytest.approx(
+        ref["jax-cnn"]["train"]["images_per_s"]["median"]
+        / ref["torch-torchvision"]["train"]["images_per_s"]["median"])
+
+
+def test_quick_run_on_the_mini_archive_with_parity(mini_zip, tmp_path, cache_dir, capsys):
+    out = tmp_path / "res"
+    rc, stdout, _ = _run(["--quick", "--repeats", "2", "--budget-epochs", "1", "--budget-subset",
+                          "100", "--eval-images", "200", "--data", str(mini_zip), "--cache-dir",
+                          str(cache_dir), "--out", str(out), "--backends", "numpy-mlp,jax-mlp",
+                          "--models", "mlp2", "--no-chart"], capsys)
+    assert rc == 0
+    doc = json.loads((out / "bench.json").read_text())
+    validate_bench(doc, {("numpy-mlp", "cpu", "mlp2"), ("jax-mlp", "cpu", "mlp2")}, accuracy=True)
+    assert doc["data"]["n_test"] == 1000 and doc["rows"][0]["budget"]["n_train"] == 200
+    rows = {r["backend"]: r for r in doc["rows"]}
+    assert rows["numpy-mlp"]["parity"]["status"] == "reference"
+    assert rows["jax-mlp"]["parity"]["status"] == "pass", doc["parity"]
+    assert doc["parity"]["checks"]["mlp2"]["passed"] is True
+    # the same initial weights and batches: after the same budget, the two MLPs agree
+    assert rows["jax-mlp"]["budget"]["test_accuracy"] == pytest.approx(
+        rows["numpy-mlp"]["budget"]["test_accuracy"], abs=0.5)
+    assert not (out / "bench.png").exists()
+
+
+def test_without_cifake_it_measures_synthetic_images_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CIFAKE_PATH", raising=False)
+    monkeypatch.setattr(compare, "SHARED", tmp_path / "nowhere")  # no default archive either
+    out = tmp_path / "res"
+    rc, stdout, _ = _run(SMALL + ["--out", str(out), "--backends", "numpy-mlp", "--models",
+                                  "mlp2", "--no-parity"], capsys)
+    assert rc == 0
+    doc = json.loads((out / "bench.json").read_text())
+    validate_bench(doc, {("numpy-mlp", "cpu", "mlp2")}, accuracy=False)
+    assert doc["data"]["synthetic"] and "no CIFAKE found" in doc["data"]["how"]
+    assert "SYNTHETIC" in stdout and "Accuracy columns are absent" in stdout
+    assert compare.KAGGLE_URL in stdout and "CIFAKE_PATH" in stdout
+    assert "absent" in stdout.splitlines()[2]  # the row's accuracy cell
+
+
+def test_data_resolution_order(tmp_path, monkeypatch):
+    """--data none / --synthetic > --data PATH > $CIFAKE_PATH > the archive next to the repo."""
+    ap = compare.build_parser()
+    z = make_archive(tmp_path / "a.zip", n_train=1, n_test=1)
+    monkeypatch.setenv("CIFAKE_PATH", str(z))
+    assert compare.resolve_data(ap.parse_args(["--data", "none"]))[0] is None
+    assert compare.resolve_data(ap.parse_args(["--synthetic", "--data", str(z)]))[0] is None
+    assert compare.resolve_data(ap.parse_args([])) == (str(z), "$CIFAKE_PATH")
+    monkeypatch.delenv("CIFAKE_PATH")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setattr(compare, "SHARED", shared)
+    assert compare.resolve_data(ap.parse_args([]))[0] is None          # nothing there: synthetic
+    (shared / "cifake-mini.zip").write_bytes(z.read_bytes())
+    assert compare.resolve_data(ap.parse_args([]))[0] is None          # full zip still absent
+    assert compare.resolve_data(ap.parse_args(["--quick"]))[0] == str(shared / "cifake-mini.zip")
+
+
+# ------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("argv, needle", [
+    (["--backends", "numpy-mlp,tensorflow"], "unknown backend 'tensorflow'"),
+    (["--devices", "tpu"], "unknown device 'tpu'"),
+    (["--models", "resnet"], "unknown model 'resnet'"),
+    (["--repeats", "0"], "--repeats must be a positive integer"),
+    (["--data", "/no/such/cifake.zip"], "/no/such/cifake.zip"),
+    (["--backends", "numpy-mlp", "--models", "v3"], "none of the chosen backends"),
+])
+def test_bad_choices_fail_with_one_line_and_exit_2(argv, needle, tmp_path, capsys):
+    rc, out, err = _run(argv + ["--out", str(tmp_path / "r"), "--data", "none"]
+                        if "--data" not in argv else argv + ["--out", str(tmp_path / "r")], capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and err.startswith("error: ")
+    assert "Traceback" not in err
+
+
+def test_the_module_entry_point_refuses_unknown_backends():
+    p = subprocess.run([sys.executable, "-m", "bench.compare", "--backends", "nope"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "unknown backend" in p.stderr
+
+
+def test_explicit_gpu_without_a_gpu_is_an_error(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    # torch backends only: the probe imports torch alone (fast)
+    rc, _, err = _run(["--devices", "gpu", "--backends", "torch-device", "--models", "v3",
+                       "--data", "none", "--out", str(tmp_path / "r")], capsys)
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: ") and "--devices gpu: torch sees no GPU" in last
+
+
+# ------------------------------------------------------------------ analysis (no workers)
+def _row(backend, device, model, ips, epoch_s, how="measured", n=100_000):
+    fam = BACKENDS[backend].family
+    s = {"median": ips, "min": ips, "max": ips, "values": [ips], "n": 1}
+    return {"ok": True, "backend": backend, "device": device, "model": model, "family": fam,
+            "train": {"images_per_s": s}, "eval": {"images_per_s": s},
+            "epoch": {"seconds": epoch_s, "n_images": n, "how": how}}
+
+
+def test_goals_pass_and_miss_on_the_measured_values():
+    rows = [_row("torch-torchvision", "cpu", "v3", 1000.0, 100.0, "estimated"),
+            _row("torch-device", "cpu", "v3", 1500.0, 66.0, "estimated"),
+            _row("jax-cnn", "cpu", "v3", 2500.0, 40.0, "estimated"),
+            _row("numpy-mlp", "cpu", "mlp4", 50_000.0, 2.0),
+            _row("jax-mlp", "cpu", "mlp4", 100_000.0, 1.0)]
+    g = {x["goal"].split(":")[1].split()[0] + str(i): x
+         for i, x in enumerate(compare.evaluate_goals(rows, ["mlp4", "v3"]))}
+    vs_torch, ips, mlp = g["jax-cnn0"], g["jax-cnn1"], g["jax-mlp2"]
+    # 2500 / max(1000, 1500) = 1.67 >= 1.5: PASS, against the FASTER torch pipeline
+    assert vs_torch["status"] == "PASS" and vs_torch["value"] == pytest.approx(2500 / 1500, 1e-3)
+    assert "torch-device" in vs_torch["goal"]
+    assert ips["status"] == "PASS" and ips["value"] == 2500.0
+    assert mlp["status"] == "MISS" and mlp["value"] == 2.0   # 2 s / 1 s < 3x
+    assert len(g) == 3  # no GPU rows: no GPU goal
+    rows[2] = _row("jax-cnn", "cpu", "v3", 2000.0, 50.0, "estimated")
+    st = [x["status"] for x in compare.evaluate_goals(rows, ["mlp4", "v3"])]
+    assert st == ["MISS", "MISS", "MISS"]
+
+
+def test_gpu_goal_extrapolates_50_epochs_and_is_labelled_estimated():
+    rows = [_row("jax-cnn", "gpu", "v3", 400_000.0, 0.25, "estimated"),
+            _row("torch-torchvision", "gpu", "v3", 20_000.0, 5.0, "estimated")]
+    gpu = compare.evaluate_goals(rows, ["v3"])[-1]
+    assert gpu["goal"].startswith("gpu:") and gpu["status"] == "PASS"
+    assert gpu["value"] == pytest.approx(12.5) and gpu["torch_torchvision_s"] == 250.0
+    assert "estimated" in gpu["how"]
+
+
+def test_missing_backends_make_goals_not_applicable_and_ratios_absent():
+    rows = [_row("jax-cnn", "cpu", "v3", 3000.0, 33.0, "estimated")]
+    compare.add_ratios(rows)
+    assert rows[0]["train"]["ratio_vs_reference"] is None and rows[0]["reference"] is None
+    st = [x["status"] for x in compare.evaluate_goals(rows, ["v3"])]
+    assert st == ["n/a", "PASS", "n/a"]
