@@ -149,21 +149,32 @@ def _maybe_fault(path: Path, f, data: bytes) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
+
+    An OS failure (disk full mid-run, folder removed, quota) becomes a one-line
+    UserError: the temp file is removed and the previous ``path`` is untouched, so a
+    run can continue with --resume once the cause is fixed.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             _maybe_fault(path, f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); files already saved "
+                            f"there are intact (fix the cause, then continue with --resume)") \
+                from None
         raise
     _fsync_dir(path.parent)
 

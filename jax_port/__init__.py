@@ -1,12 +1,18 @@
 """JAX port of the two specification stacks (numpy_mlp/ and torch_cnn/).
 
-The same functions as the specs, jit-compiled: parity with them is the
-definition of done (tests/test_parity_*.py). Public API (also what bench/ uses):
+The same functions as the specs, jit-compiled: parity with them is the definition of
+done (tests/test_parity_mlp.py, tests/test_parity_cnn.py). Public API (what bench/ uses):
 
-- ``jax_port.model``: ``init_variables(model, seed, hidden=None)``, ``apply(model, variables,
-  x_u8_or_float, train, dropout_mask=None, conv_impl=...)``, ``MODELS``, ``Flax`` wrappers.
-- ``jax_port.steps``: ``Trainer(model, cfg)`` with ``init_state``, ``train_step``,
-  ``run_epoch`` (one compiled ``lax.scan`` per epoch), ``evaluate``.
-- ``jax_port.convert``: canonical (numpy_mlp / torch ``state_dict``) <-> JAX pytrees.
-- ``jax_port.checkpoint``: ``save`` / ``load`` of ``model.safetensors`` under canonical names.
+- ``jax_port.model``: ``get_spec(name, hidden=None)`` -> ``ModelSpec``;
+  ``init_variables(spec, seed, dtype)``; ``apply(spec, variables, x_float, train, mask,
+  conv_impl)`` -> (logits (B,), new batch_stats); ``bce_with_logits``; ``FlaxModel`` (linen
+  wrapper over ``apply``); ``default_conv_impl()``.
+- ``jax_port.steps``: ``Trainer(spec, lr=, batch_size=, decay=, augment=, seed=, conv_impl=,
+  dtype=, rng_epoch_offset=)`` with ``init_state(variables)``, ``train_step(state, x_u8, y,
+  draws, mask, lr)`` (one compiled step), ``run_epoch(state, images_dev, labels_dev, epoch)``
+  (compiled ``lax.scan`` chunks; returns (state, metrics)), ``logits(variables, images_u8)``;
+  ``augment_device``.
+- ``jax_port.convert``: canonical (numpy_mlp / torch ``state_dict``) <-> JAX pytrees, lossless.
+- ``jax_port.checkpoint``: ``save(path, spec, variables)`` / ``load(path, model=None)``.
+- ``python -m jax_port.train`` / ``python -m jax_port.predict``.
 """

@@ -7,7 +7,7 @@
   batches (the dataset stays on the device as uint8; only the epoch's indices and
   augmentation draws travel), plus one plain step for a last partial batch. Compiled
   once per shape and reused for every epoch.
-- ``evaluate``: logits for a whole split, in eval mode, fixed-size padded batches.
+- ``logits``: eval-mode logits for a whole split, in fixed-size padded batches (one compile).
 
 The optimisers are the specs': plain gradient descent for the MLPs (no state: the
 learning rate lr0 / (1 + decay * epoch) is a traced argument, so changing it each epoch
@@ -122,12 +122,13 @@ class Trainer:
 
     def train_step(self, state, x_u8, y, draws: AugDraws | None = None, mask=None, lr=None):
         """Public single step (compiled). ``draws`` are used when the trainer augments
-        (identity when None); ``mask`` is the dropout keep-mask (B, 512) for dropout models
-        (drawn from the seed when None); ``lr`` defaults to lr0."""
+        (identity when None); ``mask``: the dropout keep-mask (B, 512) bool, required for
+        dropout models (the caller owns that randomness; ``run_epoch`` draws its own);
+        ``lr`` defaults to this trainer's lr for epoch 0."""
         b = len(y)
         draws = draws if draws is not None else identity_draws(b)
         if self.spec.dropout and mask is None:
-            mask = M.dropout_mask(jax.random.PRNGKey(self.seed), b)
+            raise ValueError(f"{self.spec.name} has dropout: pass its keep-mask (B, 512)")
         lr = self.lr0 if lr is None else lr
         return self._step_jit(state, jnp.asarray(x_u8), jnp.asarray(y), jnp.asarray(draws.dy),
                               jnp.asarray(draws.dx), jnp.asarray(draws.flip),

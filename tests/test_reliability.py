@@ -266,3 +266,60 @@ def test_save_safetensors_keeps_zero_dim_tensors(tmp_path):
     got, _ = load_safetensors(path, {"n": ((), "int64"), "w": ((3, 2), "float32")})
     assert got["n"].shape == () and int(got["n"]) == 7
     np.testing.assert_array_equal(got["w"], t["w"])
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """ENOSPC at fsync (the disk filled up mid-run): UserError, old file intact, no temp."""
+    import errno
+    from data import runs
+    from data.errors import UserError
+    runs.atomic_write_json(tmp_path / "metrics.json", {"epoch": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(runs.os, "fsync", full)
+    with pytest.raises(UserError, match=r"metrics.json \(No space left on device\).*--resume"):
+        runs.atomic_write_json(tmp_path / "metrics.json", {"epoch": 2})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_disk_filling_up_during_training_then_resume(tmp_path):
+    """A real tmpfs (60 MiB; root + mount, else skipped) is filled to the last byte
+    after epoch 1 of a running job: the next checkpoint write fails with one line, exit 2,
+    the saved epoch stays loadable; after freeing space --resume finishes the run and
+    equals an uninterrupted one bit for bit."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({m.stderr.strip()})")
+    try:
+        zp = make_archive(tmp_path / "tiny.zip", n_train=8, n_test=3)
+        common = ["--data", zp, "--cache-dir", tmp_path / "cache", "--no-progress"]
+        fresh = ["--epochs", 150, "--batch-size", 2, "--seed", 1]
+        out = mnt / "run"
+        p = start("numpy_mlp.train", *common, "--out", out, *fresh)
+        assert wait_for_epoch(p, out, 1)
+        filler = mnt / "filler"
+        with open(filler, "wb") as f:  # fill the filesystem completely
+            try:
+                while True:
+                    f.write(b"\0" * 2**16)
+                    f.flush()
+            except OSError:
+                pass
+        p.wait(timeout=120)
+        _, err = p.communicate()
+        assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+        assert "No space left on device" in last_line(err) and "--resume" in last_line(err)
+        assert_run_files_whole(out)
+        assert state_epoch(out) >= 1
+        filler.unlink()
+        assert_ok(run("numpy_mlp.train", *common, "--out", out, "--resume"))
+        ref = tmp_path / "ref"
+        assert_ok(run("numpy_mlp.train", *common, "--out", ref, *fresh))
+        assert_same_weights(out / "model.safetensors", ref / "model.safetensors")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
