@@ -15,6 +15,8 @@ loader does.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -26,10 +28,37 @@ SIZE = 32  # pixels: CIFAKE images are 32x32
 # Upper bound on the declared pixel count of any image we agree to decode
 # (user images in predict). 40 Mpx: a large photo is fine, a bomb is refused.
 MAX_PIXELS = 40_000_000
+# Upper bound on the bytes of one image file, on disk or inflated from a zip (64 MiB):
+# a CIFAKE JPEG is ~2 KB; anything this large is not an image we should read.
+MAX_FILE_BYTES = 64 * 2**20
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Filter used to bring a user's image to 32x32. BOX (area averaging) is the
 # anti-aliased choice for large downscales; documented in README.
 RESIZE_FILTER = Image.Resampling.BOX
+
+
+def read_file_bounded(path: str) -> bytes:
+    """Read a regular file of at most MAX_FILE_BYTES. A FIFO, a device or a huge file
+    is refused up front instead of hanging or exhausting memory."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: is a directory, expected an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: not a regular file (a pipe, device or socket)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{path}: {st.st_size:,} bytes, more than any image file should "
+                        f"({MAX_FILE_BYTES:,})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_FILE_BYTES:  # grew while we read it
+        raise DataError(f"{path}: more than {MAX_FILE_BYTES:,} bytes")
+    return data
 
 
 def _open(data: bytes, where: str) -> Image.Image:
@@ -78,13 +107,7 @@ def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
     was trained on 32x32 originals, so a resized image is out of distribution;
     callers say so in their output).
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an image file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_file_bounded(path)
     im = _open(data, path)
     size = im.size
     if size[0] < 1 or size[1] < 1:

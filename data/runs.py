@@ -245,6 +245,21 @@ def load_safetensors(path: str | os.PathLike,
     return tensors, meta
 
 
+def check_uniform_float(path, tensors: dict[str, np.ndarray]) -> str:
+    """All tensors float32, or all float64 (MLP checkpoints keep their training dtype).
+
+    Returns the dtype name; otherwise a UserError naming the first offending tensor.
+    """
+    first = next(iter(tensors))
+    want = str(tensors[first].dtype)
+    for k, t in tensors.items():
+        d = str(t.dtype)
+        if d not in ("float32", "float64") or d != want:
+            raise UserError(f"{path}: tensor '{k}' has dtype {d}; tensors must all be float32 "
+                            f"or all float64 (tensor '{first}' is {want})")
+    return want
+
+
 def prepare_out_dir(out: str | os.PathLike, resume: bool, min_free_mb: int = 50) -> Path:
     """Create/validate the run directory *before* any training starts.
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .images import MAX_FILE_BYTES, read_file_bounded
 
 SPLITS = ("train", "test")
 # Alphabetical order, as torchvision's ImageFolder assigns indices: FAKE = 0, REAL = 1.
@@ -230,9 +231,14 @@ class ZipSource(Source):
             raise DataError(f"{where}: cannot read ({e.strerror})") from None
         if len(raw) != csize:
             raise DataError(f"{where}: truncated ({len(raw)} of {csize} bytes)")
+        if size > MAX_FILE_BYTES:
+            raise DataError(f"{where}: declares {size:,} bytes, more than any image file "
+                            f"should ({MAX_FILE_BYTES:,}); refused before inflating (zip bomb?)")
         if method == zipfile.ZIP_DEFLATED:
             try:
-                raw = zlib.decompress(raw, -15)  # raw deflate stream, no zlib header
+                # raw deflate stream, no zlib header; never inflate past the declared
+                # size + 1 byte, so a member that lies about its size cannot eat memory
+                raw = zlib.decompressobj(-15).decompress(raw, size + 1)
             except zlib.error as e:
                 raise DataError(f"{where}: corrupt compressed data ({e})") from None
         # the same checks zipfile makes: declared size and CRC-32
@@ -270,8 +276,13 @@ class ZipSource(Source):
         return self._collect(rels)
 
     def read(self, key: str) -> bytes:
+        info = self._info()[key]
+        if info.file_size > MAX_FILE_BYTES:
+            raise DataError(f"{self.path}: archive entry '{key}' declares {info.file_size:,} "
+                            f"bytes, more than any image file should ({MAX_FILE_BYTES:,}); "
+                            f"refused before inflating (zip bomb?)")
         try:
-            return self._zip().read(self._info()[key])
+            return self._zip().read(info)
         except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
             raise DataError(f"{self.path}: cannot read archive entry '{key}' ({e})") from None
         except (NotImplementedError, RuntimeError) as e:  # unsupported method, encrypted
@@ -332,13 +343,7 @@ class DirSource(Source):
         return self._collect([(r, k, d) for r, k, d, _, _ in self._list()])
 
     def read(self, key: str) -> bytes:
-        try:
-            with open(key, "rb") as f:
-                return f.read()
-        except IsADirectoryError:
-            raise DataError(f"{key}: is a directory, expected an image file") from None
-        except OSError as e:
-            raise DataError(f"{key}: cannot read ({e.strerror})") from None
+        return read_file_bounded(key)
 
     def stat_key(self) -> dict:
         # a folder has no single mtime that covers its files: always use the digest

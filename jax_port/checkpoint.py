@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from data.errors import UserError
-from data.runs import load_safetensors, save_safetensors
+from data.runs import check_uniform_float, load_safetensors, save_safetensors
 
 from . import convert
 from .model import CNN_VARIANTS, ModelSpec, get_spec
@@ -85,10 +85,7 @@ def load(path, model: str | None = None) -> tuple[ModelSpec, dict, dict]:
         if name not in ("mlp2", "mlp4"):
             raise UserError(f"{path}: unknown MLP model {name!r}")
         tensors, _ = load_safetensors(path, mlp_expected(dims))
-        dtypes = {str(t.dtype) for t in tensors.values()}
-        if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
-            raise UserError(f"{path}: MLP tensors must all be float32 or all float64, got "
-                            f"{sorted(dtypes)}")
+        check_uniform_float(path, tensors)
         spec = get_spec(name, dims[1:-1])
     elif family == "cnn":
         if name not in CNN_VARIANTS:

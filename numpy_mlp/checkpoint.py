@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from data.errors import UserError
-from data.runs import load_safetensors, save_safetensors
+from data.runs import check_uniform_float, load_safetensors, save_safetensors
 
 FAMILY = "mlp"
 
@@ -55,9 +55,6 @@ def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     except (KeyError, ValueError):
         raise UserError(f"{path}: metadata 'layer_dims' missing or invalid") from None
     params, _ = load_safetensors(path, {k: (s, None) for k, s in expected_shapes(dims).items()})
-    dtypes = {str(p.dtype) for p in params.values()}
-    if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
-        raise UserError(f"{path}: MLP tensors must all be float32 or all float64, got "
-                        f"{sorted(dtypes)}")
+    check_uniform_float(path, params)
     meta = dict(meta, layer_dims=dims)
     return params, meta
