@@ -294,9 +294,8 @@ class JaxBackend(Backend):
 
     def notes(self):
         if self.spec.family == "cnn":
-            return [f"conv formulation: {self.trainer.conv_impl}; "
-                    f"{self.trainer.chunk_batches} batches per compiled lax.scan call"]
-        return [f"{self.trainer.chunk_batches} batches per compiled lax.scan call"]
+            return [f"jax-cnn conv formulation: {self.trainer.conv_impl}"]
+        return []
 
 
 _CLASSES = {"numpy-mlp": NumpyMLP, "torch-torchvision": TorchTorchvision,

@@ -116,9 +116,10 @@ def run(spec: dict) -> dict:
         how = f"{k} training images ({-(-k // bs)} steps of {bs}) per timed pass"
     h = b.put(tset)
     b.init(seed)
-    if b.jit and family == "cnn":
-        # one compiled lax.scan call covers the whole timing set
-        b.trainer.chunk_batches = max(1, len(tset) // bs)
+    if b.jit:
+        if family == "cnn":  # one compiled lax.scan call covers the whole timing set
+            b.trainer.chunk_batches = max(1, len(tset) // bs)
+        how += f"; {b.trainer.chunk_batches} batches per compiled lax.scan call"
     log(spec, f"training warm-up{' + compilation' if b.jit else ''} ({len(tset)} images)")
     t0 = time.perf_counter()
     b.train_epoch(h, 0)
