@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from data.runs import FORMAT, atomic_write_bytes, load_safetensors
+from data.runs import load_safetensors, save_safetensors
 
 from .model import MODELS
 
@@ -32,17 +32,6 @@ def expected_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
     out.update({"fc1.weight": ((512, 4096), f), "fc1.bias": ((512,), f),
                 "fc2.weight": ((1, 512), f), "fc2.bias": ((1,), f)})
     return out
-
-
-def save_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Like ``data.runs.save_safetensors`` (safetensors bytes, temp file + fsync + rename)
-    but keeps 0-d tensors 0-d: the shared helper passes every array through
-    ``np.ascontiguousarray``, which turns shape () into (1,), and the canonical
-    ``bn*.num_batches_tracked`` (and Adam's ``step``) are shape (). Reported for data/."""
-    from safetensors.numpy import save as st_save
-    data = st_save({k: np.require(v, requirements="C") for k, v in tensors.items()},
-                   metadata={"format": FORMAT, **metadata})
-    atomic_write_bytes(path, data)
 
 
 def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -37,7 +37,8 @@ from data import load_cifake
 from data.batching import rng
 from data.errors import UserError, run_cli
 from data.runs import (atomic_write_json, classification_report, common_parser, load_safetensors,
-                       positive_int, prepare_out_dir, read_json, resolve_config)
+                       positive_int, prepare_out_dir, read_json, resolve_config,
+                       save_safetensors)
 
 from . import checkpoint
 from .model import MODELS, init_model
@@ -351,7 +352,7 @@ def _save_epoch(out, model, optimizer, name, epoch, history, wall) -> None:
                                              "wall_seconds": wall, "complete": False})
     tensors = {f"model.{k}": v for k, v in checkpoint.state_to_numpy(model).items()}
     tensors.update(optimizer_tensors(model, optimizer))
-    checkpoint.save_safetensors(out / "state.safetensors", tensors,
+    save_safetensors(out / "state.safetensors", tensors,
                      {"family": "cnn", "model": name, "epoch_completed": str(epoch)})
     checkpoint.save(out / "model.safetensors", model, name)
     # wall_seconds: this run's wall time so far, summed over resumed invocations
