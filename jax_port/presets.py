@@ -16,10 +16,10 @@ MLP_PRESETS = {
     "mlp4-full": {"model": "mlp4", "batch_size": None, "epochs": 7000, "lr": 0.05,
                   "decay": 0.001, "eval_every": 100},
     # 2-layer, mini-batch, 100 epochs (original: 78.40% test)
-    "mlp2-mini": {"model": "mlp2", "batch_size": 128, "epochs": 100, "lr": 0.01,
+    "mlp2-mini": {"model": "mlp2", "batch_size": 32, "epochs": 100, "lr": 0.0075,
                   "decay": 0.01, "eval_every": 1},
     # 4-layer, mini-batch, 100 epochs (original: 81.94% test)
-    "mlp4-mini": {"model": "mlp4", "batch_size": 128, "epochs": 100, "lr": 0.01,
+    "mlp4-mini": {"model": "mlp4", "batch_size": 32, "epochs": 100, "lr": 0.0075,
                   "decay": 0.01, "eval_every": 1},
 }
 
