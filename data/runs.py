@@ -278,6 +278,13 @@ def prepare_out_dir(out: str | os.PathLike, resume: bool, min_free_mb: int = 50)
         probe.unlink()
     except OSError as e:
         raise UserError(f"output directory {out} is not writable ({e.strerror})") from None
+    # temp files of writes killed half-way (atomic_write_bytes' ".NAME.xxxx.tmp"): never
+    # read, so deleting them is safe; keeps killed-and-resumed runs tidy
+    for stale in out.glob(".*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
     free_mb = shutil.disk_usage(out).free / 2**20
     if free_mb < min_free_mb:
         raise UserError(f"output directory {out} has only {free_mb:.0f} MiB free "
