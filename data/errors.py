@@ -8,6 +8,7 @@ never a traceback. Unexpected failures (bugs) still show their traceback.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -23,9 +24,29 @@ class DataError(UserError):
     """A dataset source (archive, folder, image file, cache) is unusable."""
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _install_interrupt_handlers() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not in the main thread (e.g. called from a test harness thread)
+        pass
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
             prog: str = "") -> None:
-    """Run ``main(argv)``; turn ``UserError`` into one stderr line and exit 2."""
+    """Run ``main(argv)``; turn ``UserError`` into one stderr line and exit 2.
+
+    Ctrl-C (SIGINT) and SIGTERM both raise KeyboardInterrupt, which the training
+    loops turn into "last completed epoch saved, resume with ...". SIGINT's handler
+    is installed explicitly because a process started in the background by a
+    non-interactive shell (``cmd &``, some CI runners) inherits SIGINT *ignored*, and
+    Python then never raises KeyboardInterrupt: the run could not be stopped cleanly.
+    """
+    _install_interrupt_handlers()
     try:
         rc = main(argv)
     except UserError as e:
