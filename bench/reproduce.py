@@ -24,7 +24,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import time

@@ -117,3 +117,36 @@ def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
     if resized:
         arr = np.asarray(Image.fromarray(arr).resize((SIZE, SIZE), RESIZE_FILTER), dtype=np.uint8)
     return arr, resized, size
+
+
+def score_images(paths: list[str], p_fake_batch, as_json: bool) -> int:
+    """The one predict loop of every stack: decode each image with
+    ``load_image_for_model``, score all good ones with ``p_fake_batch(uint8 (B, 32, 32, 3))
+    -> (B,) P(FAKE)``, print one line per image (or a JSON list), and an ``error:`` line
+    on stderr per bad file. Returns the exit status: 1 if any file failed, else 0.
+    """
+    import json
+    import sys
+    good, arrays, failed = [], [], 0
+    for path in paths:
+        try:
+            arr, resized, size = load_image_for_model(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        good.append((path, resized, size))
+        arrays.append(arr)
+    probs = np.asarray(p_fake_batch(np.stack(arrays)), np.float64).reshape(-1) if arrays \
+        else np.zeros(0)
+    results = [{"path": path, "p_fake": float(p), "verdict": "FAKE" if p >= 0.5 else "REAL",
+                "resized": bool(resized), "original_size": [int(size[0]), int(size[1])]}
+               for (path, resized, size), p in zip(good, probs)]
+    if as_json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            note = (f"  (resized from {r['original_size'][0]}x{r['original_size'][1]})"
+                    if r["resized"] else "")
+            print(f"{r['path']}  P(FAKE)={r['p_fake']:.4f}  {r['verdict']}{note}", flush=True)
+    return 1 if failed else 0

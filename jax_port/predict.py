@@ -10,14 +10,13 @@ and the exit status is 1 if any failed.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import load_image_for_model, run_cli
-from data.errors import DataError, UserError
+from data import run_cli
+from data.images import score_images
+from data.errors import UserError
 from data.runs import read_json
 
 PROG = "jax_port.predict"
@@ -46,25 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = np.asarray(variables["params"][next(iter(variables["params"]))]["kernel"]).dtype
     trainer = Trainer(spec, lr=1.0, batch_size=1, dtype=dtype)
 
-    results, failed = [], 0
-    for path in args.images:
-        try:
-            img, resized, size = load_image_for_model(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        logit = float(trainer.logits(variables, img[None])[0])
-        p_fake = float(0.5 * (1.0 - np.tanh(logit / 2)))  # 1 - sigmoid(logit), no overflow
-        results.append({"path": path, "p_fake": p_fake,
-                        "verdict": "FAKE" if p_fake >= 0.5 else "REAL",
-                        "resized": bool(resized), "original_size": list(size)})
-        if not args.json:
-            note = f" (resized from {size[0]}x{size[1]})" if resized else ""
-            print(f"{path}  P(FAKE)={p_fake:.4f}  {results[-1]['verdict']}{note}", flush=True)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    return 1 if failed else 0
+    def p_fake_batch(batch):
+        logits = np.asarray(trainer.logits(variables, batch), np.float64)
+        return 0.5 * (1.0 - np.tanh(logits / 2))  # 1 - sigmoid(logit), no overflow
+    return score_images(args.images, p_fake_batch, args.json)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ are still scored, and the exit status is 1 if any failed.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import load_image_for_model, run_cli
-from data.errors import DataError, UserError
+from data import run_cli
+from data.images import score_images
+from data.errors import UserError
 from data.runs import read_json
 
 from . import checkpoint
@@ -64,24 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params, _ = load_run(args.run)
 
-    results, failed = [], 0
-    for path in args.images:
-        try:
-            img, resized, size = load_image_for_model(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        p = p_fake(params, img)
-        verdict = "FAKE" if p >= 0.5 else "REAL"
-        results.append({"path": path, "p_fake": p, "verdict": verdict, "resized": resized,
-                        "original_size": list(size)})
-        if not args.json:
-            note = f"  (resized from {size[0]}x{size[1]})" if resized else ""
-            print(f"{path}  P(FAKE)={p:.4f}  {verdict}{note}", flush=True)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    return 1 if failed else 0
+    return score_images(args.images, lambda batch: [p_fake(params, im) for im in batch],
+                        args.json)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ are still scored, and the exit status is 1 if any failed.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.errors import DataError, UserError, run_cli
-from data.images import load_image_for_model
+from data.errors import UserError, run_cli
+from data.images import score_images
 from data.runs import read_json
 
 from . import checkpoint
@@ -67,30 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = load_run(args.run)
 
-    ok, arrays, failed = [], [], 0
-    for path in args.images:
-        try:
-            arr, resized, size = load_image_for_model(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        ok.append((path, resized, size))
-        arrays.append(arr)
-    probs = p_fake(model, np.stack(arrays)) if arrays else np.zeros(0)
-    results = []
-    for (path, resized, size), p in zip(ok, probs):
-        results.append({"path": path, "p_fake": round(float(p), 6),
-                        "verdict": "FAKE" if p >= 0.5 else "REAL", "resized": bool(resized),
-                        "original_size": [int(size[0]), int(size[1])]})
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        for r, p in zip(results, probs):
-            note = (f"  (resized from {r['original_size'][0]}x{r['original_size'][1]})"
-                    if r["resized"] else "")
-            print(f"{r['path']}  P(FAKE)={p:.4f}  {r['verdict']}{note}")
-    return 1 if failed else 0
+    return score_images(args.images, lambda batch: p_fake(model, batch), args.json)
 
 
 if __name__ == "__main__":
