@@ -7,6 +7,7 @@ what is left on disk. See docs/reliability.md for the table these tests back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -166,6 +167,21 @@ def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> tuple[int, str]:
 
 
 # ====================================================================== tests
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A real size-limited filesystem at ``folder`` (needs root + mount; skips otherwise)."""
+    folder.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({m.stderr.strip()}); the in-process "
+                    f"monkeypatch tests cover the logic")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def test_fault_hook_is_inert_unless_set(tmp_path, monkeypatch):
     """The kill-in-write hook must not fire for other files or other write counts."""
     from data import runs
@@ -208,21 +224,13 @@ def test_out_dir_under_a_regular_file_fails_before_training(tmp_path, stack):
 def test_out_dir_on_a_full_disk_fails_before_training(tmp_path):
     """A real full filesystem: a 1 MiB tmpfs (needs root + mount); the in-process
     variant below covers machines where mounting is impossible."""
-    mnt = tmp_path / "tiny-fs"
-    mnt.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if m.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({m.stderr.strip()}); see the monkeypatch test")
-    try:
+    with tmpfs(tmp_path / "tiny-fs", "1m") as mnt:
         zp = make_archive(tmp_path / "tiny.zip")
         p = run("numpy_mlp.train", "--data", zp, "--cache-dir", tmp_path / "cache",
                 "--out", mnt / "run", "--epochs", 1, "--no-progress")
         assert_user_error(p, str(mnt / "run"), "MiB free")
         assert_no_trusted_run(mnt / "run")
         assert not (mnt / "run" / "state.json").exists()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_prepare_out_dir_refuses_a_nearly_full_disk_in_process(tmp_path, monkeypatch):
@@ -289,13 +297,7 @@ def test_disk_filling_up_during_training_then_resume(tmp_path):
     after epoch 1 of a running job: the next checkpoint write fails with one line, exit 2,
     the saved epoch stays loadable; after freeing space --resume finishes the run and
     equals an uninterrupted one bit for bit."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if m.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({m.stderr.strip()})")
-    try:
+    with tmpfs(tmp_path / "fs", "60m") as mnt:
         zp = make_archive(tmp_path / "tiny.zip", n_train=8, n_test=3)
         common = ["--data", zp, "--cache-dir", tmp_path / "cache", "--no-progress"]
         fresh = ["--epochs", 150, "--batch-size", 2, "--seed", 1]
@@ -321,5 +323,3 @@ def test_disk_filling_up_during_training_then_resume(tmp_path):
         ref = tmp_path / "ref"
         assert_ok(run("numpy_mlp.train", *common, "--out", ref, *fresh))
         assert_same_weights(out / "model.safetensors", ref / "model.safetensors")
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
