@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+from data.runs import ArgumentParser
 from data.errors import UserError, run_cli
 from data.runs import atomic_write_bytes, atomic_write_json, positive_int
 
@@ -74,11 +75,6 @@ FULL_TRAIN = 100_000             # CIFAKE's training images
 
 
 # ------------------------------------------------------------------ flags
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (via run_cli), no usage dump
-        raise UserError(message)
-
-
 def _names(kind: str, allowed: tuple[str, ...]):
     def parse(s: str) -> list[str]:
         items = [t.strip() for t in s.split(",") if t.strip()]
@@ -92,7 +88,7 @@ def _names(kind: str, allowed: tuple[str, ...]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--backends", type=_names("backend", tuple(BACKENDS)), default=list(BACKENDS),
                     help=f"comma-separated (default all: {','.join(BACKENDS)})")
     ap.add_argument("--models", type=_names("model", MODELS), default=list(DEFAULT_MODELS),

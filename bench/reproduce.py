@@ -30,6 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data.runs import ArgumentParser
 from data.errors import UserError, run_cli
 from data.runs import atomic_write_bytes, atomic_write_json, positive_int
 
@@ -51,13 +52,8 @@ def _positive_float(s: str) -> float:
     return v
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 via run_cli, no usage dump
-        raise UserError(message)
-
-
 def parse_args(argv):
-    ap = _Parser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="spec", choices=BACKENDS)
     ap.add_argument("--rows", default="all",
                     help=f"comma-separated rows (default all): {','.join(ROWS)}")

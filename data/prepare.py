@@ -13,7 +13,7 @@ import numpy as np
 
 from .cache import duplicate_count, load_cifake
 from .errors import run_cli
-from .runs import _Parser
+from .runs import ArgumentParser
 from .source import CLASSES
 
 
@@ -32,7 +32,7 @@ def report(ds) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = _Parser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="Kaggle cifake zip or extracted folder (default: $CIFAKE_PATH, "
                                    "then kagglehub)")
     ap.add_argument("--cache-dir", help="cache base folder (default: ~/.cache/cifake-detector)")

@@ -64,14 +64,16 @@ def batch_size_arg(s: str) -> int | None:
     return positive_int("--batch-size")(s)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError: one line and exit 2 through run_cli, no usage dump."""
+
+    def error(self, message: str):
         raise UserError(message)
 
 
 def common_parser(prog: str, description: str, presets: dict, decay: bool) -> argparse.ArgumentParser:
     """The flag vocabulary all three stacks share. Defaults of None mean 'from the preset'."""
-    ap = _Parser(prog=prog, description=description)
+    ap = ArgumentParser(prog=prog, description=description)
     ap.add_argument("--data", help="Kaggle cifake zip or its extracted folder "
                                    "(default: $CIFAKE_PATH, then a kagglehub download)")
     ap.add_argument("--cache-dir", help="decoded-image cache folder (default: ~/.cache/cifake-detector)")

@@ -9,26 +9,21 @@ and the exit status is 1 if any failed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
+from data.runs import ArgumentParser
 from data import run_cli
 from data.images import score_images
-from data.errors import UserError
+
 from data.runs import read_json
 
 PROG = "jax_port.predict"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog=f"python -m {PROG}", description="P(FAKE) for each image, with a JAX model.")
+    ap = ArgumentParser(prog=f"python -m {PROG}", description="P(FAKE) for each image, with a JAX model.")
     ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
     ap.add_argument("images", nargs="+", metavar="IMAGE")
     ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")

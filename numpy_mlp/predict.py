@@ -8,11 +8,11 @@ are still scored, and the exit status is 1 if any failed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
+from data.runs import ArgumentParser
 from data import run_cli
 from data.images import score_images
 from data.errors import UserError
@@ -22,11 +22,6 @@ from . import checkpoint
 from .model import forward, images_to_X, sigmoid
 
 PROG = "numpy_mlp.predict"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
 
 
 def load_run(run_dir) -> tuple[dict, dict]:
@@ -56,7 +51,7 @@ def p_fake(params: dict, image: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog=PROG, description="P(FAKE) of each image under a trained NumPy MLP.")
+    ap = ArgumentParser(prog=PROG, description="P(FAKE) of each image under a trained NumPy MLP.")
     ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
     ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     ap.add_argument("images", nargs="+", metavar="IMAGE")

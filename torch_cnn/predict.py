@@ -13,12 +13,12 @@ are still scored, and the exit status is 1 if any failed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.runs import ArgumentParser
 from data.errors import UserError, run_cli
 from data.images import score_images
 from data.runs import read_json
@@ -28,11 +28,6 @@ from .model import MODELS, build_model
 from .pipeline import to_input
 
 PROG = "python -m torch_cnn.predict"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
 
 
 def load_run(run_dir: str | Path) -> torch.nn.Module:
@@ -58,7 +53,7 @@ def p_fake(model: torch.nn.Module, images_u8_nhwc: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog=PROG, description="P(FAKE) for images with a trained CIFAKE CNN.")
+    ap = ArgumentParser(prog=PROG, description="P(FAKE) for images with a trained CIFAKE CNN.")
     ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
     ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size/mode)")
     ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
