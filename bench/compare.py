@@ -43,9 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-from data.runs import ArgumentParser
 from data.errors import UserError, run_cli
-from data.runs import atomic_write_bytes, atomic_write_json, positive_int
+from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
 
 from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE
 from .worker import RESULT_TAG

@@ -30,9 +30,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.runs import ArgumentParser
 from data.errors import UserError, run_cli
-from data.runs import atomic_write_bytes, atomic_write_json, positive_int
+from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
 
 from .original import ORIGINAL, ROWS
 

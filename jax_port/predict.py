@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.runs import ArgumentParser
 from data import run_cli
 from data.images import score_images
-
-from data.runs import read_json
+from data.runs import ArgumentParser, read_json
 
 PROG = "jax_port.predict"
 

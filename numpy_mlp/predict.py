@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.runs import ArgumentParser
 from data import run_cli
-from data.images import score_images
 from data.errors import UserError
-from data.runs import read_json
+from data.images import score_images
+from data.runs import ArgumentParser, read_json
 
 from . import checkpoint
 from .model import forward, images_to_X, sigmoid

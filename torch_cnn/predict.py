@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.runs import ArgumentParser
 from data.errors import UserError, run_cli
 from data.images import score_images
-from data.runs import read_json
+from data.runs import ArgumentParser, read_json
 
 from . import checkpoint
 from .model import MODELS, build_model
