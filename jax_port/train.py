@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.float64 if cfg["dtype"] == "float64" else jnp.float32
     conv_impl = default_conv_impl() if cfg["conv_impl"] == "auto" else cfg["conv_impl"]
 
-    ds = load_cifake(args.data or cfg.get("data"), args.cache_dir, subset=cfg["subset"],
+    # a run trained with --cache-dir resumes from the same cache unless told otherwise
+    cfg["cache_dir"] = args.cache_dir or (cfg.get("cache_dir") if args.resume else None)
+    ds = load_cifake(args.data or cfg.get("data"), cfg["cache_dir"], subset=cfg["subset"],
                      verbose=not args.no_progress)
     dev = jax.devices()[0]
     cfg.update(device=f"{dev.platform}:{dev.id}", device_kind=dev.device_kind,

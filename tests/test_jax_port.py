@@ -173,7 +173,8 @@ def test_checkpoint_save_load_round_trip(tmp_path, name):
 
 
 # ------------------------------------------------------------------ CLI
-def test_mlp_cli_run_dir_resume_bit_identical_and_numpy_reads_it(archive, tmp_path, capsys):
+def test_mlp_cli_run_dir_resume_bit_identical_and_numpy_reads_it(archive, tmp_path, capsys,
+                                                                 monkeypatch):
     args = ["--model", "mlp2", "--batch-size", "4", "--lr", "0.05", "--decay", "0.5"]
     code, _, err = run_main(T.main, base(archive, tmp_path, "u", *args, "--epochs", "3"), capsys)
     assert code == 0, err
@@ -189,9 +190,12 @@ def test_mlp_cli_run_dir_resume_bit_identical_and_numpy_reads_it(archive, tmp_pa
     # interrupted after 1 epoch, then resumed to 3: bit-identical weights
     code, _, err = run_main(T.main, base(archive, tmp_path, "r", *args, "--epochs", "1"), capsys)
     assert code == 0, err
+    # resumed without --cache-dir: it reuses the run's cache, not the default location
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     code, _, err = run_main(T.main, ["--out", str(tmp_path / "r"), "--resume", "--epochs", "3",
-                                     "--no-progress", "--cache-dir", str(tmp_path / "cache")], capsys)
+                                     "--no-progress"], capsys)
     assert code == 0, err
+    assert not (tmp_path / "xdg").exists()
     wu, wr = weights(run), weights(tmp_path / "r")
     for k in wu:
         np.testing.assert_array_equal(wu[k], wr[k])

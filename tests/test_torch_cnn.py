@@ -182,7 +182,7 @@ def weights(run):
     return load_safetensors(run / "model.safetensors")[0]
 
 
-def test_cli_run_dir_and_bit_identical_resume(archive, tmp_path):
+def test_cli_run_dir_and_bit_identical_resume(archive, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_train(archive, full, "--epochs", "3") == 0
     # the documented run directory
@@ -207,7 +207,11 @@ def test_cli_run_dir_and_bit_identical_resume(archive, tmp_path):
 
     # 1 epoch, then --resume to 3: bit-identical weights
     assert run_train(archive, part, "--epochs", "1") == 0
-    assert run_train(archive, part, "--epochs", "3", "--resume") == 0
+    # resumed without --cache-dir: it reuses the run's cache, not the default location
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert train.main(["--out", str(part), "--resume", "--epochs", "3", "--no-progress",
+                       "--threads", "1"]) == 0
+    assert not (tmp_path / "xdg").exists()
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     hist_a = json.loads((full / "metrics.json").read_text())["history"]

@@ -216,14 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
         data_path = args.data or cfg.get("data")
+        # a run trained with --cache-dir resumes from the same cache unless told otherwise
+        cache_dir = args.cache_dir or cfg.get("cache_dir")
     else:
         cfg = _config(args)
         data_path = args.data
+        cache_dir = args.cache_dir
+    cfg["cache_dir"] = cache_dir
     cfg.update(stack=STACK, device=str(device), threads=torch.get_num_threads(),
                optimizer="adam", adam_betas=list(ADAM_BETAS), adam_eps=ADAM_EPS,
                eval_batch_size=EVAL_BATCH, versions=versions())
 
-    ds = load_cifake(data_path, args.cache_dir, subset=cfg["subset"], verbose=not args.no_progress)
+    ds = load_cifake(data_path, cache_dir, subset=cfg["subset"], verbose=not args.no_progress)
     cfg["data"] = ds.manifest.get("source", {}).get("path", data_path)
     test_dedup = ds.test_deduplicated()
     atomic_write_json(out / "config.json", cfg)
