@@ -108,8 +108,31 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+# config.json keys that define a row's result; a run directory made with other values
+# (an older preset, another --epochs-scale) must not be reused or resumed as this row.
+_DEFINING = ("model", "batch_size", "lr", "decay", "epochs", "hidden", "subset")
+
+
+def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
+    """UserError if ``run_dir`` holds a run of ``row`` made with different settings than the
+    row's current preset and this command's --epochs-scale / --subset."""
+    cfg = _read_json(run_dir / "config.json")
+    if cfg is None:
+        return
+    import importlib
+    want = dict(importlib.import_module(f"{stack}.presets").PRESETS[row])
+    want["epochs"] = scaled_epochs(row, args.epochs_scale)
+    want["subset"] = args.subset
+    diff = [f"{k} {cfg[k]!r} (now {want[k]!r})" for k in _DEFINING
+            if k in want and k in cfg and cfg[k] != want[k]]
+    if diff:
+        raise UserError(f"{run_dir} was made with other settings than row {row} now uses: "
+                        f"{', '.join(diff)}; delete it (or use another --out) to rerun the row")
+
+
 def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
     """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
+    check_not_stale(args, row, stack, run_dir)
     m = _read_json(run_dir / "metrics.json")
     if m and m.get("complete"):
         return "skipped"

@@ -50,3 +50,24 @@ def test_reproduce_refuses_bad_rows(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "mlp9" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_reproduce_refuses_a_run_made_with_other_settings(tmp_path):
+    """A finished run of an older preset must not be shown (or resumed) as the current row."""
+    from numpy_mlp.presets import PRESETS
+    run = tmp_path / "rep" / "runs" / "numpy_mlp-mlp2-mini"
+    run.mkdir(parents=True)
+    cfg = dict(PRESETS["mlp2-mini"], preset="mlp2-mini", subset=None, hidden=[7])
+    cfg["lr"] = cfg["lr"] * 2
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "metrics.json").write_text(json.dumps({"complete": True, "history": [], "final": {}}))
+    r = _run(["--rows", "mlp2-mini", "--out", str(tmp_path / "rep")], timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert str(run) in r.stderr and "lr" in r.stderr and "Traceback" not in r.stderr
+    # the same directory with the current settings is accepted (complete: nothing to run)
+    cfg["lr"] = PRESETS["mlp2-mini"]["lr"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = _run(["--rows", "mlp2-mini", "--out", str(tmp_path / "rep"), "--plots-only"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run(["--rows", "mlp2-mini", "--out", str(tmp_path / "rep")], timeout=120)
+    assert r.returncode == 0 and "--preset" not in r.stderr, r.stderr[-2000:]
