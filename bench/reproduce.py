@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import json
 import subprocess
@@ -119,7 +120,6 @@ def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
     cfg = _read_json(run_dir / "config.json")
     if cfg is None:
         return
-    import importlib
     want = dict(importlib.import_module(f"{stack}.presets").PRESETS[row])
     want["epochs"] = scaled_epochs(row, args.epochs_scale)
     want["subset"] = args.subset
@@ -132,7 +132,6 @@ def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
 
 def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
     """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
-    check_not_stale(args, row, stack, run_dir)
     m = _read_json(run_dir / "metrics.json")
     if m and m.get("complete"):
         return "skipped"
@@ -284,6 +283,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             continue
         run_dir = out / "runs" / f"{stack}-{row}"
+        # before running AND before tabulating: a stale run must not stand for the row
+        check_not_stale(args, row, stack, run_dir)
         status = "present"
         if not args.plots_only:
             status = run_row(args, row, stack, run_dir, out / f"{stack}-{row}.log")

@@ -15,8 +15,10 @@ loader does.
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
+import sys
 import warnings
 
 import numpy as np
@@ -125,8 +127,6 @@ def score_images(paths: list[str], p_fake_batch, as_json: bool) -> int:
     -> (B,) P(FAKE)``, print one line per image (or a JSON list), and an ``error:`` line
     on stderr per bad file. Returns the exit status: 1 if any file failed, else 0.
     """
-    import json
-    import sys
     good, arrays, failed = [], [], 0
     for path in paths:
         try:

@@ -42,11 +42,12 @@ def load_run(run_dir) -> tuple[dict, dict]:
     return params, cfg
 
 
-def p_fake(params: dict, image: np.ndarray) -> float:
-    """P(FAKE) = 1 - sigmoid(logit) for one (32, 32, 3) uint8 image, computed in float64."""
+def p_fake(params: dict, images: np.ndarray) -> np.ndarray:
+    """P(FAKE) = 1 - sigmoid(logit), shape (B,), for uint8 images (B, 32, 32, 3); one
+    forward pass over the batch, in float64."""
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
-    logit = forward(images_to_X(image[None], np.float64), p64)[0]
-    return float(sigmoid(-logit)[0, 0])  # 1 - sigmoid(z) = sigmoid(-z), exact for any z
+    logit = forward(images_to_X(images, np.float64), p64)[0]
+    return sigmoid(-logit)[0]  # 1 - sigmoid(z) = sigmoid(-z), exact for any z
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params, _ = load_run(args.run)
 
-    return score_images(args.images, lambda batch: [p_fake(params, im) for im in batch],
-                        args.json)
+    return score_images(args.images, lambda batch: p_fake(params, batch), args.json)
 
 
 if __name__ == "__main__":

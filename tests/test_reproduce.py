@@ -61,9 +61,11 @@ def test_reproduce_refuses_a_run_made_with_other_settings(tmp_path):
     cfg["lr"] = cfg["lr"] * 2
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "metrics.json").write_text(json.dumps({"complete": True, "history": [], "final": {}}))
-    r = _run(["--rows", "mlp2-mini", "--out", str(tmp_path / "rep")], timeout=60)
-    assert r.returncode == 2, r.stderr
-    assert str(run) in r.stderr and "lr" in r.stderr and "Traceback" not in r.stderr
+    for extra in ([], ["--plots-only"]):  # neither rerun/resumed nor tabulated as the row
+        r = _run(["--rows", "mlp2-mini", "--out", str(tmp_path / "rep"), *extra], timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert str(run) in r.stderr and "lr" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "rep" / "table.md").exists()
     # the same directory with the current settings is accepted (complete: nothing to run)
     cfg["lr"] = PRESETS["mlp2-mini"]["lr"]
     (run / "config.json").write_text(json.dumps(cfg))
