@@ -7,7 +7,7 @@ epoch is always evaluated).
 """
 # How the values were chosen (numbers: final-epoch train/test %, full CIFAKE, seed 0
 # unless said; the issue-3 notes list every run and its command):
-# - mini-batch: 30 full 100-epoch runs of (batch, lr0, decay), judged on the LAST
+# - mini-batch: 26 full 100-epoch runs (docs/results/mlp-tuning.md), judged on the LAST
 #   epoch, not the best one. Batch 32 at lr0 0.0075 is the frontier for both nets:
 #   larger steps kill hidden ReLUs of the 7-unit mlp2 (lr0 0.015: 2 of 7 dead, 73.89%
 #   test; batch 64 at 0.015: 74.25%), smaller ones train less in 100 epochs (batch 16
