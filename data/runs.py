@@ -185,6 +185,16 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
+def check_init_scheme(cfg: dict, config_path: str | os.PathLike) -> None:
+    """Refuse to resume a run whose initial weights came from another init scheme: its
+    continuation would silently belong to neither scheme's trajectory."""
+    from .init import INIT_SCHEME
+    if cfg.get("init") != INIT_SCHEME:
+        raise UserError(f"--resume: {config_path} was started with init scheme "
+                        f"{cfg.get('init')!r}, this version draws {INIT_SCHEME!r}; "
+                        f"start a new run (another --out)")
+
+
 def read_json(path: str | os.PathLike) -> dict:
     try:
         with open(path) as f:

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from data.batching import init_rng
 from data.errors import UserError
+from data.init import cnn_init, mlp_init
+
+from . import convert
 
 # ---------------------------------------------------------------- architectures
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C of a CIFAKE image
@@ -81,22 +83,23 @@ def get_spec(model: str, hidden=None) -> ModelSpec:
 
 
 # ---------------------------------------------------------------- init
-def _init_key(seed: int) -> jax.Array:
-    # All randomness derives from the seed through the data layer's streams.
-    return jax.random.PRNGKey(int(init_rng(seed).integers(0, 2**31 - 1)))
-
-
 def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
-    """Fresh variables. MLP: He normal weights, zero biases (numpy_mlp's init).
-    CNN: PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every conv/linear
-    weight and bias, BN scale 1 / bias 0 / running mean 0 / running var 1."""
-    # one compiled function for the whole init (eagerly, every weight shape would be a
-    # separate small compilation: seconds on a busy 2-core CPU)
-    return _init_jit(spec, _init_key(seed), jnp.dtype(dtype))
+    """Fresh variables, the family's seeded initial weights (``data.init``), so a seed
+    starts from the same weights as in the spec stacks. MLP: He normal weights, zero
+    biases. CNN: PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every
+    conv/linear weight and bias, BN scale 1 / bias 0 / running mean 0 / running var 1."""
+    if spec.family == "mlp":
+        tensors = mlp_init(spec.layer_dims, seed, np.dtype(dtype))
+        variables = convert.mlp_from_canonical(tensors)
+    else:
+        variables = convert.cnn_from_canonical(cnn_init(spec.name, seed))
+        variables["params"] = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables["params"])
+    return jax.tree_util.tree_map(jnp.asarray, variables)
 
 
 def init_variables_from_key(spec: ModelSpec, key: jax.Array, dtype=jnp.float32) -> dict:
-    """``init_variables`` from a JAX PRNG key (what the Flax wrapper's ``init`` passes)."""
+    """The same distributions as ``init_variables``, drawn from a JAX PRNG key (what the Flax
+    wrapper's ``init`` passes; the training CLI uses ``init_variables``)."""
     params, stats = {}, {}
     if spec.family == "mlp":
         dims = spec.layer_dims
@@ -131,8 +134,6 @@ def init_variables_from_key(spec: ModelSpec, key: jax.Array, dtype=jnp.float32) 
         out["batch_stats"] = stats
     return out
 
-
-_init_jit = jax.jit(init_variables_from_key, static_argnums=(0, 2))
 
 
 # ---------------------------------------------------------------- layers

@@ -28,7 +28,8 @@ import numpy as np
 
 from data import load_cifake, run_cli
 from data.errors import UserError
-from data.runs import (atomic_write_json, classification_report, common_parser,
+from data.init import INIT_SCHEME
+from data.runs import (atomic_write_json, check_init_scheme, classification_report, common_parser,
                        load_safetensors, positive_int, prepare_out_dir, read_json, resolve_config)
 
 from .presets import AUGMENTED_MODELS, CNN_DEFAULTS, MLP_DEFAULTS, PRESETS
@@ -102,6 +103,7 @@ def resolve(args, argv: list[str]) -> dict:
         cfg["layer_dims"] = list(layer_dims_for(model, hidden))
         cfg["hidden"] = cfg["layer_dims"][1:-1]
     cfg.update(stack=STACK, family="mlp" if mlp else "cnn", augment=model in AUGMENTED_MODELS,
+               init=INIT_SCHEME,
                optimizer="gd" if mlp else "adam", conv_impl=args.conv_impl)
     if not mlp:
         from .steps import ADAM_B1, ADAM_B2, ADAM_EPS
@@ -111,6 +113,7 @@ def resolve(args, argv: list[str]) -> dict:
 
 def _resume_config(args, argv, out: Path) -> dict:
     cfg = read_json(out / "config.json")
+    check_init_scheme(cfg, out / "config.json")
     if args.model is None and args.preset is None:
         args.model = cfg.get("model")  # plain `--out RUN --resume`: the run's own model
     fresh = resolve(args, argv)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.batching import init_rng, to_float
+from data.batching import to_float
+from data.init import mlp_init
 from data.errors import UserError
 
 from .layers import (bce_cost, bce_grad, linear_backward, linear_forward, relu_backward,
@@ -57,17 +58,11 @@ def num_layers(params: dict) -> int:
 def init_params(layer_dims: list[int], seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
     """He initialisation: Wl = randn(n_l, n_{l-1}) * sqrt(2 / n_{l-1}), bl = 0.
 
-    Drawn in float64 from the seed's init stream (``data.batching.rng(seed, 2)``),
-    layer by layer in order, then cast to ``dtype`` -- so float32 and float64
-    runs of one seed start from the same weights (up to rounding).
+    Drawn in float64 from the seed's init stream by ``data.init.mlp_init`` (the draws
+    the JAX port starts from too), layer by layer in order, then cast to ``dtype`` --
+    so float32 and float64 runs of one seed start from the same weights (up to rounding).
     """
-    g = init_rng(seed)
-    params = {}
-    for l in range(1, len(layer_dims)):
-        n_in, n_out = layer_dims[l - 1], layer_dims[l]
-        params[f"W{l}"] = (g.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)).astype(dtype)
-        params[f"b{l}"] = np.zeros((n_out, 1), dtype)
-    return params
+    return mlp_init(layer_dims, seed, dtype)
 
 
 def images_to_X(images: np.ndarray, dtype=np.float32) -> np.ndarray:

@@ -30,7 +30,8 @@ import numpy as np
 from data import load_cifake, run_cli
 from data.batching import batch_slices, epoch_order
 from data.errors import UserError
-from data.runs import (atomic_write_json, classification_report, common_parser,
+from data.init import INIT_SCHEME
+from data.runs import (atomic_write_json, check_init_scheme, classification_report, common_parser,
                        prepare_out_dir, read_json, resolve_config)
 
 from . import checkpoint
@@ -141,6 +142,7 @@ def resolve(args, argv: list[str]) -> dict:
         cfg["hidden"] = parse_hidden(cfg["hidden"])
     cfg["layer_dims"] = layer_dims_for(cfg["model"], cfg["hidden"])
     cfg["hidden"] = cfg["layer_dims"][1:-1]
+    cfg["init"] = INIT_SCHEME
     if cfg["eval_every"] is None:
         cfg["eval_every"] = 1
     return cfg
@@ -148,6 +150,7 @@ def resolve(args, argv: list[str]) -> dict:
 
 def _resume_config(args, argv: list[str], out: Path) -> dict:
     cfg = read_json(out / "config.json")
+    check_init_scheme(cfg, out / "config.json")
     fresh = resolve(args, argv)
     for key, flag in (("model", "--model"), ("hidden", "--hidden"), ("dtype", "--dtype"),
                       ("seed", "--seed"), ("batch_size", "--batch-size"), ("lr", "--lr"),

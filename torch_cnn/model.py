@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data.batching import init_rng
+from data.init import cnn_init
 
 MODELS = ("baseline", "dropout", "v3")
 DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in the original
@@ -74,24 +74,20 @@ def build_model(name: str) -> nn.Module:
     return CifakeCNN(name)
 
 
-def init_seed(seed: int) -> int:
-    """The torch seed for weight init, from the data layer's init stream rng(seed, 2)."""
-    return int(init_rng(seed).integers(0, 2**63 - 1))
-
-
 def init_model(name: str, seed: int) -> nn.Module:
-    """``build_model(name)`` with PyTorch default init seeded from ``seed``.
+    """``name`` with the family's seeded initial weights (``data.init.cnn_init``: PyTorch's
+    default distributions drawn with NumPy), the same arrays the JAX port starts from.
 
-    The global torch RNG is forked, so seeding the init does not disturb it.
+    Torch's global RNG is forked, so building the module does not disturb it.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed(seed))
-        return build_model(name)
+        model = build_model(name)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in cnn_init(name, seed).items()})
+    return model
 
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "DROPOUT_P", "CifakeCNN", "build_model", "init_model", "init_seed",
-           "param_count"]
+__all__ = ["MODELS", "DROPOUT_P", "CifakeCNN", "build_model", "init_model", "param_count"]

@@ -36,7 +36,8 @@ from torch.nn import functional as F
 from data import load_cifake
 from data.batching import rng
 from data.errors import UserError, run_cli
-from data.runs import (atomic_write_json, classification_report, common_parser, load_safetensors,
+from data.init import INIT_SCHEME
+from data.runs import (atomic_write_json, check_init_scheme, classification_report, common_parser, load_safetensors,
                        positive_int, prepare_out_dir, read_json, resolve_config,
                        save_safetensors)
 
@@ -188,6 +189,7 @@ def _config(args) -> dict:
     if args.model is None and not args.preset:
         cfg["model"] = DEFAULTS["model"]
     cfg["augment"] = cfg["model"] in AUGMENTED_MODELS
+    cfg["init"] = INIT_SCHEME
     return cfg
 
 
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.resume:
         cfg = read_json(out / "config.json")
+        check_init_scheme(cfg, out / "config.json")
         new = _config(args)
         for k, v in vars(args).items():
             if v is not None and k not in _RESUME_FREE and k in cfg and cfg[k] != new[k]:
