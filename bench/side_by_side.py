@@ -1,0 +1,230 @@
+"""``python -m bench.side_by_side``: the reproduction table with the spec stacks and the JAX
+port side by side.
+
+Reads the run directories that ``python -m bench.reproduce --backend spec`` and
+``--backend jax`` left (``<dir>/runs/<stack>-<row>/``) and writes into ``--out``:
+
+    side_by_side.md, side_by_side.csv   per row: the original test (train, gap); spec and JAX
+                                        train / test / gap, de-duplicated test, ROC-AUC,
+                                        median seconds per epoch; the JAX - spec test
+                                        difference; and the time to the original's accuracy
+    compare_<row>.png                   both stacks' train and test accuracy per epoch, overlaid
+    side_by_side.json                   everything above as data
+
+"Time to the original's accuracy" is the first epoch whose test accuracy is at or above the
+original row's test accuracy, and the training seconds summed over the epochs up to and
+including it (per-epoch training time as each run recorded it; evaluation excluded).
+"never" where no evaluated epoch reached it. Rows whose runs are missing or unfinished are
+shown as such, never filled in.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data.errors import UserError, run_cli
+from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json
+
+from .original import ORIGINAL, ROWS
+
+PROG = "python -m bench.side_by_side"
+SPEC_STACK = {"mlp": "numpy_mlp", "cnn": "torch_cnn"}
+
+
+def parse_args(argv):
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", default="results/reproduce-spec",
+                    help="bench.reproduce --out of the spec backend (default results/reproduce-spec)")
+    ap.add_argument("--jax", default="results/reproduce-jax",
+                    help="bench.reproduce --out of the jax backend (default results/reproduce-jax)")
+    ap.add_argument("--out", default="results/reproduce-side-by-side", help="output folder")
+    ap.add_argument("--rows", default="all", help=f"comma-separated rows: {','.join(ROWS)}")
+    ap.add_argument("--machine", default="", help="a few words on the machine, for the title")
+    args = ap.parse_args(argv)
+    rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
+    bad = [r for r in rows if r not in ORIGINAL]
+    if bad:
+        raise UserError(f"unknown row(s) {bad}; choose from {','.join(ROWS)}")
+    args.rows = rows
+    return args
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def time_to(history: list[dict], target: float) -> tuple[int | None, float | None]:
+    """(first epoch with test_acc >= target, training seconds up to it) or (None, None)."""
+    total = 0.0
+    for h in history:
+        total += float(h.get("seconds") or 0.0)
+        acc = h.get("test_acc")
+        if acc is not None and acc >= target:
+            return int(h["epoch"]), total
+    return None, None
+
+
+def run_summary(run_dir: Path, target: float) -> dict:
+    m, c = _read(run_dir / "metrics.json"), _read(run_dir / "config.json") or {}
+    if m is None:
+        return {"status": "missing"}
+    hist = m.get("history") or []
+    f = m.get("final") or {}
+    secs = [float(h["seconds"]) for h in hist if h.get("seconds") is not None]
+    ep, t = time_to(hist, target)
+    return {
+        "status": "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)",
+        "epochs": len(hist), "device": c.get("device"), "hidden": c.get("hidden"),
+        "train_acc": f.get("train_acc"), "test_acc": f.get("test_acc"), "gap_pp": f.get("gap_pp"),
+        "test_dedup_acc": (f.get("test_dedup") or {}).get("accuracy"),
+        "test_auc": f.get("test_auc"), "wall_seconds": m.get("wall_seconds"),
+        "median_epoch_seconds": statistics.median(secs) if secs else None,
+        "epoch_to_original": ep, "seconds_to_original": t, "history": hist}
+
+
+def collect(args) -> list[dict]:
+    records = []
+    for row in args.rows:
+        family, desc, epochs, o_test, o_train = ORIGINAL[row]
+        spec_stack = SPEC_STACK[family]
+        rec = {"row": row, "description": desc, "original_epochs": epochs,
+               "original_test": o_test, "original_train": o_train,
+               "original_gap": round(o_train - o_test, 2),
+               "spec_stack": spec_stack,
+               "spec": run_summary(Path(args.spec) / "runs" / f"{spec_stack}-{row}", o_test),
+               "jax": run_summary(Path(args.jax) / "runs" / f"jax_port-{row}", o_test)}
+        a, b = rec["spec"].get("test_acc"), rec["jax"].get("test_acc")
+        rec["jax_minus_spec_test_pp"] = None if a is None or b is None else b - a
+        records.append(rec)
+    return records
+
+
+def _f(v, nd=2) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _reach(s: dict) -> str:
+    if s.get("status") == "missing":
+        return "—"
+    if s.get("epoch_to_original") is None:
+        return "never"
+    return f"epoch {s['epoch_to_original']} ({s['seconds_to_original']:,.0f} s)"
+
+
+COLUMNS = ["row", "original_test", "original_train", "original_gap",
+           "spec_stack", "spec_status", "spec_train", "spec_test", "spec_gap", "spec_dedup",
+           "spec_auc", "spec_epoch_s", "spec_epoch_to_original", "spec_seconds_to_original",
+           "jax_status", "jax_train", "jax_test", "jax_gap", "jax_dedup", "jax_auc",
+           "jax_epoch_s", "jax_epoch_to_original", "jax_seconds_to_original",
+           "jax_minus_spec_test_pp"]
+
+
+def _flat(r: dict) -> dict:
+    out = {k: r[k] for k in ("row", "original_test", "original_train", "original_gap",
+                             "spec_stack", "jax_minus_spec_test_pp")}
+    for side in ("spec", "jax"):
+        s = r[side]
+        out.update({f"{side}_status": s.get("status"), f"{side}_train": s.get("train_acc"),
+                    f"{side}_test": s.get("test_acc"), f"{side}_gap": s.get("gap_pp"),
+                    f"{side}_dedup": s.get("test_dedup_acc"), f"{side}_auc": s.get("test_auc"),
+                    f"{side}_epoch_s": s.get("median_epoch_seconds"),
+                    f"{side}_epoch_to_original": s.get("epoch_to_original"),
+                    f"{side}_seconds_to_original": s.get("seconds_to_original")})
+    return out
+
+
+def write_tables(out: Path, records: list[dict], title: str) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in records:
+        flat = _flat(r)
+        w.writerow(["" if flat[k] is None else flat[k] for k in COLUMNS])
+    atomic_write_bytes(out / "side_by_side.csv", buf.getvalue().encode())
+    lines = [f"# {title}", "",
+             "| row | original test % (train, gap) | stack | status | train % | test % | gap pp "
+             "| dedup test % | ROC-AUC | s/epoch | reached original test | JAX − spec test pp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        orig = f"{r['original_test']:.2f} ({r['original_train']:.2f}, {r['original_gap']:.2f})"
+        for i, (side, name) in enumerate((("spec", r["spec_stack"]), ("jax", "jax_port"))):
+            s = r[side]
+            lines.append(
+                f"| {r['description'] if i == 0 else ''} | {orig if i == 0 else ''} | {name} | "
+                f"{s.get('status')} | {_f(s.get('train_acc'))} | {_f(s.get('test_acc'))} | "
+                f"{_f(s.get('gap_pp'))} | {_f(s.get('test_dedup_acc'))} | {_f(s.get('test_auc'), 4)} | "
+                f"{_f(s.get('median_epoch_seconds'), 2)} | {_reach(s)} | "
+                f"{_f(r['jax_minus_spec_test_pp']) if i == 1 else ''} |")
+    lines += ["", "s/epoch: median training seconds per epoch (evaluation excluded). Reached "
+              "original test: first epoch whose test accuracy ≥ the original row's, with the "
+              "training seconds summed up to it.", ""]
+    atomic_write_bytes(out / "side_by_side.md", "\n".join(lines).encode())
+
+
+def write_plots(out: Path, records: list[dict], title: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    for r in records:
+        if not (r["spec"].get("history") or r["jax"].get("history")):
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        for side, name, color in (("spec", r["spec_stack"], "#3a6ea5"), ("jax", "jax_port", "#d1495b")):
+            h = r[side].get("history") or []
+            if not h:
+                continue
+            ax.plot([e["epoch"] for e in h], [e.get("train_acc") for e in h], color=color, lw=1,
+                    ls="--", label=f"{name} train")
+            te = [(e["epoch"], e["test_acc"]) for e in h if e.get("test_acc") is not None]
+            if te:
+                ax.plot(*zip(*te), color=color, lw=1.5, marker="." if len(te) < 60 else None,
+                        label=f"{name} test")
+        ax.axhline(r["original_test"], color="gray", ls=":", lw=1, label="original test")
+        ax.set_xlabel("epoch"), ax.set_ylabel("accuracy %")
+        ax.set_title(f"{r['description']} — {title}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        name = f"compare_{r['row']}.png"
+        atomic_write_bytes(out / name, buf.getvalue())
+        written.append(name)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror})") from None
+    records = collect(args)
+    title = "spec stacks vs JAX port, full CIFAKE, seed 0" + (f", {args.machine}" if args.machine else "")
+    write_tables(out, records, title)
+    plots = write_plots(out, records, title)
+    atomic_write_json(out / "side_by_side.json", {
+        "title": title, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([PROG] + (argv if argv is not None else sys.argv[1:])),
+        "rows": [{**r, "spec": {k: v for k, v in r["spec"].items() if k != "history"},
+                  "jax": {k: v for k, v in r["jax"].items() if k != "history"}} for r in records],
+        "plots": plots})
+    print((out / "side_by_side.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)

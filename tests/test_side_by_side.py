@@ -1,0 +1,43 @@
+"""bench.side_by_side: the spec and JAX runs of a row side by side, time to the original."""
+from __future__ import annotations
+
+import json
+
+from bench import side_by_side as S
+
+
+def _run(d, hist, final, complete=True):
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"device": "cpu"}))
+    (d / "metrics.json").write_text(json.dumps({"history": hist, "final": final,
+                                                "complete": complete, "wall_seconds": 9.0}))
+
+
+def test_time_to_original_counts_training_seconds_up_to_the_first_epoch_at_or_above():
+    hist = [{"epoch": 1, "seconds": 10.0, "test_acc": 95.0},
+            {"epoch": 2, "seconds": 12.0},  # not evaluated
+            {"epoch": 3, "seconds": 11.0, "test_acc": 96.47},
+            {"epoch": 4, "seconds": 10.0, "test_acc": 97.0}]
+    assert S.time_to(hist, 96.47) == (3, 33.0)
+    assert S.time_to(hist, 97.5) == (None, None)
+
+
+def test_table_holds_both_stacks_and_marks_missing_and_unfinished(tmp_path):
+    f = {"train_acc": 97.0, "test_acc": 96.5, "gap_pp": 0.5, "test_auc": 0.99,
+         "test_dedup": {"accuracy": 96.4}}
+    _run(tmp_path / "s" / "runs" / "torch_cnn-v3",
+         [{"epoch": 1, "seconds": 5.0, "train_acc": 90.0, "test_acc": 96.0}], f)
+    _run(tmp_path / "j" / "runs" / "jax_port-v3",
+         [{"epoch": 1, "seconds": 1.0, "train_acc": 90.0, "test_acc": 96.6}],
+         dict(f, test_acc=96.6), complete=False)
+    code = S.main(["--spec", str(tmp_path / "s"), "--jax", str(tmp_path / "j"),
+                   "--out", str(tmp_path / "o"), "--rows", "v3,baseline"])
+    assert code == 0
+    md = (tmp_path / "o" / "side_by_side.md").read_text()
+    assert "unfinished (1 epochs)" in md and "missing" in md and "never" in md
+    assert "epoch 1 (1 s)" in md
+    doc = json.loads((tmp_path / "o" / "side_by_side.json").read_text())
+    v3 = doc["rows"][0]
+    assert abs(v3["jax_minus_spec_test_pp"] - 0.1) < 1e-9
+    assert (tmp_path / "o" / "compare_v3.png").stat().st_size > 1000
+    assert "baseline" in (tmp_path / "o" / "side_by_side.csv").read_text()
