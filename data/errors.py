@@ -24,6 +24,16 @@ class DataError(UserError):
     """A dataset source (archive, folder, image file, cache) is unusable."""
 
 
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (a newline becomes the two
+    characters ``\\n``): a file name may contain a newline, and one message must stay one
+    line that still names the file exactly."""
+    if text.isprintable():
+        return text
+    # repr escapes exactly the characters str.isprintable() rejects
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -50,7 +60,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         rc = main(argv)
     except UserError as e:
-        msg = str(e).replace("\n", " ")
+        msg = one_line(str(e))
         print(f"error: {prog + ': ' if prog else ''}{msg}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
