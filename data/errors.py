@@ -25,9 +25,10 @@ class DataError(UserError):
 
 
 def one_line(text: str) -> str:
-    """``text`` with every control character escaped (a newline becomes the two
-    characters ``\\n``): a file name may contain a newline, and one message must stay one
-    line that still names the file exactly."""
+    """``text`` with every non-printable character escaped as Python would (a newline
+    becomes the two characters ``\\n``): a file name may contain a newline, and one
+    message must stay one line (callers and scripts read the last line) while still
+    naming the file recognisably."""
     if text.isprintable():
         return text
     # repr escapes exactly the characters str.isprintable() rejects
