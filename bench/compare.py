@@ -125,19 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def user_path(p: str) -> str:
+    """``p`` as an absolute path, relative to the user's working directory: the workers
+    run with the repository as theirs, where a relative path means something else."""
+    return os.path.abspath(os.path.expanduser(p))
+
+
 def resolve_data(args) -> tuple[str | None, str]:
-    """-> (path or None for synthetic, how it was chosen)."""
+    """-> (absolute path or None for synthetic, how it was chosen)."""
     if args.synthetic or (args.data is not None and args.data.lower() == "none"):
         return None, "synthetic (asked for with --synthetic / --data none)"
     if args.data:
-        if not Path(args.data).exists():
+        if not Path(user_path(args.data)).exists():
             raise UserError(f"--data {args.data}: no such file or folder")
-        return args.data, "--data"
+        return user_path(args.data), "--data"
     env = os.environ.get("CIFAKE_PATH")
     if env:
-        if not Path(env).exists():
+        if not Path(user_path(env)).exists():
             raise UserError(f"CIFAKE_PATH={env}: no such file or folder")
-        return env, "$CIFAKE_PATH"
+        return user_path(env), "$CIFAKE_PATH"
     default = SHARED / ("cifake-mini.zip" if args.quick else "cifake.zip")
     if default.is_file():
         return str(default), "default next to the repository"
@@ -480,6 +486,8 @@ def render_chart(doc: dict) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
+    if args.cache_dir:
+        args.cache_dir = user_path(args.cache_dir)
     base = QUICK if args.quick else DEFAULTS
     cfg = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v)
            for k, v in base.items()}

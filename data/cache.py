@@ -15,13 +15,21 @@ Only plain ``.npy`` (loaded with ``allow_pickle=False``) and JSON: nothing is
 unpickled. The folder is built under a temporary name and renamed into place
 when complete, so an interrupted build never leaves a cache that loads. A cache
 whose manifest disagrees with its source (format version, fingerprint) is
-rebuilt, with a message saying why.
+rebuilt, with a message saying why. The manifest records each array's shape, dtype
+and CRC-32, and every load checks them (and the per-class counts against the labels):
+an edited or damaged array is refused, never trained on. One process at a time checks,
+builds and loads a given cache (an exclusive ``flock`` on ``<key>.lock`` beside it), so
+concurrent builders wait for each other and the second one finds the cache ready.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import zlib
 import shutil
 import sys
 import time
@@ -36,7 +44,8 @@ from .images import SIZE, decode_dataset_image
 from .source import CLASSES, LABEL_OF, SPLITS, Entry, Source, cifar_class_of, open_source, \
     resolve_path
 
-FORMAT_VERSION = 1
+# 2: the manifest holds each array's shape, dtype and CRC-32 ("arrays"), checked on load
+FORMAT_VERSION = 2
 # Images per decoding task: large enough to amortise inter-process traffic, small
 # enough for a live progress count. Worker processes are used only from 4 tasks on.
 DECODE_CHUNK = 2000
@@ -154,11 +163,69 @@ def _decode_all(src: Source, entries: list[Entry], workers: int, progress: bool
 
 
 # ---------------------------------------------------------------- build / load
+def _crc32(arr: np.ndarray) -> int:
+    """CRC-32 of an array's bytes: ~0.1 s for the 368 MB of full-CIFAKE images, cheap
+    enough to check on every load. It guards against damage and edits, not attackers."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
+def _describe(arr: np.ndarray) -> dict:
+    return {"shape": list(arr.shape), "dtype": arr.dtype.str, "crc32": _crc32(arr)}
+
+
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _cache_lock(target: Path, verbose: bool):
+    """Hold an exclusive lock on ``<target>.lock`` while checking, building and loading
+    one cache: two builders of the same cache would otherwise replace each other's
+    folder while the other was reading it. The holder deletes the lock file on exit, so
+    nothing is left beside the caches; a waiter that wakes up on a deleted file starts
+    over. A cache folder that cannot hold a lock file (read-only, shared) is used
+    without one: nobody can rebuild it there either."""
+    lock = target.with_name(target.name + ".lock")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    said = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if verbose and not said:
+                    print(f"waiting for another process building or loading the cache "
+                          f"{target}", file=sys.stderr, flush=True)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # we hold the lock file that is in place
+        except FileNotFoundError:
+            pass  # the previous holder deleted it as we waited: take the next one
+        except OSError:  # a file system without flock: go on unlocked
+            os.close(fd)
+            yield
+            return
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
 
 
 def _pid_alive(pid: int) -> bool:
@@ -200,6 +267,7 @@ def build_cache(src: Source, target: Path, workers: int | None = None, progress:
     try:
         images, digests = _decode_all(src, entries, workers, progress)
         counts = {}
+        described: dict[str, dict] = {}
         offset = 0
         for split in SPLITS:
             sel = [i for i, e in enumerate(entries) if e.split == split]
@@ -215,6 +283,7 @@ def build_cache(src: Source, target: Path, workers: int | None = None, progress:
             }
             for field, arr in arrays.items():
                 _write_npy(tmp / f"{split}_{field}.npy", arr)
+                described[f"{split}_{field}.npy"] = _describe(arr)
             counts[split] = {c: int(sum(e.cls == c for e in es)) for c in CLASSES}
             offset = hi
         del offset
@@ -225,6 +294,7 @@ def build_cache(src: Source, target: Path, workers: int | None = None, progress:
             "counts": counts,
             "ignored_files": len(src.ignored),
             "label_convention": {c: LABEL_OF[c] for c in CLASSES},
+            "arrays": described,
             "build_seconds": round(time.time() - t0, 2),
         }
         with open(tmp / "manifest.json", "w") as f:
@@ -237,8 +307,12 @@ def build_cache(src: Source, target: Path, workers: int | None = None, progress:
             os.replace(target, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk or quota mid-build; reading errors are DataErrors
+            raise DataError(f"cannot write the cache in {tmp.parent} ({e.strerror or e}); "
+                            f"nothing was kept; free some space or choose another folder with "
+                            f"--cache-dir") from None
         raise
     return manifest
 
@@ -270,51 +344,87 @@ def _stale_reason(m: dict | None, src: Source) -> str | None:
     return None
 
 
-def _load_split(target: Path, split: str) -> Split:
+def _load_split(target: Path, split: str, m: dict) -> Split:
+    described = m.get("arrays") or {}
     arrays = []
     for field in _FIELDS:
         p = target / f"{split}_{field}.npy"
         try:
-            arrays.append(np.load(p, allow_pickle=False))
+            arr = np.load(p, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise DataError(f"{p}: unreadable cache file ({e}); delete the folder {target} "
                             f"to rebuild it") from None
+        want = described.get(p.name)
+        if not isinstance(want, dict) or {"shape": list(arr.shape), "dtype": arr.dtype.str} \
+                != {k: want.get(k) for k in ("shape", "dtype")} or _crc32(arr) != want.get("crc32"):
+            raise DataError(f"{p}: cache file does not match its manifest (checksum, shape or "
+                            f"dtype): damaged or edited; delete the folder {target} to rebuild it")
+        arrays.append(arr)
     s = Split(*arrays)
     n = len(s.labels)
     if s.images.shape != (n, SIZE, SIZE, 3) or s.images.dtype != np.uint8 or any(
             len(getattr(s, f)) != n for f in _FIELDS):
         raise DataError(f"{target}: cache arrays for '{split}' have inconsistent shapes; "
                         f"delete the folder to rebuild it")
+    counts = {c: int((s.labels == LABEL_OF[c]).sum()) for c in CLASSES}
+    if counts != (m.get("counts") or {}).get(split) or sum(counts.values()) != n:
+        raise DataError(f"{target / 'manifest.json'}: counts for '{split}' disagree with the "
+                        f"labels ({counts}); damaged or edited; delete the folder {target} to "
+                        f"rebuild it")
     return s
 
 
 def prepare(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
             verbose: bool = True, workers: int | None = None) -> tuple[Path, dict, Source]:
     """Make sure a valid cache exists for the source; returns (cache folder, manifest, source)."""
+    path, src, target = _locate(data, cache_dir)
+    with _cache_lock(target, verbose):
+        m = _ensure_built(path, src, target, verbose, workers)
+    return target, m, src
+
+
+def _locate(data, cache_dir) -> tuple[Path, Source, Path]:
     path = resolve_path(data)
     src = open_source(path)
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target = base / _source_key(path)
+    return path, src, base / _source_key(path)
+
+
+def _ensure_built(path: Path, src: Source, target: Path, verbose: bool, workers: int | None
+                  ) -> dict:
     m = _read_manifest(target)
     reason = _stale_reason(m, src)
     if reason is not None:
         if verbose:
             print(f"building CIFAKE cache from {path} ({reason}) -> {target}", file=sys.stderr)
         m = build_cache(src, target, workers=workers, progress=verbose)
-    return target, m, src
+    assert m is not None
+    return m
 
 
 def load_cifake(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                subset: int | None = None, verbose: bool = True) -> CIFAKE:
+                subset: int | None = None, verbose: bool = True,
+                allow_test_inside_train: bool = False) -> CIFAKE:
     """Load CIFAKE as uint8 arrays, building the cache first when needed.
 
     ``subset``: keep the first N images per class in each split (quick runs).
+    A dataset whose every test image also occurs in train (byte-identical) is refused
+    unless ``allow_test_inside_train`` (the data.prepare report): its de-duplicated test
+    view is empty, so a training run could never be evaluated.
     """
-    target, m, src = prepare(data, cache_dir, verbose)
-    src.close()
-    ds = CIFAKE(_load_split(target, "train"), _load_split(target, "test"), m)
+    path, src, target = _locate(data, cache_dir)
+    with _cache_lock(target, verbose):
+        m = _ensure_built(path, src, target, verbose, None)
+        src.close()
+        ds = CIFAKE(_load_split(target, "train", m), _load_split(target, "test", m), m)
     if subset is not None:
         ds = CIFAKE(ds.train.subset_per_class(subset), ds.test.subset_per_class(subset), m)
+    if not allow_test_inside_train and len(ds.test) and \
+            np.isin(ds.test.digests, ds.train.digests).all():
+        raise DataError(f"{path}: every one of the {len(ds.test):,} test images"
+                        f"{' (of this --subset)' if subset is not None else ''} is a "
+                        f"byte-identical copy of a train image, so the de-duplicated test view "
+                        f"is empty and no run could be evaluated; use a test split of its own")
     return ds
 
 

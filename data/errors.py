@@ -24,6 +24,17 @@ class DataError(UserError):
     """A dataset source (archive, folder, image file, cache) is unusable."""
 
 
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped as Python would (a newline
+    becomes the two characters ``\\n``): a file name may contain a newline, and one
+    message must stay one line (callers and scripts read the last line) while still
+    naming the file recognisably."""
+    if text.isprintable():
+        return text
+    # repr escapes exactly the characters str.isprintable() rejects
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -50,7 +61,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         rc = main(argv)
     except UserError as e:
-        msg = str(e).replace("\n", " ")
+        msg = one_line(str(e))
         print(f"error: {prog + ': ' if prog else ''}{msg}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:

@@ -7,10 +7,14 @@ Two entry points:
 - ``load_image_for_model`` for user images (predict): any size and mode, turned
   into the model's 32x32 RGB input.
 
-Mode policy (both): grayscale (L, I;16, I, F), palette (P), RGBA/LA, CMYK and
-YCbCr are converted to RGB with Pillow's ``convert("RGB")``; transparency is
-dropped (alpha is discarded, not composited), as torchvision's ImageFolder
-loader does.
+Mode policy (both): palette (P), grayscale (L), RGBA/LA, CMYK and YCbCr are
+converted to RGB with Pillow's ``convert("RGB")``; transparency is dropped (alpha
+is discarded, not composited), as torchvision's ImageFolder loader does.
+Pillow's ``convert`` clips instead of scaling the high-bit-depth grayscale modes,
+so they are scaled here: 16-bit (``I;16*``, and ``I`` from a PNG) by 255/65535, 32-bit
+float (``F``) by 255 when every value is in [0, 1]. A 32-bit integer image, or a float
+one outside [0, 1], has no defined white level: refused, naming the file.
+User images (predict) get their EXIF orientation applied first, as photo viewers do.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ import sys
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 SIZE = 32  # pixels: CIFAKE images are 32x32
 # Upper bound on the declared pixel count of any image we agree to decode
@@ -37,6 +41,9 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Filter used to bring a user's image to 32x32. BOX (area averaging) is the
 # anti-aliased choice for large downscales; documented in README.
 RESIZE_FILTER = Image.Resampling.BOX
+# Images scored per forward pass in predict: bounds its memory whatever the number of
+# files (a CNN's activations for 256 images are ~40 MB).
+PREDICT_BATCH = 256
 
 
 def read_file_bounded(path: str) -> bytes:
@@ -78,12 +85,41 @@ def _open(data: bytes, where: str) -> Image.Image:
     return im
 
 
+def _high_depth_gray_to_u8(im: Image.Image, where: str) -> np.ndarray | None:
+    """(H, W) uint8 for the grayscale modes Pillow's convert("RGB") would clip
+    (16-bit would come out 99% white, float nearly black); None for every other mode."""
+    mode = im.mode
+    if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):
+        # 16-bit samples (a PNG's 16-bit gray may open as "I"): 0..65535 -> 0..255, rounded
+        a = np.asarray(im).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise DataError(f"{where}: 16-bit image with samples outside 0..65535")
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)
+    if mode == "I":
+        raise DataError(f"{where}: 32-bit integer image: it has no defined white level, "
+                        f"so it cannot be scored faithfully; save it with 8 or 16 bits per channel")
+    if mode == "F":
+        a = np.asarray(im, np.float64)
+        finite = np.isfinite(a).all()
+        if not finite or a.min() < 0 or a.max() > 1:
+            seen = "NaN/inf" if not finite else f"min {a.min():.4g}, max {a.max():.4g}"
+            raise DataError(f"{where}: 32-bit float image with values outside [0, 1] ({seen}): "
+                            f"no defined white level; save it with 8 or 16 bits per channel")
+        return np.rint(a * 255).astype(np.uint8)
+    return None
+
+
 def _to_rgb_array(im: Image.Image, where: str) -> np.ndarray:
     try:
         im.load()
+        gray = _high_depth_gray_to_u8(im, where)
+        if gray is not None:
+            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
         if im.mode != "RGB":
             im = im.convert("RGB")
         return np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
     except Exception as e:  # truncated or corrupt pixel data
         raise DataError(f"{where}: corrupt or truncated image data ({type(e).__name__}: {e})") \
             from None
@@ -111,6 +147,15 @@ def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
     """
     data = read_file_bounded(path)
     im = _open(data, path)
+    try:
+        # a phone photo stores its pixels sideways plus an EXIF orientation tag; viewers
+        # (and so the user) see it rotated, and that is the image to score
+        fmt = im.format
+        im = ImageOps.exif_transpose(im)
+        im.format = fmt  # transposing returns a new image without it; the mode policy needs it
+    except Exception as e:  # corrupt pixel data or EXIF block
+        raise DataError(f"{path}: corrupt or truncated image data ({type(e).__name__}: {e})") \
+            from None
     size = im.size
     if size[0] < 1 or size[1] < 1:
         raise DataError(f"{path}: image has no pixels ({size[0]}x{size[1]})")
@@ -123,30 +168,56 @@ def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
 
 def score_images(paths: list[str], p_fake_batch, as_json: bool) -> int:
     """The one predict loop of every stack: decode each image with
-    ``load_image_for_model``, score all good ones with ``p_fake_batch(uint8 (B, 32, 32, 3))
-    -> (B,) P(FAKE)``, print one line per image (or a JSON list), and an ``error:`` line
-    on stderr per bad file. Returns the exit status: 1 if any file failed, else 0.
+    ``load_image_for_model``, score the good ones with ``p_fake_batch(uint8 (B, 32, 32, 3))
+    -> (B,) P(FAKE)`` in batches of at most ``PREDICT_BATCH`` (memory does not grow with
+    the number of images), print one line per image (or a JSON list, written as it goes
+    and always closed), and an ``error:`` line on stderr per bad file. A non-finite
+    P(FAKE) is such an error, never a score. Returns 1 if any file failed, else 0.
     """
-    good, arrays, failed = [], [], 0
-    for path in paths:
-        try:
-            arr, resized, size = load_image_for_model(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        good.append((path, resized, size))
-        arrays.append(arr)
-    probs = np.asarray(p_fake_batch(np.stack(arrays)), np.float64).reshape(-1) if arrays \
-        else np.zeros(0)
-    results = [{"path": path, "p_fake": float(p), "verdict": "FAKE" if p >= 0.5 else "REAL",
-                "resized": bool(resized), "original_size": [int(size[0]), int(size[1])]}
-               for (path, resized, size), p in zip(good, probs)]
+    failed = 0
+    first = True
     if as_json:
-        print(json.dumps(results, indent=1))
-    else:
-        for r in results:
-            note = (f"  (resized from {r['original_size'][0]}x{r['original_size'][1]})"
-                    if r["resized"] else "")
-            print(f"{r['path']}  P(FAKE)={r['p_fake']:.4f}  {r['verdict']}{note}", flush=True)
+        print("[", flush=True)
+
+    def emit(batch: list[tuple[str, bool, tuple[int, int]]], arrays: list[np.ndarray]) -> None:
+        nonlocal failed, first
+        probs = np.asarray(p_fake_batch(np.stack(arrays)), np.float64).reshape(-1)
+        if probs.shape != (len(batch),):  # a bug in a stack, not the user's input
+            raise AssertionError(f"p_fake_batch returned {probs.shape} for {len(batch)} images")
+        for (path, resized, size), p in zip(batch, probs):
+            if not np.isfinite(p) or not 0.0 <= p <= 1.0:
+                print(f"error: {one_line(path)}: the model's output is not a probability "
+                      f"({p}); its weights are probably corrupt or diverged", file=sys.stderr)
+                failed += 1
+                continue
+            r = {"path": path, "p_fake": float(p), "verdict": "FAKE" if p >= 0.5 else "REAL",
+                 "resized": bool(resized), "original_size": [int(size[0]), int(size[1])]}
+            if as_json:
+                print(("" if first else ",\n") + json.dumps(r, allow_nan=False), end="",
+                      flush=True)
+            else:
+                note = f"  (resized from {size[0]}x{size[1]})" if resized else ""
+                print(f"{one_line(path)}  P(FAKE)={p:.4f}  {r['verdict']}{note}", flush=True)
+            first = False
+
+    batch: list[tuple[str, bool, tuple[int, int]]] = []
+    arrays: list[np.ndarray] = []
+    try:
+        for path in paths:
+            try:
+                arr, resized, size = load_image_for_model(path)
+            except DataError as e:
+                print(f"error: {one_line(str(e))}", file=sys.stderr)
+                failed += 1
+                continue
+            batch.append((path, resized, size))
+            arrays.append(arr)
+            if len(batch) == PREDICT_BATCH:
+                emit(batch, arrays)
+                batch, arrays = [], []
+        if batch:
+            emit(batch, arrays)
+    finally:
+        if as_json:  # even when interrupted or refused, what was printed stays valid JSON
+            print("\n]", flush=True)
     return 1 if failed else 0

@@ -150,6 +150,12 @@ def _maybe_fault(path: Path, f, data: bytes) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
 
@@ -161,6 +167,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp creates 0600; a plain open() would give 0666 minus the umask, which is
+        # what the user (a group sharing runs) expects of the renamed file
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             _maybe_fault(path, f, data)
             f.write(data)
@@ -201,7 +210,9 @@ def read_json(path: str | os.PathLike) -> dict:
             obj = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:  # permission denied, a directory, an I/O error: not a JSON problem
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object")
@@ -222,38 +233,89 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     atomic_write_bytes(path, data)
 
 
-def load_safetensors(path: str | os.PathLike,
-                     expected: dict[str, tuple[tuple[int, ...], str]] | None = None
-                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Load a .safetensors file as NumPy arrays, validating names, shapes and dtypes.
-
-    ``expected``: name -> (shape, dtype name). Missing, extra or mis-shaped
-    tensors raise UserError naming the file and the tensor.
-    """
+def _open_safetensors(path: Path):
     from safetensors import safe_open
-    path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        with open(path, "rb"):  # says "permission denied" instead of a parser's message
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt headers
         raise UserError(f"{path}: not a valid .safetensors file ({type(e).__name__}: {e})") \
             from None
+
+
+def read_safetensors_header(path: str | os.PathLike
+                            ) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """(name -> (shape, dtype name), metadata) of a .safetensors file, from its header
+    alone: no tensor data is read, so a checkpoint padded with a huge tensor costs nothing."""
+    path = Path(path)
+    with _open_safetensors(path) as f:
+        try:
+            meta = dict(f.metadata() or {})
+            header = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                header[k] = (tuple(int(d) for d in sl.get_shape()), _dtype_name(sl.get_dtype()))
+        except Exception as e:
+            raise UserError(f"{path}: not a valid .safetensors file "
+                            f"({type(e).__name__}: {e})") from None
+    return header, meta
+
+
+# safetensors' dtype codes -> NumPy names (the loader returns NumPy arrays of these)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+              "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+def _dtype_name(code: str) -> str:
+    return _ST_DTYPES.get(str(code).upper(), str(code).lower())
+
+
+def load_safetensors(path: str | os.PathLike,
+                     expected: dict[str, tuple[tuple[int, ...], str]] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load a .safetensors file as NumPy arrays, validating names, shapes, dtypes and values.
+
+    ``expected``: name -> (shape, dtype name or None). Missing, extra or mis-shaped
+    tensors raise UserError naming the file and the tensor, checked from the header
+    *before* any tensor is read. A floating tensor holding NaN or inf is refused too:
+    no stack ever saves one (training stops at the first non-finite loss), so it can
+    only be a corrupt or diverged file, and it would score every image as NaN.
+    """
+    path = Path(path)
+    header, meta = read_safetensors_header(path)
     if expected is not None:
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
+        missing = sorted(set(expected) - set(header))
+        extra = sorted(set(header) - set(expected))
         if missing or extra:
             raise UserError(f"{path}: checkpoint does not fit this model "
                             f"(missing {missing[:4]}, unexpected {extra[:4]})")
         for k, (shape, dtype) in expected.items():
-            t = tensors[k]
-            if tuple(t.shape) != tuple(shape):
-                raise UserError(f"{path}: tensor '{k}' has shape {tuple(t.shape)}, "
+            got_shape, got_dtype = header[k]
+            if got_shape != tuple(shape):
+                raise UserError(f"{path}: tensor '{k}' has shape {got_shape}, "
                                 f"this model needs {tuple(shape)}")
-            if dtype is not None and str(t.dtype) != dtype:
-                raise UserError(f"{path}: tensor '{k}' has dtype {t.dtype}, expected {dtype}")
+            if dtype is not None and got_dtype != dtype:
+                raise UserError(f"{path}: tensor '{k}' has dtype {got_dtype}, expected {dtype}")
+    try:
+        with _open_safetensors(path) as f:
+            tensors = {k: f.get_tensor(k) for k in header}
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: not a valid .safetensors file ({type(e).__name__}: {e})") \
+            from None
+    for k, t in tensors.items():
+        if t.dtype.kind == "f" and not np.isfinite(t).all():
+            bad = int((~np.isfinite(t)).sum())
+            raise UserError(f"{path}: tensor '{k}' holds {bad:,} non-finite values (NaN/inf): "
+                            f"the file is corrupt or the run diverged")
     return tensors, meta
 
 

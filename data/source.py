@@ -21,7 +21,9 @@ absolute path, a drive letter or a backslash are refused before anything is read
 """
 from __future__ import annotations
 
+import bz2
 import hashlib
+import lzma
 import os
 import stat
 import struct
@@ -184,6 +186,36 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
+def _inflate(raw: bytes, limit: int) -> bytes:
+    return zlib.decompressobj(-15).decompress(raw, limit)  # raw deflate, no zlib header
+
+
+def _bunzip(raw: bytes, limit: int) -> bytes:
+    return bz2.BZ2Decompressor().decompress(raw, limit)
+
+
+def _unlzma(raw: bytes, limit: int) -> bytes:
+    """A zip's LZMA member: 2-byte version, 2-byte property size, the LZMA1 properties
+    (lc/lp/pb byte + 4-byte dictionary size), then the raw stream (APPNOTE 5.8.8)."""
+    if len(raw) < 9:
+        raise ValueError("LZMA header truncated")
+    psize = struct.unpack("<H", raw[2:4])[0]
+    props = raw[4:4 + psize]
+    if psize != 5 or len(props) != 5 or props[0] >= 9 * 5 * 5:
+        raise ValueError("bad LZMA properties")
+    pb, rest = divmod(props[0], 9 * 5)
+    lp, lc = divmod(rest, 9)
+    filt = {"id": lzma.FILTER_LZMA1, "lc": lc, "lp": lp, "pb": pb,
+            "dict_size": struct.unpack("<I", props[1:5])[0]}
+    return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[filt]).decompress(raw[4 + psize:],
+                                                                             limit)
+
+
+# method code -> f(compressed bytes, max output bytes); the four methods zipfile writes
+_DECOMPRESSORS = {zipfile.ZIP_STORED: lambda raw, limit: raw, zipfile.ZIP_DEFLATED: _inflate,
+                  zipfile.ZIP_BZIP2: _bunzip, zipfile.ZIP_LZMA: _unlzma}
+
+
 class ZipSource(Source):
     kind = "zip"
 
@@ -194,29 +226,30 @@ class ZipSource(Source):
         self._fh = None  # plain file handle for read_located
 
     def locate(self, keys: list[str]) -> list:
-        """(local header offset, compressed size, method, CRC-32, size) per member.
+        """(local header offset, compressed size, method, CRC-32, size, encrypted) per member.
 
-        Decoding workers read members with these directly from one file handle:
-        opening a ``ZipFile`` there would re-read and re-check the 120,000-entry
-        central directory in every worker (about 1.5 s of CPU each). Members
-        that are encrypted or use a method other than stored/deflate get None and
-        go through ``zipfile``.
+        Every member is read with these from one plain file handle, by ``read_located``:
+        opening a ``ZipFile`` in each decoding worker would re-read and re-check the
+        120,000-entry central directory there (about 1.5 s of CPU each), and
+        ``zipfile.read`` inflates bzip2/LZMA members whole, whatever size they declare.
         """
         infos = self._info()
-        out = []
-        for k in keys:
-            i = infos[k]
-            plain = not (i.flag_bits & 0x1) and i.compress_type in (zipfile.ZIP_STORED,
-                                                                    zipfile.ZIP_DEFLATED)
-            out.append((i.header_offset, i.compress_size, i.compress_type, i.CRC, i.file_size)
-                       if plain else None)
-        return out
+        return [(i.header_offset, i.compress_size, i.compress_type, i.CRC, i.file_size,
+                 bool(i.flag_bits & 0x1)) for i in (infos[k] for k in keys)]
 
     def read_located(self, key: str, loc) -> bytes:
         if loc is None:
             return self.read(key)
-        offset, csize, method, crc, size = loc
+        offset, csize, method, crc, size, encrypted = loc
         where = f"{self.path}: archive entry '{key}'"
+        if size > MAX_FILE_BYTES or csize > MAX_FILE_BYTES:
+            raise DataError(f"{where}: declares {max(size, csize):,} bytes, more than any image "
+                            f"file should ({MAX_FILE_BYTES:,}); refused before inflating (zip bomb?)")
+        if encrypted:
+            raise DataError(f"{where}: encrypted; re-zip the dataset without a password")
+        if method not in _DECOMPRESSORS:
+            raise DataError(f"{where}: compression method {method} is not supported (stored, "
+                            f"deflate, bzip2 and LZMA are); re-zip it with plain deflate")
         try:
             if self._fh is None:
                 self._fh = open(self.path, "rb")
@@ -231,16 +264,13 @@ class ZipSource(Source):
             raise DataError(f"{where}: cannot read ({e.strerror})") from None
         if len(raw) != csize:
             raise DataError(f"{where}: truncated ({len(raw)} of {csize} bytes)")
-        if size > MAX_FILE_BYTES:
-            raise DataError(f"{where}: declares {size:,} bytes, more than any image file "
-                            f"should ({MAX_FILE_BYTES:,}); refused before inflating (zip bomb?)")
-        if method == zipfile.ZIP_DEFLATED:
-            try:
-                # raw deflate stream, no zlib header; never inflate past the declared
-                # size + 1 byte, so a member that lies about its size cannot eat memory
-                raw = zlib.decompressobj(-15).decompress(raw, size + 1)
-            except zlib.error as e:
-                raise DataError(f"{where}: corrupt compressed data ({e})") from None
+        try:
+            # never produce more than the declared size + 1 byte, whatever the method, so a
+            # member that lies about its size cannot eat memory (bzip2 and LZMA expand a
+            # few KB into gigabytes as readily as deflate does)
+            raw = _DECOMPRESSORS[method](raw, size + 1)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as e:
+            raise DataError(f"{where}: corrupt compressed data ({e})") from None
         # the same checks zipfile makes: declared size and CRC-32
         if len(raw) != size or zlib.crc32(raw) != crc:
             raise DataError(f"{where}: CRC or size mismatch (corrupt archive)")
@@ -265,9 +295,16 @@ class ZipSource(Source):
     def _info(self) -> dict[str, zipfile.ZipInfo]:
         if self._infos is None:
             infos = self._zip().infolist()
+            by_name: dict[str, zipfile.ZipInfo] = {}
             for i in infos:
                 check_member_name(i.filename, str(self.path))
-            self._infos = {i.filename: i for i in infos}
+                if i.filename in by_name:
+                    # zipfile keeps the last one silently; which copy is "the" image is
+                    # anyone's guess, and the counts would be wrong
+                    raise DataError(f"{self.path}: archive holds the name {i.filename!r} more "
+                                    f"than once; re-create the zip")
+                by_name[i.filename] = i
+            self._infos = by_name
         return self._infos
 
     def entries(self) -> list[Entry]:
@@ -276,18 +313,7 @@ class ZipSource(Source):
         return self._collect(rels)
 
     def read(self, key: str) -> bytes:
-        info = self._info()[key]
-        if info.file_size > MAX_FILE_BYTES:
-            raise DataError(f"{self.path}: archive entry '{key}' declares {info.file_size:,} "
-                            f"bytes, more than any image file should ({MAX_FILE_BYTES:,}); "
-                            f"refused before inflating (zip bomb?)")
-        try:
-            return self._zip().read(info)
-        except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
-            raise DataError(f"{self.path}: cannot read archive entry '{key}' ({e})") from None
-        except (NotImplementedError, RuntimeError) as e:  # unsupported method, encrypted
-            raise DataError(f"{self.path}: cannot read archive entry '{key}' ({e}); "
-                            f"re-zip it with plain deflate") from None
+        return self.read_located(key, self.locate([key])[0])
 
     def stat_key(self) -> dict:
         st = self.path.stat()
@@ -319,11 +345,17 @@ class DirSource(Source):
     def _list(self):
         if self._listing is None:
             out = []
-            for root, dirs, files in os.walk(self.path):
+            # Symlinked folders are followed (a class folder linked from elsewhere is a
+            # common way to assemble a dataset). Nothing valid lies deeper than
+            # wrapper/split/class, so sub-folders there are listed (an error in
+            # _collect) but not entered: a symlink loop cannot make the walk endless.
+            for root, dirs, files in os.walk(self.path, followlinks=True):
                 rroot = Path(root).relative_to(self.path).as_posix()
                 for d in dirs:
                     rel = d if rroot == "." else f"{rroot}/{d}"
                     out.append((rel, os.path.join(root, d), True, 0, 0))
+                if rroot.count("/") >= 2:  # wrapper/split/class: list its sub-folders only
+                    dirs[:] = []
                 for f in files:
                     rel = f if rroot == "." else f"{rroot}/{f}"
                     full = os.path.join(root, f)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from data.errors import UserError
-from data.runs import check_uniform_float, load_safetensors, save_safetensors
+from data.runs import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
 
 from . import convert
 from .model import CNN_VARIANTS, ModelSpec, get_spec
@@ -69,7 +69,7 @@ def load(path, model: str | None = None) -> tuple[ModelSpec, dict, dict]:
 
     ``model``: the model the caller expects (e.g. from config.json); a mismatch is an error.
     """
-    _, meta = load_safetensors(path)  # metadata first: it says which shapes to expect
+    _, meta = read_safetensors_header(path)  # metadata first: it says which shapes to expect
     family, name = meta.get("family"), meta.get("model")
     if model is not None and name is not None and name != model:
         raise UserError(f"{path}: checkpoint is for model {name!r}, not {model!r}")

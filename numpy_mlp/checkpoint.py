@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from data.errors import UserError
-from data.runs import check_uniform_float, load_safetensors, save_safetensors
+from data.runs import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
 
 FAMILY = "mlp"
 
@@ -44,7 +44,7 @@ def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
     Metadata gains ``layer_dims`` parsed as a list of ints.
     """
-    _, meta = load_safetensors(path)  # first pass: read the metadata to know the shapes
+    _, meta = read_safetensors_header(path)  # the metadata says which shapes to expect
     if meta.get("family") != FAMILY:
         raise UserError(f"{path}: not an MLP checkpoint (family {meta.get('family')!r})")
     try:
