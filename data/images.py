@@ -5,7 +5,8 @@ Two entry points:
   declared size is checked from the header *before* any pixel is decoded, so a
   decompression bomb costs nothing.
 - ``load_image_for_model`` for user images (predict): any size and mode, turned
-  into the model's 32x32 RGB input.
+  into the model's 32x32 RGB input (``image_to_model_input`` for an image already
+  opened or in memory, ``load_image_bytes`` for an upload).
 
 Mode policy (both): palette (P), grayscale (L), RGBA/LA, CMYK and YCbCr are
 converted to RGB with Pillow's ``convert("RGB")``; transparency is dropped (alpha
@@ -19,16 +20,14 @@ User images (predict) get their EXIF orientation applied first, as photo viewers
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
-import sys
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DataError, one_line
+from .errors import DataError
 
 SIZE = 32  # pixels: CIFAKE images are 32x32
 # Upper bound on the declared pixel count of any image we agree to decode
@@ -137,16 +136,22 @@ def decode_dataset_image(data: bytes, where: str) -> np.ndarray:
     return arr
 
 
-def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
-    """A user's image file (JPEG/PNG/WebP/..., any size or mode) -> model input.
+def resize_to_model(arr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of any size -> (32, 32, 3), the detector's input.
 
-    Returns ``(image (32, 32, 3) uint8 RGB, resized?, original (width, height))``.
-    Images that are not 32x32 are resized with ``RESIZE_FILTER`` (the detector
-    was trained on 32x32 originals, so a resized image is out of distribution;
-    callers say so in their output).
-    """
-    data = read_file_bounded(path)
-    im = _open(data, path)
+    The one place a user's image changes size, so that a better mapping (e.g. one that
+    mimics how CIFAKE's 32x32 images were made) replaces exactly this function."""
+    if arr.shape[:2] == (SIZE, SIZE):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((SIZE, SIZE), RESIZE_FILTER), dtype=np.uint8)
+
+
+def image_to_model_input(im: Image.Image, where: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """An opened PIL image (file or in memory) -> ``(image (32, 32, 3) uint8 RGB, resized?,
+    original (width, height))``, after the EXIF orientation and the mode policy above.
+
+    Images that are not 32x32 go through ``resize_to_model`` (the detector was trained on
+    32x32 originals, so a resized image is out of distribution; callers say so)."""
     try:
         # a phone photo stores its pixels sideways plus an EXIF orientation tag; viewers
         # (and so the user) see it rotated, and that is the image to score
@@ -154,70 +159,30 @@ def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
         im = ImageOps.exif_transpose(im)
         im.format = fmt  # transposing returns a new image without it; the mode policy needs it
     except Exception as e:  # corrupt pixel data or EXIF block
-        raise DataError(f"{path}: corrupt or truncated image data ({type(e).__name__}: {e})") \
+        raise DataError(f"{where}: corrupt or truncated image data ({type(e).__name__}: {e})") \
             from None
     size = im.size
     if size[0] < 1 or size[1] < 1:
-        raise DataError(f"{path}: image has no pixels ({size[0]}x{size[1]})")
-    arr = _to_rgb_array(im, path)
-    resized = size != (SIZE, SIZE)
-    if resized:
-        arr = np.asarray(Image.fromarray(arr).resize((SIZE, SIZE), RESIZE_FILTER), dtype=np.uint8)
-    return arr, resized, size
+        raise DataError(f"{where}: image has no pixels ({size[0]}x{size[1]})")
+    if size[0] * size[1] > MAX_PIXELS:  # an in-memory image never went through _open's check
+        raise DataError(f"{where}: {size[0]}x{size[1]} is more pixels than any image we score "
+                        f"({MAX_PIXELS:,})")
+    arr = _to_rgb_array(im, where)
+    return resize_to_model(arr), size != (SIZE, SIZE), size
 
 
-def score_images(paths: list[str], p_fake_batch, as_json: bool) -> int:
-    """The one predict loop of every stack: decode each image with
-    ``load_image_for_model``, score the good ones with ``p_fake_batch(uint8 (B, 32, 32, 3))
-    -> (B,) P(FAKE)`` in batches of at most ``PREDICT_BATCH`` (memory does not grow with
-    the number of images), print one line per image (or a JSON list, written as it goes
-    and always closed), and an ``error:`` line on stderr per bad file. A non-finite
-    P(FAKE) is such an error, never a score. Returns 1 if any file failed, else 0.
+def load_image_bytes(data: bytes, where: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """The bytes of a user's image file (e.g. an upload) -> model input, as
+    ``image_to_model_input``; ``where`` names it in errors."""
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{where}: {len(data):,} bytes, more than any image file should "
+                        f"({MAX_FILE_BYTES:,})")
+    return image_to_model_input(_open(data, where), where)
+
+
+def load_image_for_model(path: str) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """A user's image file (JPEG/PNG/WebP/..., any size or mode) -> model input.
+
+    Returns ``(image (32, 32, 3) uint8 RGB, resized?, original (width, height))``.
     """
-    failed = 0
-    first = True
-    if as_json:
-        print("[", flush=True)
-
-    def emit(batch: list[tuple[str, bool, tuple[int, int]]], arrays: list[np.ndarray]) -> None:
-        nonlocal failed, first
-        probs = np.asarray(p_fake_batch(np.stack(arrays)), np.float64).reshape(-1)
-        if probs.shape != (len(batch),):  # a bug in a stack, not the user's input
-            raise AssertionError(f"p_fake_batch returned {probs.shape} for {len(batch)} images")
-        for (path, resized, size), p in zip(batch, probs):
-            if not np.isfinite(p) or not 0.0 <= p <= 1.0:
-                print(f"error: {one_line(path)}: the model's output is not a probability "
-                      f"({p}); its weights are probably corrupt or diverged", file=sys.stderr)
-                failed += 1
-                continue
-            r = {"path": path, "p_fake": float(p), "verdict": "FAKE" if p >= 0.5 else "REAL",
-                 "resized": bool(resized), "original_size": [int(size[0]), int(size[1])]}
-            if as_json:
-                print(("" if first else ",\n") + json.dumps(r, allow_nan=False), end="",
-                      flush=True)
-            else:
-                note = f"  (resized from {size[0]}x{size[1]})" if resized else ""
-                print(f"{one_line(path)}  P(FAKE)={p:.4f}  {r['verdict']}{note}", flush=True)
-            first = False
-
-    batch: list[tuple[str, bool, tuple[int, int]]] = []
-    arrays: list[np.ndarray] = []
-    try:
-        for path in paths:
-            try:
-                arr, resized, size = load_image_for_model(path)
-            except DataError as e:
-                print(f"error: {one_line(str(e))}", file=sys.stderr)
-                failed += 1
-                continue
-            batch.append((path, resized, size))
-            arrays.append(arr)
-            if len(batch) == PREDICT_BATCH:
-                emit(batch, arrays)
-                batch, arrays = [], []
-        if batch:
-            emit(batch, arrays)
-    finally:
-        if as_json:  # even when interrupted or refused, what was printed stays valid JSON
-            print("\n]", flush=True)
-    return 1 if failed else 0
+    return image_to_model_input(_open(read_file_bounded(path), path), path)

@@ -17,6 +17,7 @@ one, never half of one. Nothing is ever unpickled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -64,8 +65,39 @@ def batch_size_arg(s: str) -> int | None:
     return positive_int("--batch-size")(s)
 
 
+def project_version() -> str:
+    """The installed distribution's version (pyproject's), for every command's --version."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cifake-detector")
+    except PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown (not installed with pip)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that shows each flag's default, and keeps the epilog's line breaks so its
+    example stays copy-pastable. A default of None/False is left out (it means 'not
+    given' or 'off', which the help text already says), as is one the help text names."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (d is None or d is False or d is argparse.SUPPRESS or "default" in text.lower()
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError: one line and exit 2 through run_cli, no usage dump."""
+    """argparse whose errors raise UserError: one line and exit 2 through run_cli, no usage
+    dump; whose --help shows defaults; and with --version on every command."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        if self.add_help:
+            self.add_argument("--version", action="version",
+                              version=f"%(prog)s {project_version()}")
 
     def error(self, message: str):
         raise UserError(message)
@@ -186,6 +218,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise UserError(f"cannot write {path} ({e.strerror or e}); files already saved "
                             f"there are intact (fix the cause, then continue with --resume)") \
                 from None
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_text_writer(path: str | os.PathLike, newline: str | None = None):
+    """A text file written as it goes (so its size need not fit in memory) that appears
+    at ``path`` only when the ``with`` block completes: temp file in the same folder,
+    fsync, rename, as ``atomic_write_bytes``. An exception or Ctrl-C inside the block
+    removes the temp file and leaves any previous ``path`` untouched. The temp file is
+    created on entry, so an unwritable folder is refused before any work is done."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); nothing was written "
+                            f"there") from None
         raise
     _fsync_dir(path.parent)
 

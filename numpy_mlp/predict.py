@@ -1,10 +1,15 @@
-"""Score images with a trained MLP: ``python -m numpy_mlp.predict --run RUN_DIR IMAGE... [--json]``.
+"""Score images with a trained MLP.
 
-Loads RUN_DIR/config.json and RUN_DIR/model.safetensors (canonical MLP names, so a
-JAX-port MLP run works too). For each image prints ``path  P(FAKE)  verdict``
-(FAKE when P(FAKE) >= 0.5), adding "(resized from WxH)" when the image was not
-32x32. A file that cannot be read gets its own error line on stderr; the others
-are still scored, and the exit status is 1 if any failed.
+Command: ``python -m numpy_mlp.predict --run RUN_DIR IMAGE_OR_FOLDER... [--output FILE.csv]``
+(``--help`` for the rest). Python::
+
+    from numpy_mlp.predict import Detector
+    det = Detector.load("runs/mlp")
+    det.predict(["a.jpg", pil_image, uint8_array])  # -> [{"index", "path", "p_fake", "label", ...}]
+
+RUN_DIR holds config.json and model.safetensors (canonical MLP names, so a JAX-port
+MLP run works too). Inputs, batching, records and output files are ``data.predict``'s,
+the same in every stack. NumPy runs on the CPU only.
 """
 from __future__ import annotations
 
@@ -14,13 +19,13 @@ import numpy as np
 
 from data import run_cli
 from data.errors import UserError
-from data.images import score_images
-from data.runs import ArgumentParser, read_json
+from data.predict import DetectorBase, normalize_device, predict_cli
+from data.runs import read_json
 
 from . import checkpoint
 from .model import forward, images_to_X, sigmoid
 
-PROG = "numpy_mlp.predict"
+PROG = "python -m numpy_mlp.predict"
 
 
 def load_run(run_dir) -> tuple[dict, dict]:
@@ -50,16 +55,32 @@ def p_fake(params: dict, images: np.ndarray) -> np.ndarray:
     return sigmoid(-logit)[0]  # 1 - sigmoid(z) = sigmoid(-z), exact for any z
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog=PROG, description="P(FAKE) of each image under a trained NumPy MLP.")
-    ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
-    ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
-    ap.add_argument("images", nargs="+", metavar="IMAGE")
-    args = ap.parse_args(argv)
-    params, _ = load_run(args.run)
+class Detector(DetectorBase):
+    """A trained MLP run (either MLP stack's), scoring images with NumPy."""
 
-    return score_images(args.images, lambda batch: p_fake(params, batch), args.json)
+    stack = "numpy_mlp"
+
+    def __init__(self, params: dict, run_dir, config: dict):
+        super().__init__(run_dir, config, "cpu")
+        # cast once, not per batch: scoring runs in float64 whatever the training dtype
+        self.params = {k: v.astype(np.float64) for k, v in params.items()}
+
+    @classmethod
+    def load(cls, run_dir, device: str = "auto") -> "Detector":
+        if normalize_device(device) == "gpu":
+            raise UserError("--device gpu: the NumPy MLP runs on the CPU only "
+                            "(use --device cpu or auto)")
+        params, cfg = load_run(run_dir)
+        return cls(params, run_dir, cfg)
+
+    def p_fake_batch(self, images: np.ndarray) -> np.ndarray:
+        return p_fake(self.params, images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return predict_cli(argv, PROG, "P(FAKE) for images with a trained NumPy MLP.",
+                       Detector.load)
 
 
 if __name__ == "__main__":
-    run_cli(main, prog=PROG)
+    run_cli(main, prog="numpy_mlp.predict")

@@ -267,15 +267,20 @@ def test_predict_scores_good_images_and_names_each_bad_one(corpus):
     imgs = corpus["images"]
     good = ["good.jpg", "rgba.png", "gray.png", "palette.png", "dot.png", "big.jpg"]
     bad = {"truncated.jpg": "truncated", "html.jpg": "not a readable image",
-           "bomb.png": "decompression bomb", "a-folder.jpg": "is a directory",
+           "bomb.png": "decompression bomb", "a-folder.jpg": "folder holds no image file",
            "missing.jpg": "cannot read"}
     args = [imgs / n for n in good[:3]] + [imgs / n for n in bad] + [imgs / n for n in good[3:]]
     p = run("numpy_mlp.predict", "--run", corpus["mlp_run"], "--json", *args)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    results = {Path(r["path"]).name: r for r in json.loads(p.stdout)}
+    doc = json.loads(p.stdout)
+    assert [r["path"] for r in doc] == [str(a) for a in args]  # every input, in order
+    results = {Path(r["path"]).name: r for r in doc if r["error"] is None}
     assert sorted(results) == sorted(good)  # every good image scored despite the bad ones
     for r in results.values():
-        assert 0.0 <= r["p_fake"] <= 1.0 and r["verdict"] in ("FAKE", "REAL")
+        assert 0.0 <= r["p_fake"] <= 1.0 and r["label"] in ("FAKE", "REAL")
+    for r in doc:
+        if r["error"] is not None:  # a failed input is in the output too, with its reason
+            assert r["p_fake"] is None and bad[Path(r["path"]).name] in r["error"]
     assert results["dot.png"]["resized"] and results["dot.png"]["original_size"] == [1, 1]
     assert results["big.jpg"]["resized"] and results["big.jpg"]["original_size"] == [64, 64]
     assert not results["rgba.png"]["resized"]

@@ -248,9 +248,10 @@ def test_cnn_cli_resume_bit_identical_and_predict(archive, tmp_path, capsys):
     code, out, err = run_main(P.main, ["--run", str(tmp_path / "u"), *imgs, "--json"], capsys)
     assert code == 1 and "c.png" in err
     res = json.loads(out)
-    assert [r["path"] for r in res] == imgs[:2]
+    assert [r["path"] for r in res] == imgs and "c.png" in res[2]["error"]
+    res = res[:2]
     assert res[1]["resized"] and res[1]["original_size"] == [64, 48] and not res[0]["resized"]
-    assert all(0 <= r["p_fake"] <= 1 and r["verdict"] == ("FAKE" if r["p_fake"] >= 0.5 else "REAL")
+    assert all(0 <= r["p_fake"] <= 1 and r["label"] == ("FAKE" if r["p_fake"] >= 0.5 else "REAL")
                for r in res)
     code, out, _ = run_main(P.main, ["--run", str(tmp_path / "u"), imgs[1]], capsys)
     assert code == 0 and "P(FAKE)=" in out and "(resized from 64x48)" in out

@@ -368,8 +368,10 @@ def test_predict_cli(archive, tmp_path, capsys):
     code, out, err = run_main(P.main, ["--run", str(tmp_path / "r"), "--json", *files], capsys)
     assert code == 1
     res = json.loads(out)
-    assert [r["path"] for r in res] == [f for f in files if "broken" not in f]
-    assert all(0 <= r["p_fake"] <= 1 and r["verdict"] in ("FAKE", "REAL") for r in res)
+    assert [r["path"] for r in res] == files  # the broken one too, with its error
+    assert [r["error"] is not None for r in res] == ["broken" in f for f in files]
+    res = [r for r in res if r["error"] is None]
+    assert all(0 <= r["p_fake"] <= 1 and r["label"] in ("FAKE", "REAL") for r in res)
     assert res[2]["resized"] is True and res[2]["original_size"] == [64, 64]
     assert res[0]["resized"] is False
     # P(FAKE) agrees with the model's own forward pass

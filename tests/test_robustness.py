@@ -25,7 +25,8 @@ from PIL import Image
 import data.cache as cache_mod
 from data import load_cifake
 from data.errors import DataError, UserError
-from data.images import PREDICT_BATCH, load_image_for_model, score_images
+from data.images import PREDICT_BATCH, load_image_for_model
+from data.predict import DetectorBase
 from data.runs import atomic_write_bytes, read_json
 from tests.helpers import REPO, extract_to, image_bytes, make_archive, synthetic_image
 from tests.test_reliability import (NOBODY, assert_ok, assert_user_error, can_drop_privileges,
@@ -130,7 +131,8 @@ def test_predict_cli_scores_16bit_png_and_names_the_refused_tiff(tmp_path):
     i32.write_bytes(tiff(np.full((32, 32), 7, np.int32)))
     p = run("numpy_mlp.predict", "--run", r, "--json", g16, i32, cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert [Path(x["path"]).name for x in json.loads(p.stdout)] == ["g16.png"]
+    assert [Path(x["path"]).name for x in json.loads(p.stdout) if x["error"] is None] == \
+        ["g16.png"]
     line = last_line(p.stderr)
     assert line.startswith(f"error: {i32}: 32-bit integer image"), line
 
@@ -145,25 +147,36 @@ def test_predict_refuses_nan_weights_with_one_line(tmp_path):
         assert "nan" not in p.stdout.lower()
 
 
-def test_a_non_finite_score_is_an_error_line_and_json_stays_valid(tmp_path, capsys):
+class _Stub(DetectorBase):
+    """A detector whose scores are given: the shared loop's checks without a model."""
+
+    def __init__(self, p_fake_batch):
+        super().__init__("stub", {}, "cpu")
+        self.p_fake_batch = p_fake_batch
+
+
+def test_a_non_finite_score_is_an_error_record_and_json_stays_valid(tmp_path, capsys):
+    from data.predict import _print
     imgs = [str(good_jpeg(tmp_path / f"{i}.jpg")) for i in range(3)]
-    rc = score_images(imgs, lambda b: np.array([0.25, np.nan, np.inf])[:len(b)], as_json=True)
+    det = _Stub(lambda b: np.array([0.25, np.nan, np.inf])[:len(b)])
+    rc = _print(det.predict_iter(imgs), as_json=True)
     out, err = capsys.readouterr()
     assert rc == 1
     doc = json.loads(out)  # strict JSON: a bare NaN would not parse
-    assert [d["path"] for d in doc] == imgs[:1]
+    assert [d["path"] for d in doc] == imgs
+    assert [d["p_fake"] for d in doc] == [0.25, None, None]
+    assert all("not a probability" in d["error"] for d in doc[1:])
     assert err.count("error:") == 2 and "not a probability" in err
 
 
-def test_predict_scores_in_bounded_batches(tmp_path, capsys):
+def test_predict_scores_in_bounded_batches(tmp_path):
     """Memory must not grow with the number of images: the model sees at most
     PREDICT_BATCH images at once (torch_cnn.predict used to score all in one pass)."""
     img = str(good_jpeg(tmp_path / "a.jpg"))
     n = 2 * PREDICT_BATCH + 5
     seen = []
-    rc = score_images([img] * n, lambda b: (seen.append(len(b)), np.full(len(b), 0.5))[1],
-                      as_json=True)
-    assert rc == 0 and len(json.loads(capsys.readouterr().out)) == n
+    det = _Stub(lambda b: (seen.append(len(b)), np.full(len(b), 0.5))[1])
+    assert len(det.predict([img] * n)) == n
     assert max(seen) <= PREDICT_BATCH and sum(seen) == n
 
 

@@ -335,5 +335,5 @@ def test_predict_sizes_modes_and_a_broken_file(tmp_path, capsys):
     assert predict.main(["--json", "--run", str(run), *files]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["resized"] for r in res] == [False, True, True, True]
-    assert res[2]["original_size"] == [20, 23] and res[0]["verdict"] in ("FAKE", "REAL")
+    assert res[2]["original_size"] == [20, 23] and res[0]["label"] in ("FAKE", "REAL")
     assert all(0 <= r["p_fake"] <= 1 for r in res)

@@ -1,15 +1,15 @@
-"""Score images with a trained CNN: ``python -m torch_cnn.predict --run RUN_DIR IMAGE... [--json]``.
+"""Score images with a trained CNN.
 
-Loads RUN_DIR/config.json (for the model name) and RUN_DIR/model.safetensors
-(canonical CNN names: written by torch_cnn or the JAX port). Each image is
-brought to 32x32 RGB by ``data.images.load_image_for_model``; one line per image:
+Command: ``python -m torch_cnn.predict --run RUN_DIR IMAGE_OR_FOLDER... [--output FILE.csv]``
+(``--help`` for the rest). Python::
 
-    PATH  P(FAKE)=0.9731  FAKE  (resized from 640x480)
+    from torch_cnn.predict import Detector
+    det = Detector.load("runs/detector")            # device="auto" | "cpu" | "gpu"
+    det.predict(["a.jpg", pil_image, uint8_array])  # -> [{"index", "path", "p_fake", "label", ...}]
 
-P(FAKE) = 1 - sigmoid(logit); verdict FAKE when P(FAKE) >= 0.5. ``--json``
-prints a JSON list of {"path", "p_fake", "verdict", "resized", "original_size"}.
-A file that cannot be read gets its own "error: ..." line on stderr; the others
-are still scored, and the exit status is 1 if any failed.
+RUN_DIR holds config.json (for the model name) and model.safetensors (canonical CNN
+names: written by torch_cnn or the JAX port). Inputs, batching, records and output
+files are ``data.predict``'s, the same in every stack. P(FAKE) = 1 - sigmoid(logit).
 """
 from __future__ import annotations
 
@@ -19,14 +19,25 @@ import numpy as np
 import torch
 
 from data.errors import UserError, run_cli
-from data.images import score_images
-from data.runs import ArgumentParser, read_json
+from data.predict import DetectorBase, normalize_device, predict_cli
+from data.runs import read_json
 
 from . import checkpoint
 from .model import MODELS, build_model
 from .pipeline import to_input
 
 PROG = "python -m torch_cnn.predict"
+
+
+def torch_device(device: str) -> torch.device:
+    """'auto' | 'cpu' | 'gpu' (or 'cuda') -> a torch device; a GPU asked for and absent
+    is an error rather than a silent fall back to the CPU."""
+    d = normalize_device(device)
+    if d == "cpu" or (d == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device gpu: PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device("cuda")
 
 
 def load_run(run_dir: str | Path) -> torch.nn.Module:
@@ -46,20 +57,35 @@ def load_run(run_dir: str | Path) -> torch.nn.Module:
 
 def p_fake(model: torch.nn.Module, images_u8_nhwc: np.ndarray) -> np.ndarray:
     """P(FAKE) per image (float64), = 1 - sigmoid(logit) = sigmoid(-logit)."""
+    dev = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model(to_input(torch.from_numpy(np.ascontiguousarray(images_u8_nhwc))))
-    return torch.sigmoid(-logits.double()).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(images_u8_nhwc)).to(dev)
+        logits = model(to_input(x))
+    return torch.sigmoid(-logits.double()).cpu().numpy()
+
+
+class Detector(DetectorBase):
+    """A trained CNN run (either CNN stack's), scoring images with PyTorch."""
+
+    stack = "torch_cnn"
+
+    def __init__(self, model: torch.nn.Module, run_dir, config: dict, device: torch.device):
+        super().__init__(run_dir, config, str(device))
+        self.model = model
+
+    @classmethod
+    def load(cls, run_dir, device: str = "auto") -> "Detector":
+        dev = torch_device(device)
+        model = load_run(run_dir).to(dev)
+        return cls(model, run_dir, read_json(Path(run_dir) / "config.json"), dev)
+
+    def p_fake_batch(self, images: np.ndarray) -> np.ndarray:
+        return p_fake(self.model, images)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog=PROG, description="P(FAKE) for images with a trained CIFAKE CNN.")
-    ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
-    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size/mode)")
-    ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
-    args = ap.parse_args(argv)
-    model = load_run(args.run)
-
-    return score_images(args.images, lambda batch: p_fake(model, batch), args.json)
+    return predict_cli(argv, PROG, "P(FAKE) for images with a trained CIFAKE CNN (PyTorch).",
+                       Detector.load)
 
 
 if __name__ == "__main__":
