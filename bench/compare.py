@@ -17,10 +17,10 @@ temp + rename): ``bench.json`` (every figure, how each was obtained, versions, d
 threads, git commit, configuration, command), ``table.txt`` (the console table) and
 ``bench.png`` (throughput and accuracy per backend).
 
-Data: ``--data PATH``, else ``$CIFAKE_PATH``, else ``../shared/data/cifake/cifake.zip`` next
-to the repository (``cifake-mini.zip`` with ``--quick``). Without any of them (or with
-``--data none`` / ``--synthetic``) throughput is measured on random uint8 images of
-CIFAKE's shape and the accuracy columns are absent (the table says how to get CIFAKE).
+Data: ``--data PATH``, else ``$CIFAKE_PATH``. Without either (or with ``--data none`` /
+``--synthetic``) throughput is measured on random uint8 images of CIFAKE's shape and the
+accuracy columns are absent (the table says how to get CIFAKE). No path on the developers'
+machines is a default here; ``make bench`` passes theirs.
 
 Devices: ``--devices auto`` (default) = the CPU, plus the GPU when torch or JAX sees one
 (a backend whose library sees no GPU is skipped with a note). Asking explicitly for
@@ -51,7 +51,6 @@ from .worker import RESULT_TAG
 
 PROG = "python -m bench.compare"
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "cifake"
 KAGGLE_URL = "https://www.kaggle.com/datasets/birdy654/cifake-real-and-ai-generated-synthetic-images"
 SCHEMA = "cifake-bench/1"
 
@@ -87,7 +86,8 @@ def _names(kind: str, allowed: tuple[str, ...]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                        epilog=f"example:\n  {PROG} --data cifake.zip --quick")
     ap.add_argument("--backends", type=_names("backend", tuple(BACKENDS)), default=list(BACKENDS),
                     help=f"comma-separated (default all: {','.join(BACKENDS)})")
     ap.add_argument("--models", type=_names("model", MODELS), default=list(DEFAULT_MODELS),
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", type=_names("device", ("auto",) + DEVICES), default=["auto"],
                     help="cpu, gpu or auto (default: cpu, plus gpu when present)")
     ap.add_argument("--data", help="CIFAKE zip or folder; 'none' = synthetic images "
-                                   "(default: $CIFAKE_PATH, then ../shared/data/cifake/)")
+                                   "(default: $CIFAKE_PATH, else synthetic images)")
     ap.add_argument("--synthetic", action="store_true", help="same as --data none")
     ap.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/cifake-detector)")
     ap.add_argument("--out", help="output folder (default results/bench/<UTC timestamp>)")
@@ -144,10 +144,7 @@ def resolve_data(args) -> tuple[str | None, str]:
         if not Path(user_path(env)).exists():
             raise UserError(f"CIFAKE_PATH={env}: no such file or folder")
         return user_path(env), "$CIFAKE_PATH"
-    default = SHARED / ("cifake-mini.zip" if args.quick else "cifake.zip")
-    if default.is_file():
-        return str(default), "default next to the repository"
-    return None, (f"synthetic: no CIFAKE found (no --data, no $CIFAKE_PATH, no {default})")
+    return None, "synthetic: no CIFAKE found (no --data, no $CIFAKE_PATH)"
 
 
 # ------------------------------------------------------------------ subprocesses

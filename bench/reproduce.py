@@ -53,7 +53,9 @@ def _positive_float(s: str) -> float:
 
 
 def parse_args(argv):
-    ap = ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0],
+                        epilog="example:\n  python -m bench.reproduce --data cifake.zip "
+                               "--epochs-scale 0.01 --subset 500   # a quick, labelled miniature")
     ap.add_argument("--backend", default="spec", choices=BACKENDS)
     ap.add_argument("--rows", default="all",
                     help=f"comma-separated rows (default all): {','.join(ROWS)}")

@@ -32,7 +32,8 @@ def report(ds) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
+                        epilog="example:\n  python -m data.prepare --data cifake.zip")
     ap.add_argument("--data", help="Kaggle cifake zip or extracted folder (default: $CIFAKE_PATH, "
                                    "then kagglehub)")
     ap.add_argument("--cache-dir", help="cache base folder (default: ~/.cache/cifake-detector)")

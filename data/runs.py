@@ -105,7 +105,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def common_parser(prog: str, description: str, presets: dict, decay: bool) -> argparse.ArgumentParser:
     """The flag vocabulary all three stacks share. Defaults of None mean 'from the preset'."""
-    ap = ArgumentParser(prog=prog, description=description)
+    first = next((p for p in ("baseline", "mlp4-mini") if p in presets), sorted(presets)[0])
+    ap = ArgumentParser(prog=prog, description=description, epilog=(
+        f"example:\n  {prog if prog.startswith('python') else 'python -m ' + prog} --preset {first} --data cifake.zip --out runs/detector"))
     ap.add_argument("--data", help="Kaggle cifake zip or its extracted folder "
                                    "(default: $CIFAKE_PATH, then a kagglehub download)")
     ap.add_argument("--cache-dir", help="decoded-image cache folder (default: ~/.cache/cifake-detector)")

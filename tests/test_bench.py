@@ -129,7 +129,6 @@ def test_quick_run_on_the_mini_archive_with_parity(mini_zip, tmp_path, cache_dir
 
 def test_without_cifake_it_measures_synthetic_images_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CIFAKE_PATH", raising=False)
-    monkeypatch.setattr(compare, "SHARED", tmp_path / "nowhere")  # no default archive either
     out = tmp_path / "res"
     rc, stdout, _ = _run(SMALL + ["--out", str(out), "--backends", "numpy-mlp", "--models",
                                   "mlp2", "--no-parity"], capsys)
@@ -143,7 +142,8 @@ def test_without_cifake_it_measures_synthetic_images_and_says_so(tmp_path, monke
 
 
 def test_data_resolution_order(tmp_path, monkeypatch):
-    """--data none / --synthetic > --data PATH > $CIFAKE_PATH > the archive next to the repo."""
+    """--data none / --synthetic > --data PATH > $CIFAKE_PATH > synthetic; no path of the
+    developers' layout is a default (``make bench`` passes it)."""
     ap = compare.build_parser()
     z = make_archive(tmp_path / "a.zip", n_train=1, n_test=1)
     monkeypatch.setenv("CIFAKE_PATH", str(z))
@@ -151,13 +151,8 @@ def test_data_resolution_order(tmp_path, monkeypatch):
     assert compare.resolve_data(ap.parse_args(["--synthetic", "--data", str(z)]))[0] is None
     assert compare.resolve_data(ap.parse_args([])) == (str(z), "$CIFAKE_PATH")
     monkeypatch.delenv("CIFAKE_PATH")
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    monkeypatch.setattr(compare, "SHARED", shared)
-    assert compare.resolve_data(ap.parse_args([]))[0] is None          # nothing there: synthetic
-    (shared / "cifake-mini.zip").write_bytes(z.read_bytes())
-    assert compare.resolve_data(ap.parse_args([]))[0] is None          # full zip still absent
-    assert compare.resolve_data(ap.parse_args(["--quick"]))[0] == str(shared / "cifake-mini.zip")
+    assert compare.resolve_data(ap.parse_args([]))[0] is None
+    assert compare.resolve_data(ap.parse_args(["--quick"]))[0] is None
 
 
 # ------------------------------------------------------------------ refusals
