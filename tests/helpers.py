@@ -65,3 +65,25 @@ def extract_to(zip_path: Path, folder: Path) -> Path:
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(folder)
     return folder
+
+
+# CI sets this (.ci/run): there the optional parts (the export and demo extras, the
+# browser test's Chromium + Playwright) are installed, so a missing one must fail the
+# suite instead of skipping it silently.
+REQUIRE_OPTIONAL_ENV = "CIFAKE_REQUIRE_OPTIONAL"
+
+
+def skip_or_fail(reason: str) -> None:
+    """pytest.skip(reason), except in CI where the skip would hide a broken set-up."""
+    import pytest
+    if os.environ.get(REQUIRE_OPTIONAL_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_OPTIONAL_ENV}=1: required here)")
+    pytest.skip(reason)
+
+
+def require_modules(*names: str, extra: str) -> None:
+    """Skip (or fail in CI) unless every module in ``names`` imports."""
+    import importlib.util
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        skip_or_fail(f"{', '.join(missing)} not installed (pip install -e \".[{extra}]\")")
