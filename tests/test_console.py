@@ -17,7 +17,8 @@ from tests.test_robustness import mlp_run
 tomllib = pytest.importorskip("tomllib")
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 # commands whose --help needs only the core dependencies
-CORE = {"cifake-train", "cifake-predict", "cifake-bench", "cifake-reproduce", "cifake-prepare"}
+CORE = {"cifake-train", "cifake-predict", "cifake-bench", "cifake-reproduce", "cifake-prepare",
+        "cifake-demo"}
 
 
 def call(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
@@ -31,7 +32,7 @@ def call(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str
 
 
 def test_the_commands_of_the_readme_are_declared():
-    assert CORE | {"cifake-export"} <= set(SCRIPTS)
+    assert CORE | {"cifake-export", "cifake-demo"} <= set(SCRIPTS)
     for name, target in SCRIPTS.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
