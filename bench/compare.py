@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
+from data.atomic import atomic_write_bytes, atomic_write_json
+from data.flags import ArgumentParser, positive_int
 
 from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE
 from .worker import RESULT_TAG

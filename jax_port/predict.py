@@ -15,7 +15,8 @@ import numpy as np
 
 from data import run_cli
 from data.images import score_images
-from data.runs import ArgumentParser, read_json
+from data.flags import ArgumentParser
+from data.rundir import read_json
 
 PROG = "jax_port.predict"
 

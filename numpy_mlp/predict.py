@@ -15,7 +15,8 @@ import numpy as np
 from data import run_cli
 from data.errors import UserError
 from data.images import score_images
-from data.runs import ArgumentParser, read_json
+from data.flags import ArgumentParser
+from data.rundir import read_json
 
 from . import checkpoint
 from .model import forward, images_to_X, sigmoid

@@ -285,7 +285,7 @@ def test_torch_checkpoint_evaluates_the_same_in_jax(mini_zip, tmp_path, capsys):
 
     from data import load_cifake
     from data.errors import run_cli
-    from data.runs import classification_report
+    from data.metrics import classification_report
     from jax_port import checkpoint
     from torch_cnn import train as TT
     run, cache = tmp_path / "torch-run", tmp_path / "cache"

@@ -20,7 +20,8 @@ import torch
 
 from data.errors import UserError, run_cli
 from data.images import score_images
-from data.runs import ArgumentParser, read_json
+from data.flags import ArgumentParser
+from data.rundir import read_json
 
 from . import checkpoint
 from .model import MODELS, build_model
