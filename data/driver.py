@@ -98,7 +98,7 @@ class Stack:
 
 # ------------------------------------------------------------------ configuration
 CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_size,
-          "lr": flags.lr, "decay": flags.decay, "subset": flags.subset,
+          "lr": flags.lr, "decay": flags.decay, "subset": flags.optional(flags.subset),
           "eval_every": flags.eval_every, "hidden": flags.hidden,
           "data": flags.optional_str("--data"), "cache_dir": flags.optional_str("--cache-dir"),
           "model": flags.choice("--model", MODELS),
@@ -221,7 +221,10 @@ def resume_config(stack: Stack, given: dict, out: Path) -> dict:
     cfg.setdefault("eval_every", 1)  # runs that predate --eval-every evaluated every epoch
     check_config(stack, cfg, f"{path}: ")
     derived = dict(cfg)
-    stack.configure(derived)
+    try:
+        stack.configure(derived)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     changed = [k for k in derived if k in cfg and derived[k] != cfg[k]]
     if changed:
         raise UserError(f"{path}: '{changed[0]}' is {cfg[changed[0]]!r}, but the rest of the "
@@ -243,7 +246,7 @@ def configure(stack: Stack, argv: list[str] | None) -> tuple[dict | None, Path, 
             raise UserError("--resume needs --out RUN_DIR (the run to continue)")
         extra = sorted(set(given) - RESUME_FLAGS - stack.resume_flags)
         if extra:
-            allowed = sorted(_flag(k) for k in (RESUME_FLAGS | stack.resume_flags) - NOT_CONFIG)
+            allowed = sorted(_flag(k) for k in (RESUME_FLAGS | stack.resume_flags) - {"out", "resume"})
             raise UserError(f"--resume continues the run in {given['out']} with its own "
                             f"config.json; {_flag(extra[0])} cannot be given with it (only "
                             f"{', '.join(allowed)} may)")
@@ -353,7 +356,7 @@ def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool)
     try:
         stats = stack.train_epoch(epoch, progress)
     except NonFiniteLoss as e:
-        raise UserError(f"non-finite training loss ({e.loss}) at epoch {epoch + 1}, step "
+        raise UserError(f"non-finite loss ({e.loss}) in training at epoch {epoch + 1}, step "
                         f"{e.step}; the last good checkpoint (epoch {epoch}) is kept in {out}; "
                         f"try a smaller --lr") from None
     finally:

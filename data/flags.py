@@ -44,7 +44,8 @@ def integer(name: str, lo: int, hi: int):
         if isinstance(v, bool) or not isinstance(v, int):
             raise UserError(f"{name} must be an integer, got {v!r}")
         if not lo <= v <= hi:
-            raise UserError(f"{name} must be an integer in [{lo:,}, {hi:,}], got {v}")
+            kind = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+            raise UserError(f"{name} must be {kind}, at most {hi:,}, got {v}")
         return v
     return check
 
@@ -139,3 +140,8 @@ def check_fits_memory(n_params: int, bytes_per_param: int, what: str) -> None:
 def positive_int(name: str):
     """An int >= 1 (tools' counts and limits)."""
     return integer(name, 1, 2**62)
+
+
+def optional(check):
+    """``check``, or None (the flag's 'not set')."""
+    return lambda v: None if v is None else check(v)

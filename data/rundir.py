@@ -120,7 +120,7 @@ def prepare(out: str | os.PathLike, resume: bool, min_free_mb: int = 50) -> Path
     """Create (fresh run) or find (--resume) the run directory, writable, with disk space,
     and lock it. A fresh run needs an empty folder; --resume needs a run's config.json."""
     out = Path(out)
-    if resume and not (out / "config.json").is_file():
+    if resume and not os.path.lexists(out / "config.json"):
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
     try:
         out.mkdir(parents=True, exist_ok=True)

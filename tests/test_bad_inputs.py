@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import extract_to, image_bytes, make_archive, synthetic_image
-from tests.test_reliability import (NOBODY, assert_no_trusted_run, assert_ok, assert_user_error,
+from tests.helpers import extract_to, image_bytes, make_archive, synthetic_image, train_argv
+from tests.helpers import (NOBODY, assert_no_trusted_run, assert_ok, assert_user_error,
                                     can_drop_privileges, last_line, run, trusted_caches,
                                     world_tmpdir)
 
@@ -436,8 +436,8 @@ def test_cnn_predict_refuses_an_mlp_run(stack, corpus, tmp_path):
 
 # ------------------------------------------------------------------ resume of a damaged run
 def _resume(stack: str, r: Path, corpus, *extra):
-    return run(f"{stack}.train", "--data", corpus["zip"], "--cache-dir", corpus["cache"],
-               "--out", r, "--resume", "--epochs", 3, "--no-progress", *extra)
+    return run(f"{stack}.train", *train_argv(corpus["zip"], corpus["cache"], r, "--resume",
+                                             "--epochs", 3, *extra))
 
 
 RESUME_CASES = {
@@ -532,7 +532,7 @@ def test_predict_neither_hangs_nor_eats_memory_on_special_files(kind, corpus, tm
     still scored. The child is time- and memory-limited so a failure cannot hurt the
     machine."""
     import subprocess
-    from tests.test_reliability import cmd, env
+    from tests.helpers import cmd, env
     if kind == "fifo":
         special = tmp_path / "pipe.jpg"
         os.mkfifo(special)
@@ -562,7 +562,7 @@ def test_zip_bomb_member_is_refused_without_inflating_it(tmp_path):
     the decoding process must never hold it in memory (peak RSS of the child measured)."""
     import subprocess
     import sys
-    from tests.test_reliability import cmd, env
+    from tests.helpers import cmd, env
     zp = make_archive(tmp_path / "a.zip")
     with zipfile.ZipFile(zp, "a", compression=zipfile.ZIP_DEFLATED) as z:
         with z.open("train/REAL/huge.jpg", "w", force_zip64=True) as f:

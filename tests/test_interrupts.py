@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, make_archive
-from tests.test_reliability import (assert_ok, assert_run_files_whole, assert_same_weights,
+from tests.helpers import (assert_ok, assert_run_files_whole, assert_same_weights,
                                     assert_user_error, kill, last_line, load_weights, run, start,
                                     state_epoch, wait_for_epoch)
 

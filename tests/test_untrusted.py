@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, image_bytes, make_archive, synthetic_image
-from tests.test_reliability import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
+from tests.helpers import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
                                     trusted_caches)
 
 SCANNED = ("numpy_mlp", "torch_cnn", "jax_port", "data", "bench")
@@ -202,7 +202,7 @@ PREDICT_READS = ("model.safetensors", "config.json")
 def test_numpy_resume_refuses_pickle_bombs(name, variant, runs_dir, tmp_path):
     marker = tmp_path / "PWNED"
     r = _plant(runs_dir["mlp"], tmp_path / "run", name, bomb_variants(marker)[variant])
-    p = run("numpy_mlp.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
+    p = run("numpy_mlp.train", "--cache-dir", runs_dir["cache"],
             "--out", r, "--resume", "--epochs", 3, "--no-progress")
     assert not marker.exists(), "unpickling ran foreign code"
     if name in RESUME_READS:
@@ -264,7 +264,7 @@ def test_torch_and_jax_resume_refuse_a_pickled_state(stack, torch_run, runs_dir,
                       "--no-progress", "--model", "mlp2"))
     marker = tmp_path / "PWNED"
     (out / "state.safetensors").write_bytes(bomb_variants(marker)["torch_save_zip"])
-    p = run(f"{stack}.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
+    p = run(f"{stack}.train", "--cache-dir", runs_dir["cache"],
             "--out", out, "--epochs", 2, "--resume", "--no-progress")
     assert_user_error(p, "state.safetensors")
     assert not marker.exists()
@@ -381,7 +381,7 @@ def test_image_decoding_is_bounded_in_every_entry_point(module):
             "print(I.MAX_IMAGE_PIXELS, d.MAX_PIXELS)")
     import subprocess
     import sys
-    from tests.test_reliability import env
+    from tests.helpers import env
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -148,7 +148,7 @@ class TorchCNN(Stack):
     checks = {"device": flags.choice("--device", ("auto", "cpu", "cuda")),
               "pipeline": flags.choice("--pipeline", PIPELINES),
               "workers": flags.workers, "channels_last": flags.boolean("--channels-last"),
-              "threads": lambda v: v if v is None else flags.threads(v)}
+              "threads": flags.optional(flags.threads)}
 
     def add_flags(self, ap):
         ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
