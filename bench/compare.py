@@ -66,7 +66,7 @@ QUICK = dict(repeats=2, steps=10, eval_images=1000, budget_epochs=1, budget_subs
              synthetic_train=4000, synthetic_test=1000)
 DEFAULT_MODELS = ("mlp4", "v3")
 
-# Speed goals (issue 6). Units: ratios are x; throughput images/s; time seconds.
+# Speed goals. Units: ratios are x; throughput images/s; time seconds.
 GOAL_JAX_CNN_VS_TORCH = 1.5      # x the faster torch pipeline's training images/s (CPU)
 GOAL_JAX_CNN_IPS = 2400.0        # training images/s (CPU)
 GOAL_JAX_MLP_EPOCH = 3.0         # x faster epoch than numpy-mlp (CPU)
