@@ -29,8 +29,8 @@ import pytest
 
 from tests.helpers import extract_to, image_bytes, make_archive, synthetic_image, train_argv
 from tests.helpers import (NOBODY, assert_no_trusted_run, assert_ok, assert_user_error,
-                                    can_drop_privileges, last_line, run, trusted_caches,
-                                    world_tmpdir)
+                           can_drop_privileges, last_line, run, trusted_caches,
+                           world_tmpdir)
 
 
 # ------------------------------------------------------------------ crafted bytes
@@ -258,8 +258,9 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 def _digests(run_dir: Path) -> dict[str, str]:
+    """Every file of the run but its lock (which names the pid of whoever last held it)."""
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(run_dir.iterdir()) if f.is_file()}
+            for f in sorted(run_dir.iterdir()) if f.is_file() and f.name != ".lock"}
 
 
 # ------------------------------------------------------------------ predict: images
@@ -308,7 +309,7 @@ def test_predict_unreadable_image_as_unprivileged_user(corpus):
 def _write_mlp_ckpt(path: Path, tensors: dict, layer_dims=(3072, 7, 1), family="mlp"):
     from data.tensors import save_safetensors
     save_safetensors(path, tensors, {"family": family, "model": "mlp2",
-                                     "layer_dims": json.dumps(list(layer_dims))})
+                            "layer_dims": json.dumps(list(layer_dims))})
 
 
 def _mlp_tensors(dims=(3072, 7, 1), dtype=np.float32) -> dict:
@@ -437,7 +438,7 @@ def test_cnn_predict_refuses_an_mlp_run(stack, corpus, tmp_path):
 # ------------------------------------------------------------------ resume of a damaged run
 def _resume(stack: str, r: Path, corpus, *extra):
     return run(f"{stack}.train", *train_argv(corpus["zip"], corpus["cache"], r, "--resume",
-                                             "--epochs", 3, *extra))
+                                    "--epochs", 3, *extra))
 
 
 RESUME_CASES = {

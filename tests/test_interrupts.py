@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, make_archive
-from tests.helpers import (assert_ok, assert_run_files_whole, assert_same_weights,
-                                    assert_user_error, kill, last_line, load_weights, run, start,
-                                    state_epoch, wait_for_epoch)
+from tests.helpers import (REPO, assert_ok, assert_run_files_whole, assert_same_weights,
+                           assert_user_error, kill, last_line, load_weights, make_archive, run,
+                           start, state_epoch, train_argv, wait_for_epoch)
 
 # Per stack: extra flags and the number of epochs (enough that a kill/Ctrl-C issued as
 # soon as an epoch completes still lands inside the run). torch_cnn runs v3 (BatchNorm
@@ -45,10 +44,11 @@ def archive(tmp_path_factory):
 def _args(stack, archive, out, epochs=None, resume=False):
     """A fresh run's flags, or (resume) only what a user types to continue a run."""
     extra, n = STACKS[stack]
-    a = ["--data", archive["zip"], "--cache-dir", archive["cache"], "--out", out, "--no-progress"]
     if resume:
-        return a + ["--resume"] + (["--epochs", epochs] if epochs else [])
-    return a + ["--epochs", epochs or n, "--batch-size", BATCH, "--seed", 3, *extra]
+        return train_argv(archive["zip"], archive["cache"], out, "--resume",
+                          *(["--epochs", epochs] if epochs else []))
+    return train_argv(archive["zip"], archive["cache"], out, "--epochs", epochs or n,
+                      "--batch-size", BATCH, "--seed", 3, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +262,7 @@ ATOMIC_EXEMPT = {
     "data/rundir.py": "the write probe of the run directory (deleted at once)",
     "data/cache.py": "writes only inside '<key>.tmp-PID/', fsynced, renamed into place whole",
     "bench/reproduce.py": "appends to a run's log file (a log, never read back as state)",
+    "bench/gpu.py": "a step's log file (a log, never read back as state)",
 }
 _WRITE_FUNCS = {"save", "savez", "savez_compressed", "dump", "tofile", "write_text",
                 "write_bytes", "savetxt"}

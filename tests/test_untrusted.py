@@ -30,7 +30,7 @@ import pytest
 
 from tests.helpers import REPO, image_bytes, make_archive, synthetic_image
 from tests.helpers import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
-                                    trusted_caches)
+                           trusted_caches)
 
 SCANNED = ("numpy_mlp", "torch_cnn", "jax_port", "data", "bench")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal",
@@ -295,7 +295,7 @@ def _mutations(tensors: dict, key: str, wrong_shape: tuple) -> dict[str, tuple[d
 
 
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
-                                      "wrong_dtype"])
+                             "wrong_dtype"])
 def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
     from data.errors import UserError
     from data.tensors import save_safetensors
@@ -310,7 +310,7 @@ def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
 
 
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
-                                      "wrong_dtype"])
+                             "wrong_dtype"])
 def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
     pytest.importorskip("torch")
     from data.errors import UserError
@@ -329,7 +329,7 @@ def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
 
 @pytest.mark.parametrize("family", ["mlp", "cnn"])
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
-                                      "wrong_dtype"])
+                             "wrong_dtype"])
 def test_jax_checkpoint_loader_validates_every_tensor(family, mutation, tmp_path):
     """jax_port.checkpoint.load (what jax_port.predict and evaluation use), in-process."""
     pytest.importorskip("jax")
@@ -372,7 +372,7 @@ def test_archive_members_are_never_extracted(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["numpy_mlp.predict", "jax_port.predict", "torch_cnn.predict",
-                                    "data.prepare"])
+                           "data.prepare"])
 def test_image_decoding_is_bounded_in_every_entry_point(module):
     import importlib.util
     if importlib.util.find_spec(module) is None:
