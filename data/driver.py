@@ -66,7 +66,7 @@ class Stack:
     checks: dict = {}                      # config key -> data.flags checker, its own flags
 
     def add_flags(self, ap: argparse.ArgumentParser) -> None:
-        """Add the stack's own flags (defaults come from the driver: leave them unset)."""
+        """Add the stack's own flags, with their defaults (the shared ones are the driver's)."""
 
     def configure(self, cfg: dict) -> None:
         """Derive and check what follows from the configuration (layer sizes, ...)."""
