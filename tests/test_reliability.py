@@ -162,11 +162,12 @@ def test_disk_filling_up_during_training_then_resume(tmp_path):
         p = start("numpy_mlp.train", *common, "--out", out, *fresh)
         assert wait_for_epoch(p, out, 1)
         filler = mnt / "filler"
-        with open(filler, "wb") as f:  # fill the filesystem completely
+        # fill the filesystem completely; unbuffered, so closing the file has nothing left
+        # to flush (a buffered writer's close would raise the same ENOSPC again)
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 2**16)
-                    f.flush()
             except OSError:
                 pass
         p.wait(timeout=120)
