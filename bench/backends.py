@@ -28,10 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.batching import epoch_order, rng
+from data.catalog import AUGMENTED_MODELS, CNN_MODELS, MLP_MODELS, MODELS, PRESETS  # noqa: F401
 
-MLP_MODELS = ("mlp2", "mlp4")
-CNN_MODELS = ("baseline", "dropout", "v3")
-MODELS = MLP_MODELS + CNN_MODELS
 DEVICES = ("cpu", "gpu")
 
 
@@ -69,12 +67,10 @@ def family_of_model(model: str) -> str:
 def hyperparameters(model: str) -> dict:
     """The spec preset's training hyperparameters for ``model`` (same for every backend)."""
     if family_of_model(model) == "mlp":
-        from numpy_mlp.presets import PRESETS
         p = PRESETS[f"{model}-mini"]
         return {"preset": f"{model}-mini", "batch_size": p["batch_size"], "lr": p["lr"],
                 "decay": p["decay"], "optimizer": "gradient descent, lr0 / (1 + decay * epoch)",
                 "augment": False}
-    from torch_cnn.presets import AUGMENTED_MODELS, PRESETS
     p = PRESETS[model]
     return {"preset": model, "batch_size": p["batch_size"], "lr": p["lr"], "decay": 0.0,
             "optimizer": "Adam (0.9, 0.999, eps 1e-8), constant lr",

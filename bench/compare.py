@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
+from data.atomic import atomic_write_bytes, atomic_write_json
+from data.flags import ArgumentParser, positive_int
 
 from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE
 from .worker import RESULT_TAG
@@ -64,7 +65,7 @@ QUICK = dict(repeats=2, steps=10, eval_images=1000, budget_epochs=1, budget_subs
              synthetic_train=4000, synthetic_test=1000)
 DEFAULT_MODELS = ("mlp4", "v3")
 
-# Speed goals (issue 6). Units: ratios are x; throughput images/s; time seconds.
+# Speed goals. Units: ratios are x; throughput images/s; time seconds.
 GOAL_JAX_CNN_VS_TORCH = 1.5      # x the faster torch pipeline's training images/s (CPU)
 GOAL_JAX_CNN_IPS = 2400.0        # training images/s (CPU)
 GOAL_JAX_MLP_EPOCH = 3.0         # x faster epoch than numpy-mlp (CPU)

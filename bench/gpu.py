@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
+from data.atomic import atomic_write_bytes, atomic_write_json
+from data.flags import ArgumentParser, positive_int
 
 PROG = "python -m bench.gpu"
 

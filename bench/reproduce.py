@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import io
 import json
 import subprocess
@@ -31,10 +30,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data.atomic import atomic_write_bytes, atomic_write_json
+from data.catalog import ORIGINAL, PRESETS, ROWS
 from data.errors import UserError, run_cli
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
-
-from .original import ORIGINAL, ROWS
+from data.flags import ArgumentParser, positive_int
 
 STACK_OF = {("spec", "mlp"): "numpy_mlp", ("spec", "cnn"): "torch_cnn",
             ("numpy", "mlp"): "numpy_mlp", ("torch", "cnn"): "torch_cnn",
@@ -122,7 +121,7 @@ def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
     cfg = _read_json(run_dir / "config.json")
     if cfg is None:
         return
-    want = dict(importlib.import_module(f"{stack}.presets").PRESETS[row])
+    want = dict(PRESETS[row])
     want["epochs"] = scaled_epochs(row, args.epochs_scale)
     want["subset"] = args.subset
     diff = [f"{k} {cfg[k]!r} (now {want[k]!r})" for k in _DEFINING
@@ -137,9 +136,15 @@ def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
     m = _read_json(run_dir / "metrics.json")
     if m and m.get("complete"):
         return "skipped"
-    cmd = row_command(args, row, stack, run_dir)
-    if (run_dir / "state.json").exists():
-        cmd.append("--resume")
+    if (run_dir / "config.json").exists():  # the run's own config.json fixes the rest
+        cmd = [sys.executable, "-m", f"{stack}.train", "--out", str(run_dir), "--resume",
+               "--no-progress"]
+        if args.cache_dir:
+            cmd += ["--cache-dir", args.cache_dir]
+        if args.device and stack == "torch_cnn":
+            cmd += ["--device", args.device]
+    else:
+        cmd = row_command(args, row, stack, run_dir)
     print(f"[{row}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.time()
     with open(log, "a") as lf:

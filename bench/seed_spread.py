@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int
-
+from data.atomic import atomic_write_bytes, atomic_write_json
+from data.flags import ArgumentParser, positive_int
 PROG = "python -m bench.seed_spread"
 WORKER_TAG = "SEED_SPREAD_RESULT "
 
@@ -54,8 +54,7 @@ def worker(args) -> int:
     import numpy as np
 
     from data import load_cifake
-    from data.runs import classification_report
-
+    from data.metrics import classification_report
     from .backends import make_backend, spec_init_weights
     ds = load_cifake(args.data, args.cache_dir, verbose=False)
     bset = ds.train.subset_per_class(args.budget_subset)

@@ -28,9 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json
-
-from .original import ORIGINAL, ROWS
+from data.atomic import atomic_write_bytes, atomic_write_json
+from data.flags import ArgumentParser
+from data.catalog import ORIGINAL, ROWS
 
 PROG = "python -m bench.side_by_side"
 SPEC_STACK = {"mlp": "numpy_mlp", "cnn": "torch_cnn"}

@@ -192,7 +192,7 @@ def run(spec: dict) -> dict:
                   f"then the whole test split ({len(test)})")
         weights = None
         if spec.get("init_weights"):
-            from data.runs import load_safetensors
+            from data.tensors import load_safetensors
             weights, _ = load_safetensors(spec["init_weights"])
         b.init(seed, weights)
         if b.jit and family == "cnn":
@@ -202,7 +202,7 @@ def run(spec: dict) -> dict:
         hist = [b.train_epoch(h, e) for e in range(spec["budget_epochs"])]
         train_s = time.perf_counter() - t0
         del h
-        from data.runs import classification_report
+        from data.metrics import classification_report
         rep = classification_report(b.logits(b.put(test)), test.labels)
         res["budget"] = {"epochs": spec["budget_epochs"], "subset_per_class": spec["budget_subset"],
                          "init": ("the spec's init for the seed (shared file)" if weights is not None
@@ -296,7 +296,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv and argv[0] == "--init":  # --init MODEL SEED PATH: the spec's initial weights
         from bench.backends import spec_init_weights
-        from data.runs import save_safetensors
+        from data.tensors import save_safetensors
         model, seed, path = argv[1], int(argv[2]), argv[3]
         save_safetensors(path, spec_init_weights(model, seed), {"model": model, "seed": str(seed)})
         print(RESULT_TAG + json.dumps({"ok": True, "path": path}), flush=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 from data.errors import UserError, run_cli
 from data.images import MAX_FILE_BYTES
 from data.predict import DEFAULT_THRESHOLD, add_device_flag, check_threshold
-from data.runs import ArgumentParser, read_json
-
+from data.flags import ArgumentParser
+from data.rundir import read_json
 from .stacks import STACKS, load_detector
 
 PROG = "python -m cifake.demo"

@@ -45,8 +45,8 @@ RESIZE_FILTER = Image.Resampling.BOX
 PREDICT_BATCH = 256
 
 
-def read_file_bounded(path: str) -> bytes:
-    """Read a regular file of at most MAX_FILE_BYTES. A FIFO, a device or a huge file
+def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a regular file of at most ``max_bytes``. A FIFO, a device or a huge file
     is refused up front instead of hanging or exhausting memory."""
     try:
         st = os.stat(path)
@@ -56,16 +56,16 @@ def read_file_bounded(path: str) -> bytes:
         raise DataError(f"{path}: is a directory, expected an image file")
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file (a pipe, device or socket)")
-    if st.st_size > MAX_FILE_BYTES:
-        raise DataError(f"{path}: {st.st_size:,} bytes, more than any image file should "
-                        f"({MAX_FILE_BYTES:,})")
+    if st.st_size > max_bytes:
+        raise DataError(f"{path}: {st.st_size:,} bytes, more than a file of this kind should "
+                        f"({max_bytes:,})")
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > MAX_FILE_BYTES:  # grew while we read it
-        raise DataError(f"{path}: more than {MAX_FILE_BYTES:,} bytes")
+    if len(data) > max_bytes:  # grew while we read it
+        raise DataError(f"{path}: more than {max_bytes:,} bytes")
     return data
 
 

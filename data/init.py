@@ -21,10 +21,11 @@ from __future__ import annotations
 import numpy as np
 
 from .batching import init_rng
+from .catalog import CNN_MODELS
+from .catalog import CNN_MODELS
 
 INIT_SCHEME = "numpy/1"  # recorded in each run's config; a resume refuses another scheme
 
-CNN_MODELS = ("baseline", "dropout", "v3")
 CONV_CHANNELS = (32, 64)  # output channels of conv1, conv2 (3x3, padding 1)
 FC_HIDDEN = 512           # fc1 width
 FEATURES = 64 * 8 * 8     # fc1 inputs: conv2's 64 channels after two 2x2 poolings of 32x32

@@ -29,8 +29,8 @@ import numpy as np
 from .errors import DataError, UserError, one_line
 from .images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
     load_image_for_model, resize_to_model
-from .runs import ArgumentParser, atomic_text_writer, positive_int
-
+from .atomic import atomic_text_writer
+from .flags import ArgumentParser, positive_int
 # What a folder scan picks up (compared case-insensitively): the formats Pillow decodes
 # that people keep photos and generated images in. A file named explicitly is always
 # tried, whatever its extension.

@@ -13,7 +13,7 @@ import numpy as np
 
 from .cache import duplicate_count, load_cifake
 from .errors import run_cli
-from .runs import ArgumentParser
+from .flags import ArgumentParser
 from .source import CLASSES
 
 

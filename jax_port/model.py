@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from data.errors import UserError
+from data.catalog import MLP_HIDDEN
 from data.init import cnn_init, mlp_init
 
 from . import convert
@@ -35,9 +36,6 @@ from . import convert
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C of a CIFAKE image
 N_IN = 32 * 32 * 3         # MLP input length (3072)
 
-# MLP hidden sizes per model (numpy_mlp.model.layer_dims_for): the original project's
-# 2-layer (one hidden ReLU layer of 7 units) and 4-layer ([20, 7, 5]) networks.
-MLP_HIDDEN = {"mlp2": (7,), "mlp4": (20, 7, 5)}
 
 BN_EPS = 1e-5        # torch BatchNorm2d eps
 BN_MOMENTUM = 0.1    # torch convention: running = (1 - 0.1) * running + 0.1 * batch statistic

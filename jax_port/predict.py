@@ -21,7 +21,7 @@ import numpy as np
 from data import run_cli
 from data.errors import UserError
 from data.predict import DetectorBase, normalize_device, predict_cli
-from data.runs import read_json
+from data.rundir import read_json
 
 PROG = "python -m jax_port.predict"
 

@@ -6,7 +6,7 @@ Architecture (``L`` = number of weight layers)::
     mlp4: X -> [LINEAR -> ReLU] x 3 -> LINEAR -> logit      layer_dims [3072, 20, 7, 5, 1]
 
 The network outputs one logit per image, the log-odds that the image is REAL
-(label 1); ``predict_proba`` applies the sigmoid. The hidden sizes are the
+(label 1). The hidden sizes are the
 original project's (7 and 20-7-5) and can be changed (``--hidden 20,7,5``).
 
 Input: each (32, 32, 3) uint8 RGB image flattened in (H, W, C) order and scaled
@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from data.batching import to_float
+from data.catalog import MLP_HIDDEN, MLP_MODELS
 from data.init import mlp_init
 from data.errors import UserError
 
@@ -27,9 +28,7 @@ from .layers import (bce_cost, bce_grad, linear_backward, linear_forward, relu_b
                      relu_forward, sigmoid)
 
 N_IN = 32 * 32 * 3  # input units: one per pixel channel
-MODELS = ("mlp2", "mlp4")
-DEFAULT_HIDDEN = {"mlp2": [7], "mlp4": [20, 7, 5]}  # the original project's layouts
-DTYPES = ("float32", "float64")
+MODELS = MLP_MODELS
 
 
 def layer_dims_for(model: str, hidden: list[int] | None = None) -> list[int]:
@@ -37,12 +36,12 @@ def layer_dims_for(model: str, hidden: list[int] | None = None) -> list[int]:
 
     ``hidden`` overrides the hidden sizes; mlp2 takes exactly one, mlp4 exactly three.
     """
-    if model not in DEFAULT_HIDDEN:
+    if model not in MLP_HIDDEN:
         raise UserError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
     if hidden is None:
-        hidden = DEFAULT_HIDDEN[model]
+        hidden = MLP_HIDDEN[model]
     hidden = [int(h) for h in hidden]
-    want = len(DEFAULT_HIDDEN[model])
+    want = len(MLP_HIDDEN[model])
     if len(hidden) != want:
         raise UserError(f"--hidden: {model} has {want} hidden layer{'s' * (want > 1)}, "
                         f"got {len(hidden)} size{'s' * (len(hidden) != 1)} {hidden}")
@@ -80,7 +79,7 @@ def forward(X: np.ndarray, params: dict):
 
     Hidden layers are LINEAR -> ReLU; the last layer is LINEAR only: the sigmoid
     is folded into the cost (see ``layers.bce_grad``) and applied by
-    ``predict_proba``. caches[l-1] = (linear cache, relu cache or None).
+    ``predict.p_fake``. caches[l-1] = (linear cache, relu cache or None).
     """
     L = num_layers(params)
     A = X
@@ -144,7 +143,3 @@ def predict_logits(X: np.ndarray, params: dict, chunk: int = 8192) -> np.ndarray
         out[i:i + chunk] = forward(as_float_batch(X[:, i:i + chunk], dtype), params)[0][0]
     return out
 
-
-def predict_proba(X: np.ndarray, params: dict) -> np.ndarray:
-    """P(REAL) = sigmoid(logit) for each column of X: (m,)."""
-    return sigmoid(predict_logits(X, params))

@@ -1,8 +1,18 @@
-"""Tiny CIFAKE-shaped archives for tests, generated on the fly (never committed)."""
+"""What the tests share: tiny CIFAKE-shaped archives generated on the fly (never
+committed), train command lines, and running the REAL entry points (``python -m ...``)
+in subprocesses the way a user does, judging only what a user sees: the exit status,
+stderr's last line, and what is left on disk."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -87,3 +97,200 @@ def require_modules(*names: str, extra: str) -> None:
     missing = [n for n in names if importlib.util.find_spec(n) is None]
     if missing:
         skip_or_fail(f"{', '.join(missing)} not installed (pip install -e \".[{extra}]\")")
+
+
+def train_argv(data, cache, out, *extra, fresh=()) -> list[str]:
+    """A ``train`` command line. With ``--resume`` in ``extra`` it holds only what a resume
+    may be given (the run's config.json fixes the rest); otherwise ``--data`` and the
+    ``fresh`` flags come first, then ``extra``."""
+    base = ["--cache-dir", str(cache), "--out", str(out), "--no-progress"]
+    if "--resume" in map(str, extra):
+        return base + [str(a) for a in extra]
+    return ["--data", str(data), *base, *map(str, fresh), *map(str, extra)]
+
+
+# ------------------------------------------------------------------ entry points
+PY = sys.executable
+# One BLAS/OpenMP thread per subprocess: the machine has 2 shared cores, and results are
+# compared only between runs made with the same setting.
+_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+NOBODY = 65534
+RUN_FILES = ("config.json", "metrics.json", "model.safetensors", "state.safetensors",
+             "state.json")
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, **_ENV)
+    e.pop("CIFAKE_FAULT_KILL_IN_WRITE", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def cmd(module: str, *args, user: int | None = None) -> list[str]:
+    base = [PY, "-m", module, *map(str, args)]
+    if user is not None:
+        base = [shutil.which("setpriv"), f"--reuid={user}", f"--regid={user}",
+                "--clear-groups", *base]
+    return base
+
+
+def run(module: str, *args, cwd=None, timeout: float = 240, user: int | None = None,
+        **extra_env) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` to completion, capturing text output."""
+    return subprocess.run(cmd(module, *args, user=user), cwd=cwd or REPO, env=env(**extra_env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(module: str, *args, cwd=None, **extra_env) -> subprocess.Popen:
+    return subprocess.Popen(cmd(module, *args), cwd=cwd or REPO, env=env(**extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_user_error(p: subprocess.CompletedProcess, *needles: str, rc: int | None = 2) -> str:
+    """The contract for an expected failure: nonzero exit (``rc`` when given), no
+    traceback, stderr's last line starts with 'error:' and names each needle."""
+    where = f"exit {p.returncode}\n--- stderr ---\n{p.stderr[-3000:]}"
+    assert p.returncode != 0, "expected a failure; " + where
+    if rc is not None:
+        assert p.returncode == rc, where
+    assert "Traceback" not in p.stderr, where
+    line = last_line(p.stderr)
+    assert line.startswith("error:"), where
+    for n in needles:
+        assert n.lower() in line.lower(), f"{n!r} not named in {line!r}"
+    return line
+
+
+def assert_ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0 and "Traceback" not in p.stderr, \
+        f"exit {p.returncode}\n{p.stderr[-3000:]}"
+
+
+def trusted_caches(cache_dir: Path) -> list[Path]:
+    """Cache folders a later run would load (those with a manifest.json)."""
+    if not cache_dir.exists():
+        return []
+    return [d for d in cache_dir.iterdir() if (d / "manifest.json").is_file()]
+
+
+def assert_no_trusted_run(out: Path) -> None:
+    for f in ("metrics.json", "model.safetensors"):
+        assert not (out / f).exists(), f"{out / f} left behind by a failed run"
+
+
+def can_drop_privileges() -> bool:
+    """True when we can run a child as the unprivileged user 'nobody' (setpriv as root)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    p = subprocess.run(cmd("data.prepare", "--help", user=NOBODY), cwd="/", env=env(),
+                       capture_output=True, text=True, timeout=60)
+    return p.returncode == 0
+
+
+def world_tmpdir() -> Path:
+    """A temp dir every user can traverse (pytest's tmp_path is root-only, 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="cifake-rel-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def load_weights(path: Path) -> dict[str, np.ndarray]:
+    """A checkpoint's tensors, read with safetensors (raises on a half-written file)."""
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_weights(a), load_weights(b)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]), \
+            f"{k} differs between {a} and {b} (max |diff| " \
+            f"{np.max(np.abs(wa[k].astype(np.float64) - wb[k].astype(np.float64)))})"
+
+
+def assert_run_files_whole(out: Path) -> None:
+    """Every run file that exists is complete: JSON parses, safetensors load."""
+    for f in RUN_FILES:
+        p = out / f
+        if not p.exists():
+            continue
+        if f.endswith(".json"):
+            json.loads(p.read_text())
+        else:
+            load_weights(p)
+
+
+def state_epoch(out: Path) -> int:
+    try:
+        return int(json.loads((out / "state.json").read_text())["epoch_completed"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 180) -> bool:
+    """Poll (5 ms) until state.json says >= ``epoch`` completed; False if the process ended."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if state_epoch(out) >= epoch:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError(f"{out}: epoch {epoch} not reached in {timeout} s")
+
+
+def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+# ------------------------------------------------------------------ parity comparison
+# ``assert_close_tree`` compares two dicts of arrays (canonical names, e.g. torch
+# ``state_dict`` keys or numpy_mlp's ``W1``/``dW1``) and, on failure, says which tensor
+# differs and by how much -- the parity suite's failure message.
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}" if not prefix else f"{prefix}/{k}"))
+        return out
+    return {prefix: np.asarray(tree)}
+
+
+def max_diffs(a, b) -> dict[str, tuple[float, float]]:
+    """name -> (max |a - b|, max |a - b| / max |b|) for every leaf."""
+    fa, fb = _flat(a), _flat(b)
+    assert set(fa) == set(fb), f"different tensors: only in first {sorted(set(fa) - set(fb))}, " \
+                               f"only in second {sorted(set(fb) - set(fa))}"
+    out = {}
+    for k in fa:
+        x, y = fa[k].astype(np.float64), fb[k].astype(np.float64)
+        assert x.shape == y.shape, f"{k}: shapes {x.shape} vs {y.shape}"
+        d = float(np.max(np.abs(x - y))) if x.size else 0.0
+        scale = float(np.max(np.abs(y))) if y.size else 0.0
+        out[k] = (d, d / scale if scale > 0 else d)
+    return out
+
+
+def assert_close_tree(a, b, tol: float, what: str, relative: bool = True) -> float:
+    """Every leaf of ``a`` within ``tol`` of ``b``'s. ``relative``: the error is
+    max |a - b| divided by max |b| of that tensor (one scale per tensor, so entries
+    near zero in a tensor of ordinary magnitude do not blow up the ratio); otherwise
+    absolute. Returns the worst error seen (for reporting)."""
+    diffs = max_diffs(a, b)
+    kind = "relative (to the tensor's max |value|)" if relative else "absolute"
+    bad = {k: v for k, v in diffs.items() if v[1 if relative else 0] > tol}
+    if bad:
+        lines = [f"  {k}: max abs diff {d:.3e}, relative {r:.3e}" for k, (d, r) in sorted(bad.items())]
+        raise AssertionError(f"{what}: {len(bad)} tensor(s) differ by more than {tol:g} "
+                             f"{kind}:\n" + "\n".join(lines))
+    return max((v[1 if relative else 0] for v in diffs.values()), default=0.0)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import extract_to, image_bytes, make_archive, synthetic_image
-from tests.test_reliability import (NOBODY, assert_no_trusted_run, assert_ok, assert_user_error,
-                                    can_drop_privileges, last_line, run, trusted_caches,
-                                    world_tmpdir)
+from tests.helpers import extract_to, image_bytes, make_archive, synthetic_image, train_argv
+from tests.helpers import (NOBODY, assert_no_trusted_run, assert_ok, assert_user_error,
+                           can_drop_privileges, last_line, run, trusted_caches,
+                           world_tmpdir)
 
 
 # ------------------------------------------------------------------ crafted bytes
@@ -258,8 +258,9 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 def _digests(run_dir: Path) -> dict[str, str]:
+    """Every file of the run but its lock (which names the pid of whoever last held it)."""
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(run_dir.iterdir()) if f.is_file()}
+            for f in sorted(run_dir.iterdir()) if f.is_file() and f.name != ".lock"}
 
 
 # ------------------------------------------------------------------ predict: images
@@ -311,9 +312,9 @@ def test_predict_unreadable_image_as_unprivileged_user(corpus):
 
 # ------------------------------------------------------------------ predict: run dirs
 def _write_mlp_ckpt(path: Path, tensors: dict, layer_dims=(3072, 7, 1), family="mlp"):
-    from data.runs import save_safetensors
+    from data.tensors import save_safetensors
     save_safetensors(path, tensors, {"family": family, "model": "mlp2",
-                                     "layer_dims": json.dumps(list(layer_dims))})
+                            "layer_dims": json.dumps(list(layer_dims))})
 
 
 def _mlp_tensors(dims=(3072, 7, 1), dtype=np.float32) -> dict:
@@ -369,7 +370,7 @@ def _break_random_bytes(r: Path):
 
 
 def _break_other_family(r: Path):
-    from data.runs import save_safetensors
+    from data.tensors import save_safetensors
     save_safetensors(r / "model.safetensors", _cnn_tensors(), {"family": "cnn", "model": "baseline"})
     cfg = json.loads((r / "config.json").read_text())
     cfg.update(stack="torch_cnn", model="baseline")
@@ -441,8 +442,8 @@ def test_cnn_predict_refuses_an_mlp_run(stack, corpus, tmp_path):
 
 # ------------------------------------------------------------------ resume of a damaged run
 def _resume(stack: str, r: Path, corpus, *extra):
-    return run(f"{stack}.train", "--data", corpus["zip"], "--cache-dir", corpus["cache"],
-               "--out", r, "--resume", "--epochs", 3, "--no-progress", *extra)
+    return run(f"{stack}.train", *train_argv(corpus["zip"], corpus["cache"], r, "--resume",
+                                    "--epochs", 3, *extra))
 
 
 RESUME_CASES = {
@@ -489,7 +490,7 @@ def torch_run(corpus):
 def test_torch_resume_refuses_state_with_wrong_shape(corpus, torch_run, tmp_path):
     """A state.safetensors whose fc1.weight has the wrong shape: one line naming it."""
     from safetensors.numpy import load_file
-    from data.runs import save_safetensors
+    from data.tensors import save_safetensors
     r = _copy_run(torch_run, tmp_path / "run")
     t = load_file(str(r / "state.safetensors"))
     from safetensors import safe_open
@@ -537,7 +538,7 @@ def test_predict_neither_hangs_nor_eats_memory_on_special_files(kind, corpus, tm
     still scored. The child is time- and memory-limited so a failure cannot hurt the
     machine."""
     import subprocess
-    from tests.test_reliability import cmd, env
+    from tests.helpers import cmd, env
     if kind == "fifo":
         special = tmp_path / "pipe.jpg"
         os.mkfifo(special)
@@ -567,7 +568,7 @@ def test_zip_bomb_member_is_refused_without_inflating_it(tmp_path):
     the decoding process must never hold it in memory (peak RSS of the child measured)."""
     import subprocess
     import sys
-    from tests.test_reliability import cmd, env
+    from tests.helpers import cmd, env
     zp = make_archive(tmp_path / "a.zip")
     with zipfile.ZipFile(zp, "a", compression=zipfile.ZIP_DEFLATED) as z:
         with z.open("train/REAL/huge.jpg", "w", force_zip64=True) as f:

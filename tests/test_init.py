@@ -85,6 +85,6 @@ def test_resume_refuses_a_run_of_another_init_scheme(stack, model, tmp_path, cap
     del cfg["init"]  # a run made before the shared NumPy init existed
     (run / "config.json").write_text(json.dumps(cfg))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    code, err = _run(main, ["--out", str(run), "--resume", "--epochs", "2", *common], capsys)
+    code, err = _run(main, ["--out", str(run), "--resume", "--epochs", "2", *common[2:]], capsys)
     assert code != 0 and "init scheme" in err, err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing rewritten

@@ -1,7 +1,7 @@
 """Interrupted runs lose no work: real training runs (subprocesses, tiny archive, several
 steps per epoch) are SIGKILLed at several points (mid-epoch after >= 1 completed epoch,
 in the middle of each checkpoint file's write via the test-only fault hook
-``CIFAKE_FAULT_KILL_IN_WRITE`` in data/runs.py, during the cache build of
+``CIFAKE_FAULT_KILL_IN_WRITE`` in data/faults.py, during the cache build of
 ``data.prepare``), stopped with SIGINT (Ctrl-C), and resumed. After every kill each run
 file that exists must be whole (JSON parses, safetensors load); the final weights must be
 bit-identical (CPU) to an uninterrupted run. Also: a NaN/inf loss stops the run naming
@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, make_archive
-from tests.test_reliability import (assert_ok, assert_run_files_whole, assert_same_weights,
-                                    assert_user_error, kill, last_line, load_weights, run, start,
-                                    state_epoch, wait_for_epoch)
+from tests.helpers import (REPO, assert_ok, assert_run_files_whole, assert_same_weights,
+                           assert_user_error, kill, last_line, load_weights, make_archive, run,
+                           start, state_epoch, train_argv, wait_for_epoch)
 
 # Per stack: extra flags and the number of epochs (enough that a kill/Ctrl-C issued as
 # soon as an epoch completes still lands inside the run). torch_cnn runs v3 (BatchNorm
@@ -45,10 +44,11 @@ def archive(tmp_path_factory):
 def _args(stack, archive, out, epochs=None, resume=False):
     """A fresh run's flags, or (resume) only what a user types to continue a run."""
     extra, n = STACKS[stack]
-    a = ["--data", archive["zip"], "--cache-dir", archive["cache"], "--out", out, "--no-progress"]
     if resume:
-        return a + ["--resume"] + (["--epochs", epochs] if epochs else [])
-    return a + ["--epochs", epochs or n, "--batch-size", BATCH, "--seed", 3, *extra]
+        return train_argv(archive["zip"], archive["cache"], out, "--resume",
+                          *(["--epochs", epochs] if epochs else []))
+    return train_argv(archive["zip"], archive["cache"], out, "--epochs", epochs or n,
+                      "--batch-size", BATCH, "--seed", 3, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -255,9 +255,11 @@ def test_divergence_after_epoch_one_keeps_epoch_one(stack, archive, tmp_path):
 
 
 # ------------------------------------------------------------------ every write is atomic
-# Writers allowed to bypass data.runs' atomic helpers, and why.
+# Writers allowed to bypass data.atomic's helpers, and why.
 ATOMIC_EXEMPT = {
-    "data/runs.py": "the atomic helpers themselves (temp + fsync + rename) and the write probe",
+    "data/atomic.py": "the atomic helpers themselves (temp + fsync + rename)",
+    "data/faults.py": "the test-only fault hook writes half a temp file, then kills itself",
+    "data/rundir.py": "the write probe of the run directory (deleted at once)",
     "data/cache.py": "writes only inside '<key>.tmp-PID/', fsynced, renamed into place whole",
     "bench/reproduce.py": "appends to a run's log file (a log, never read back as state)",
     "bench/gpu.py": "a step's stdout/stderr log file (a log, never read back as state)",
@@ -298,7 +300,7 @@ def test_every_file_the_stacks_write_goes_through_the_atomic_helpers():
         rel = p.relative_to(REPO).as_posix()
         if rel not in ATOMIC_EXEMPT:
             bad += non_atomic_writes(p.read_text(), rel)
-    assert bad == [], "writes that bypass data.runs.atomic_write_* / save_safetensors:\n" + \
+    assert bad == [], "writes that bypass data.atomic.atomic_write_* / save_safetensors:\n" + \
         "\n".join(bad)
 
 

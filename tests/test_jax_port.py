@@ -1,4 +1,4 @@
-"""jax_port on its own: presets, device augmentation, BatchNorm/dropout semantics, init,
+"""jax_port on its own: model layouts, device augmentation, BatchNorm/dropout semantics, init,
 checkpoints, and the train/predict entry points (tiny synthetic archives, fast)."""
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import pytest
 from PIL import Image
 
 from data.batching import augment, augment_draws
-from data.runs import load_safetensors
+from data.tensors import load_safetensors
 from jax_port import checkpoint, convert
 from jax_port import model as M
 from jax_port import predict as P
 from jax_port import train as T
-from jax_port.presets import AUGMENTED_MODELS, CNN_PRESETS, MLP_PRESETS, PRESETS
 from jax_port.steps import Trainer, augment_device
 from tests.helpers import make_archive, synthetic_image
 
@@ -43,14 +42,8 @@ def weights(run):
     return load_safetensors(run / "model.safetensors")[0]
 
 
-# ------------------------------------------------------------------ presets
-def test_presets_equal_the_spec_stacks():
-    import numpy_mlp.presets as NP
-    import torch_cnn.presets as TP
-    assert MLP_PRESETS == NP.PRESETS
-    assert CNN_PRESETS == TP.PRESETS
-    assert set(PRESETS) == set(NP.PRESETS) | set(TP.PRESETS)
-    assert AUGMENTED_MODELS == TP.AUGMENTED_MODELS
+# ------------------------------------------------------------------ model names
+def test_mlp_layouts_equal_the_spec():
     import numpy_mlp.model as NM
     for name, h in M.MLP_HIDDEN.items():
         assert list(M.layer_dims_for(name)) == NM.layer_dims_for(name)

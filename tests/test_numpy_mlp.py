@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.runs import load_safetensors
+from data.tensors import load_safetensors
 from numpy_mlp import checkpoint, layers
 from numpy_mlp import model as M
 from numpy_mlp import predict as P
 from numpy_mlp import train as T
-from numpy_mlp.presets import PRESETS
+from data.catalog import MLP_MODELS, presets_for
 from tests.helpers import make_archive, synthetic_image
 
 TOL = 1e-7  # max relative error of analytic vs centred finite-difference gradients
@@ -335,8 +335,9 @@ def test_non_finite_loss_stops_with_user_error(archive, tmp_path, capsys):
 
 
 def test_presets_are_complete():
-    assert set(PRESETS) == {"mlp2-full", "mlp4-full", "mlp2-mini", "mlp4-mini"}
-    for name, p in PRESETS.items():
+    mlp = presets_for(MLP_MODELS)
+    assert set(mlp) == {"mlp2-full", "mlp4-full", "mlp2-mini", "mlp4-mini"}
+    for name, p in mlp.items():
         assert p["model"] == name.split("-")[0]
         assert (p["batch_size"] is None) == name.endswith("-full")
         assert p["epochs"] == (7000 if name.endswith("-full") else 100)

@@ -16,7 +16,7 @@ from data.batching import AugDraws, augment_draws, dropout_rng, epoch_order, ide
 from jax_port import convert
 from jax_port import model as JM
 from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, Trainer
-from tests.test_parity_helpers import assert_close_tree
+from tests.helpers import assert_close_tree
 from torch_cnn.checkpoint import state_to_numpy
 from torch_cnn.model import DROPOUT_P, init_model
 from torch_cnn.pipeline import DevicePipeline, augment_torch, to_input
@@ -285,7 +285,7 @@ def test_torch_checkpoint_evaluates_the_same_in_jax(mini_zip, tmp_path, capsys):
 
     from data import load_cifake
     from data.errors import run_cli
-    from data.runs import classification_report
+    from data.metrics import classification_report
     from jax_port import checkpoint
     from torch_cnn import train as TT
     run, cache = tmp_path / "torch-run", tmp_path / "cache"

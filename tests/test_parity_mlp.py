@@ -17,7 +17,7 @@ from jax_port import model as JM
 from jax_port.steps import Trainer
 from numpy_mlp import model as NM
 from numpy_mlp.train import train_epoch
-from tests.test_parity_helpers import assert_close_tree
+from tests.helpers import assert_close_tree
 
 # forward logits and cost: the two engines sum the same products in different orders
 # (BLAS W @ X vs XLA x @ W.T); float64 rounding differences stay ~1e-15.

@@ -1,5 +1,4 @@
-"""Reliability helpers shared by test_bad_inputs / test_interrupts / test_untrusted,
-plus the output-directory checks (unwritable, full disk) and the fault hook's own tests.
+"""The output-directory checks (unwritable, full disk) and the fault hook's own tests.
 
 Every test here runs the REAL entry points (``python -m ...``) in subprocesses, the way
 a user does, and judges only what a user sees: the exit status, stderr's last line, and
@@ -10,161 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, make_archive
-
-PY = sys.executable
-# One BLAS/OpenMP thread per subprocess: the machine has 2 shared cores, and results are
-# compared only between runs made with the same setting.
-_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
-NOBODY = 65534
-RUN_FILES = ("config.json", "metrics.json", "model.safetensors", "state.safetensors",
-             "state.json")
-
-
-def env(**extra) -> dict:
-    e = dict(os.environ, **_ENV)
-    e.pop("CIFAKE_FAULT_KILL_IN_WRITE", None)
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
-def cmd(module: str, *args, user: int | None = None) -> list[str]:
-    base = [PY, "-m", module, *map(str, args)]
-    if user is not None:
-        base = [shutil.which("setpriv"), f"--reuid={user}", f"--regid={user}",
-                "--clear-groups", *base]
-    return base
-
-
-def run(module: str, *args, cwd=None, timeout: float = 240, user: int | None = None,
-        **extra_env) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` to completion, capturing text output."""
-    return subprocess.run(cmd(module, *args, user=user), cwd=cwd or REPO, env=env(**extra_env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start(module: str, *args, cwd=None, **extra_env) -> subprocess.Popen:
-    return subprocess.Popen(cmd(module, *args), cwd=cwd or REPO, env=env(**extra_env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def last_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def assert_user_error(p: subprocess.CompletedProcess, *needles: str, rc: int | None = 2) -> str:
-    """The contract for an expected failure: nonzero exit (``rc`` when given), no
-    traceback, stderr's last line starts with 'error:' and names each needle."""
-    where = f"exit {p.returncode}\n--- stderr ---\n{p.stderr[-3000:]}"
-    assert p.returncode != 0, "expected a failure; " + where
-    if rc is not None:
-        assert p.returncode == rc, where
-    assert "Traceback" not in p.stderr, where
-    line = last_line(p.stderr)
-    assert line.startswith("error:"), where
-    for n in needles:
-        assert n.lower() in line.lower(), f"{n!r} not named in {line!r}"
-    return line
-
-
-def assert_ok(p: subprocess.CompletedProcess) -> None:
-    assert p.returncode == 0 and "Traceback" not in p.stderr, \
-        f"exit {p.returncode}\n{p.stderr[-3000:]}"
-
-
-def trusted_caches(cache_dir: Path) -> list[Path]:
-    """Cache folders a later run would load (those with a manifest.json)."""
-    if not cache_dir.exists():
-        return []
-    return [d for d in cache_dir.iterdir() if (d / "manifest.json").is_file()]
-
-
-def assert_no_trusted_run(out: Path) -> None:
-    for f in ("metrics.json", "model.safetensors"):
-        assert not (out / f).exists(), f"{out / f} left behind by a failed run"
-
-
-def can_drop_privileges() -> bool:
-    """True when we can run a child as the unprivileged user 'nobody' (setpriv as root)."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return False
-    p = subprocess.run(cmd("data.prepare", "--help", user=NOBODY), cwd="/", env=env(),
-                       capture_output=True, text=True, timeout=60)
-    return p.returncode == 0
-
-
-def world_tmpdir() -> Path:
-    """A temp dir every user can traverse (pytest's tmp_path is root-only, 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="cifake-rel-", dir="/tmp"))
-    d.chmod(0o755)
-    return d
-
-
-def load_weights(path: Path) -> dict[str, np.ndarray]:
-    """A checkpoint's tensors, read with safetensors (raises on a half-written file)."""
-    from safetensors.numpy import load_file
-    return load_file(str(path))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_weights(a), load_weights(b)
-    assert sorted(wa) == sorted(wb)
-    for k in wa:
-        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]), \
-            f"{k} differs between {a} and {b} (max |diff| " \
-            f"{np.max(np.abs(wa[k].astype(np.float64) - wb[k].astype(np.float64)))})"
-
-
-def assert_run_files_whole(out: Path) -> None:
-    """Every run file that exists is complete: JSON parses, safetensors load."""
-    for f in RUN_FILES:
-        p = out / f
-        if not p.exists():
-            continue
-        if f.endswith(".json"):
-            json.loads(p.read_text())
-        else:
-            load_weights(p)
-
-
-def state_epoch(out: Path) -> int:
-    try:
-        return int(json.loads((out / "state.json").read_text())["epoch_completed"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 180) -> bool:
-    """Poll (5 ms) until state.json says >= ``epoch`` completed; False if the process ended."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if state_epoch(out) >= epoch:
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    raise AssertionError(f"{out}: epoch {epoch} not reached in {timeout} s")
-
-
-def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> tuple[int, str]:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
-
+from tests.helpers import (PY, assert_no_trusted_run, assert_ok, assert_run_files_whole,
+                           assert_same_weights, assert_user_error, env, last_line,
+                           load_weights, make_archive, REPO, run, start, state_epoch,
+                           wait_for_epoch)
 
 # ====================================================================== tests
 @contextlib.contextmanager
@@ -184,12 +39,13 @@ def tmpfs(folder: Path, size: str):
 
 def test_fault_hook_is_inert_unless_set(tmp_path, monkeypatch):
     """The kill-in-write hook must not fire for other files or other write counts."""
-    from data import runs
-    monkeypatch.setenv(runs.FAULT_ENV, "other.json@1")
-    runs.atomic_write_json(tmp_path / "x.json", {"a": 1})
-    monkeypatch.setenv(runs.FAULT_ENV, "x.json@5")
-    runs._fault_writes.clear()
-    runs.atomic_write_json(tmp_path / "x.json", {"a": 2})  # 1st write of x.json: no fault
+    from data import faults
+    from data.atomic import atomic_write_json
+    monkeypatch.setenv(faults.FAULT_ENV, "other.json@1")
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    monkeypatch.setenv(faults.FAULT_ENV, "x.json@5")
+    faults._fault_writes.clear()
+    atomic_write_json(tmp_path / "x.json", {"a": 2})  # 1st write of x.json: no fault
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp files left
 
@@ -197,7 +53,7 @@ def test_fault_hook_is_inert_unless_set(tmp_path, monkeypatch):
 def test_fault_hook_kills_mid_write_and_keeps_previous_file(tmp_path):
     """A SIGKILL half-way through writing leaves the previous file intact."""
     target = tmp_path / "model.safetensors"
-    code = ("import numpy as np; from data.runs import save_safetensors as s; import sys; "
+    code = ("import numpy as np; from data.tensors import save_safetensors as s; import sys; "
             "s(sys.argv[1], {'w': np.arange(1000, dtype=np.float32)}); "
             "s(sys.argv[1], {'w': np.zeros(1000, dtype=np.float32)})")
     p = subprocess.run([PY, "-c", code, str(target)], cwd=REPO,
@@ -234,29 +90,30 @@ def test_out_dir_on_a_full_disk_fails_before_training(tmp_path):
 
 
 def test_prepare_out_dir_refuses_a_nearly_full_disk_in_process(tmp_path, monkeypatch):
-    from data import runs
+    from data import rundir
     from data.errors import UserError
 
     class Usage:  # what shutil.disk_usage returns, with 3 MiB free
         total, used, free = 2**30, 2**30 - 3 * 2**20, 3 * 2**20
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: Usage)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: Usage)
     with pytest.raises(UserError, match="only 3 MiB free"):
-        runs.prepare_out_dir(tmp_path / "run", resume=False)
+        rundir.prepare(tmp_path / "run", resume=False)
+    rundir.unlock(tmp_path / "run")
 
 
 def test_resume_refuses_a_state_json_that_is_not_json(tmp_path):
-    from data import runs
+    from data import rundir
     from data.errors import UserError
     (tmp_path / "state.json").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="state.json: not valid JSON"):
-        runs.prepare_out_dir(tmp_path, resume=True)
+        rundir.read_json(tmp_path / "state.json")
 
 
 def test_classification_report_refuses_non_finite_logits():
     """Diverged weights give NaN/inf logits: one UserError, not a NaN in metrics.json
     (which strict JSON cannot even hold: that used to end in a ValueError traceback)."""
     from data.errors import UserError
-    from data.runs import classification_report
+    from data.metrics import classification_report
     labels = np.array([0, 1, 1])
     assert classification_report(np.array([-2.0, 3.0, 0.5]), labels)["accuracy"] == 100.0
     for bad in (np.nan, np.inf, -np.inf):
@@ -267,7 +124,7 @@ def test_classification_report_refuses_non_finite_logits():
 def test_save_safetensors_keeps_zero_dim_tensors(tmp_path):
     """BatchNorm's num_batches_tracked has shape (); np.ascontiguousarray would make it
     (1,), and the CNN loaders (which demand ()) would then refuse every v3 checkpoint."""
-    from data.runs import load_safetensors, save_safetensors
+    from data.tensors import load_safetensors, save_safetensors
     path = tmp_path / "x.safetensors"
     t = {"n": np.array(7, np.int64), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
     save_safetensors(path, t)
@@ -279,15 +136,15 @@ def test_save_safetensors_keeps_zero_dim_tensors(tmp_path):
 def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
     """ENOSPC at fsync (the disk filled up mid-run): UserError, old file intact, no temp."""
     import errno
-    from data import runs
+    from data import atomic
     from data.errors import UserError
-    runs.atomic_write_json(tmp_path / "metrics.json", {"epoch": 1})
+    atomic.atomic_write_json(tmp_path / "metrics.json", {"epoch": 1})
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(runs.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)
     with pytest.raises(UserError, match=r"metrics.json \(No space left on device\).*--resume"):
-        runs.atomic_write_json(tmp_path / "metrics.json", {"epoch": 2})
+        atomic.atomic_write_json(tmp_path / "metrics.json", {"epoch": 2})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -305,11 +162,12 @@ def test_disk_filling_up_during_training_then_resume(tmp_path):
         p = start("numpy_mlp.train", *common, "--out", out, *fresh)
         assert wait_for_epoch(p, out, 1)
         filler = mnt / "filler"
-        with open(filler, "wb") as f:  # fill the filesystem completely
+        # fill the filesystem completely; unbuffered, so closing the file has nothing left
+        # to flush (a buffered writer's close would raise the same ENOSPC again)
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 2**16)
-                    f.flush()
             except OSError:
                 pass
         p.wait(timeout=120)
@@ -319,7 +177,8 @@ def test_disk_filling_up_during_training_then_resume(tmp_path):
         assert_run_files_whole(out)
         assert state_epoch(out) >= 1
         filler.unlink()
-        assert_ok(run("numpy_mlp.train", *common, "--out", out, "--resume"))
+        assert_ok(run("numpy_mlp.train", "--cache-dir", tmp_path / "cache", "--no-progress",
+                      "--out", out, "--resume"))
         ref = tmp_path / "ref"
         assert_ok(run("numpy_mlp.train", *common, "--out", ref, *fresh))
         assert_same_weights(out / "model.safetensors", ref / "model.safetensors")

@@ -27,7 +27,8 @@ from data import load_cifake
 from data.errors import DataError, UserError
 from data.images import PREDICT_BATCH, load_image_for_model
 from data.predict import DetectorBase
-from data.runs import atomic_write_bytes, read_json
+from data.atomic import atomic_write_bytes
+from data.rundir import read_json
 from tests.helpers import REPO, extract_to, image_bytes, make_archive, synthetic_image
 from tests.test_reliability import (NOBODY, assert_ok, assert_user_error, can_drop_privileges,
                                     cmd, env, last_line, run, world_tmpdir)

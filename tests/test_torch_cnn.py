@@ -13,8 +13,8 @@ from PIL import Image
 from data import Split
 from data.batching import augment, augment_draws, epoch_order
 from data.errors import UserError
-from data.runs import load_safetensors
-from tests.helpers import REPO, make_archive, synthetic_image
+from data.tensors import load_safetensors
+from tests.helpers import REPO, make_archive, synthetic_image, train_argv
 from torch_cnn import checkpoint, predict, train
 from torch_cnn.model import MODELS, build_model, init_model, param_count
 from torch_cnn.pipeline import DevicePipeline, augment_torch, to_input, torchvision_loader
@@ -173,9 +173,8 @@ def archive(tmp_path_factory):
 
 def run_train(archive, out, *extra):
     zip_path, cache = archive
-    return train.main(["--data", str(zip_path), "--cache-dir", str(cache), "--out", str(out),
-                       "--no-progress", "--batch-size", "8", "--model", "v3", "--threads", "1",
-                       *extra])
+    return train.main(train_argv(zip_path, cache, out, *extra,
+                                 fresh=("--batch-size", "8", "--model", "v3", "--threads", "1")))
 
 
 def weights(run):
@@ -247,7 +246,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(archive, tmp_path, monkeypatc
         loss, nc = real(*a)
         return (loss * float("nan") if calls["n"] == 4 else loss), nc
     monkeypatch.setattr(train, "train_step", nan_step)
-    with pytest.raises(UserError, match="epoch 2 step 1"):
+    with pytest.raises(UserError, match="epoch 2, step 1"):
         run_train(archive, tmp_path / "r", "--epochs", "3")
     assert json.loads((tmp_path / "r" / "state.json").read_text())["epoch_completed"] == 1
 

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, image_bytes, make_archive, synthetic_image
-from tests.test_reliability import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
-                                    trusted_caches)
+from tests.helpers import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
+                           trusted_caches)
 
 SCANNED = ("numpy_mlp", "torch_cnn", "jax_port", "data", "bench")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal",
@@ -202,7 +202,7 @@ PREDICT_READS = ("model.safetensors", "config.json")
 def test_numpy_resume_refuses_pickle_bombs(name, variant, runs_dir, tmp_path):
     marker = tmp_path / "PWNED"
     r = _plant(runs_dir["mlp"], tmp_path / "run", name, bomb_variants(marker)[variant])
-    p = run("numpy_mlp.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
+    p = run("numpy_mlp.train", "--cache-dir", runs_dir["cache"],
             "--out", r, "--resume", "--epochs", 3, "--no-progress")
     assert not marker.exists(), "unpickling ran foreign code"
     if name in RESUME_READS:
@@ -264,7 +264,7 @@ def test_torch_and_jax_resume_refuse_a_pickled_state(stack, torch_run, runs_dir,
                       "--no-progress", "--model", "mlp2"))
     marker = tmp_path / "PWNED"
     (out / "state.safetensors").write_bytes(bomb_variants(marker)["torch_save_zip"])
-    p = run(f"{stack}.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
+    p = run(f"{stack}.train", "--cache-dir", runs_dir["cache"],
             "--out", out, "--epochs", 2, "--resume", "--no-progress")
     assert_user_error(p, "state.safetensors")
     assert not marker.exists()
@@ -295,10 +295,10 @@ def _mutations(tensors: dict, key: str, wrong_shape: tuple) -> dict[str, tuple[d
 
 
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
-                                      "wrong_dtype"])
+                             "wrong_dtype"])
 def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
     from data.errors import UserError
-    from data.runs import save_safetensors
+    from data.tensors import save_safetensors
     from numpy_mlp import checkpoint as np_ckpt
     tensors, word = _mutations(_mlp(), "W2", (1, 8))[mutation]
     path = tmp_path / "model.safetensors"
@@ -310,11 +310,11 @@ def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
 
 
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
-                                      "wrong_dtype"])
+                             "wrong_dtype"])
 def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
     pytest.importorskip("torch")
     from data.errors import UserError
-    from data.runs import save_safetensors
+    from data.tensors import save_safetensors
     from torch_cnn import checkpoint as t_ckpt
     from torch_cnn.model import init_model
     good = {k: v for k, v in t_ckpt.state_to_numpy(init_model("v3", 0)).items()}
@@ -329,12 +329,12 @@ def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
 
 @pytest.mark.parametrize("family", ["mlp", "cnn"])
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
-                                      "wrong_dtype"])
+                             "wrong_dtype"])
 def test_jax_checkpoint_loader_validates_every_tensor(family, mutation, tmp_path):
     """jax_port.checkpoint.load (what jax_port.predict and evaluation use), in-process."""
     pytest.importorskip("jax")
     from data.errors import UserError
-    from data.runs import save_safetensors
+    from data.tensors import save_safetensors
     from jax_port import checkpoint as j_ckpt
     if family == "mlp":
         tensors, word = _mutations(_mlp(), "W1", (7, 3000))[mutation]
@@ -372,7 +372,7 @@ def test_archive_members_are_never_extracted(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["numpy_mlp.predict", "jax_port.predict", "torch_cnn.predict",
-                                    "data.prepare"])
+                           "data.prepare"])
 def test_image_decoding_is_bounded_in_every_entry_point(module):
     import importlib.util
     if importlib.util.find_spec(module) is None:
@@ -381,7 +381,7 @@ def test_image_decoding_is_bounded_in_every_entry_point(module):
             "print(I.MAX_IMAGE_PIXELS, d.MAX_PIXELS)")
     import subprocess
     import sys
-    from tests.test_reliability import env
+    from tests.helpers import env
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr

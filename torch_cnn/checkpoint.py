@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from data.runs import load_safetensors, save_safetensors
+from data.tensors import load_safetensors, save_safetensors
 
 from .model import MODELS
 

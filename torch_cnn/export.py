@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from data.errors import UserError, run_cli
-from data.runs import FORMAT, ArgumentParser, atomic_write_bytes, read_json
-
+from data.atomic import atomic_write_bytes
+from data.flags import ArgumentParser
+from data.rundir import read_json
+from data.tensors import FORMAT
 from .pipeline import to_input
 from .predict import load_run
 

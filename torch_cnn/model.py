@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from data.catalog import CNN_MODELS
 from data.init import cnn_init
 
-MODELS = ("baseline", "dropout", "v3")
+MODELS = CNN_MODELS
 DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in the original
 
 

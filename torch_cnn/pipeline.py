@@ -75,13 +75,10 @@ class DevicePipeline:
         self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
         self.labels = torch.from_numpy(split.labels.astype(np.float32)).to(self.device)
 
-    def batches(self, seed: int, epoch: int, batch_size: int | None, augment: bool,
-                shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x float (B, 3, 32, 32), y float (B,)) on the device for one epoch.
-
-        ``shuffle=False`` visits the images in stored order (evaluation)."""
-        order_np = epoch_order(seed, epoch, self.n) if shuffle else np.arange(self.n)
-        order = torch.from_numpy(order_np).to(self.device)
+    def batches(self, seed: int, epoch: int, batch_size: int | None,
+                augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x float (B, 3, 32, 32), y float (B,)) on the device for one epoch."""
+        order = torch.from_numpy(epoch_order(seed, epoch, self.n)).to(self.device)
         draws = augment_draws(seed, epoch, self.n) if augment else None
         if draws is not None:
             dy = torch.from_numpy(draws.dy).to(self.device)

@@ -20,7 +20,7 @@ import torch
 
 from data.errors import UserError, run_cli
 from data.predict import DetectorBase, normalize_device, predict_cli
-from data.runs import read_json
+from data.rundir import read_json
 
 from . import checkpoint
 from .model import MODELS, build_model

@@ -1,0 +1,101 @@
+"""Atomic files: every file a run writes goes to a temporary name in the same folder, is
+fsynced and renamed, so a kill at any moment leaves either the previous file or the new
+one, never half of one."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+from .faults import maybe_fault
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
+
+    An OS failure (disk full mid-run, folder removed, quota) becomes a one-line
+    UserError: the temp file is removed and the previous ``path`` is untouched, so a
+    run can continue with --resume once the cause is fixed.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp creates 0600; a plain open() would give 0666 minus the umask, which is
+        # what the user (a group sharing runs) expects of the renamed file
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            maybe_fault(path, f, data)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); files already saved "
+                            f"there are intact (fix the cause, then continue with --resume)") \
+                from None
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_text_writer(path: str | os.PathLike, newline: str | None = None):
+    """A text file written as it goes (so its size need not fit in memory) that appears
+    at ``path`` only when the ``with`` block completes: temp file in the same folder,
+    fsync, rename, as ``atomic_write_bytes``. An exception or Ctrl-C inside the block
+    removes the temp file and leaves any previous ``path`` untouched. The temp file is
+    created on entry, so an unwritable folder is refused before any work is done."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); nothing was written "
+                            f"there") from None
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())

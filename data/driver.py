@@ -1,0 +1,379 @@
+"""The one run driver of every stack's ``train``: configuration, resume, the run
+directory's lock and files, the epoch loop, Ctrl-C, the final report.
+
+A stack supplies only what is its own (a ``Stack`` subclass): its flags, building the
+model state, training one epoch, logits for a split, and saving/loading its state. The
+driver does the rest the same way for all three:
+
+- configuration: defaults < preset < explicit flags, by feeding the family's defaults and
+  the preset to ``parser.set_defaults``; every value checked by ``data.flags``;
+- resume: ``--resume --out RUN`` reloads RUN/config.json; only ``--epochs``, the cache
+  and the device/progress flags may be given with it, anything else (``--data``,
+  ``--preset``, ...) or a run of another stack is refused before anything is written;
+- the run directory (``data.rundir``): locked for the life of the training; a fresh run
+  needs an empty folder;
+- after each epoch, in this order: metrics.json (history so far), state.safetensors (the
+  resume point, one atomic file carrying its epoch), model.safetensors, state.json. A
+  kill between any two writes resumes consistently: --resume takes the epoch from
+  state.safetensors and the first that-many entries of the history;
+- Ctrl-C and SIGTERM (``data.errors.run_cli`` turns both into KeyboardInterrupt) stop
+  after the last completed epoch with the command that resumes the run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import flags
+from .atomic import atomic_write_json
+from .cache import load_cifake
+from .catalog import DEFAULTS, MODELS, PRESETS, family_of, presets_for
+from .errors import EXIT_INTERRUPTED, UserError
+from .init import INIT_SCHEME
+from .metrics import classification_report, final_report
+from .rundir import check_init_scheme, field, prepare, read_history, read_json, unlock
+
+# flags that may be given with --resume: they do not change what the run computes
+RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress"}
+# what a run's config.json must hold to be resumed
+REQUIRED = ("model", "preset", "seed", "epochs", "batch_size", "lr", "subset", "data",
+            "cache_dir")
+# parser destinations that are not part of a run's configuration
+NOT_CONFIG = {"out", "resume", "no_progress"}
+
+
+class NonFiniteLoss(Exception):
+    """A training step produced a non-finite loss (``step`` 1-based within the epoch)."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"non-finite loss {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+class Stack:
+    """What one stack supplies. ``name`` is config.json's "stack" and the module whose
+    ``train`` runs it; ``models`` the models it trains; ``default_model`` the one used
+    when neither --model nor --preset says (None: one of them is required)."""
+    name = ""
+    description = ""
+    models: tuple = ()
+    default_model: str | None = None
+    resume_flags: frozenset = frozenset()  # its own flags allowed with --resume
+    checks: dict = {}                      # config key -> data.flags checker, its own flags
+
+    def add_flags(self, ap: argparse.ArgumentParser) -> None:
+        """Add the stack's own flags, with their defaults (the shared ones are the driver's)."""
+
+    def configure(self, cfg: dict) -> None:
+        """Derive and check what follows from the configuration (layer sizes, ...)."""
+
+    def build(self, cfg: dict, ds) -> dict:
+        """Set up for training on ``ds`` with fresh weights; return runtime facts for
+        config.json (device, versions)."""
+        raise NotImplementedError
+
+    def load(self, path: Path) -> int:
+        """Replace the fresh state with the resume point in ``path``; its epoch_completed."""
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int, progress) -> dict:
+        """One epoch (0-based) -> {"lr", "train_loss", "train_acc"}. ``progress(images
+        done, last loss)`` after each step or chunk; NonFiniteLoss before a bad step."""
+        raise NotImplementedError
+
+    def logits(self, split) -> np.ndarray:
+        """Eval-mode logits of a whole split, in stored order."""
+        raise NotImplementedError
+
+    def save_state(self, path: Path, epoch: int) -> None:
+        raise NotImplementedError
+
+    def save_model(self, path: Path) -> None:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ configuration
+CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_size,
+          "lr": flags.lr, "decay": flags.decay, "subset": flags.optional(flags.subset),
+          "eval_every": flags.eval_every, "hidden": flags.hidden,
+          "data": flags.optional_str("--data"), "cache_dir": flags.optional_str("--cache-dir"),
+          "model": flags.choice("--model", MODELS),
+          "preset": flags.choice("--preset", (None, *PRESETS)),
+          "dtype": flags.choice("--dtype", ("float32", "float64"))}
+
+
+def build_parser(stack: Stack) -> argparse.ArgumentParser:
+    presets = presets_for(stack.models)
+    mlp = any(family_of(m) == "mlp" for m in stack.models)
+    first = next((p for p in ("baseline", "mlp4-mini") if p in presets), sorted(presets)[0])
+    ap = flags.ArgumentParser(
+        prog=f"python -m {stack.name}.train", description=stack.description,
+        epilog=f"example:\n  python -m {stack.name}.train --preset {first} --data cifake.zip "
+               f"--out runs/detector")
+    ap.add_argument("--data", help="Kaggle cifake zip or its extracted folder "
+                                   "(default: $CIFAKE_PATH, then a kagglehub download)")
+    ap.add_argument("--cache-dir", help="decoded-image cache folder "
+                                        "(default: ~/.cache/cifake-detector)")
+    ap.add_argument("--out", help="run directory (default: runs/<stack>-<preset or model>)")
+    ap.add_argument("--preset", choices=sorted(presets), help="a configuration of the original "
+                    "project; explicit flags override its values")
+    ap.add_argument("--model", choices=stack.models,
+                    help=f"network (default: the preset's"
+                         f"{', else ' + stack.default_model if stack.default_model else ''})")
+    ap.add_argument("--seed", type=flags.seed, help="random seed in [0, 2**32) (default 0)")
+    ap.add_argument("--epochs", type=flags.epochs, help="passes over the training set")
+    ap.add_argument("--batch-size", type=flags.batch_size,
+                    help="images per step" + (", or 'full' for full-batch gradient descent "
+                                              "(MLPs)" if mlp else ""))
+    ap.add_argument("--lr", type=flags.lr,
+                    help="learning rate (lr0 of the decay schedule where there is one)")
+    if mlp:
+        ap.add_argument("--decay", type=flags.decay,
+                        help="MLPs: lr = lr0 / (1 + decay * epoch); 0 keeps lr constant")
+        ap.add_argument("--hidden", type=flags.hidden, help="MLP hidden sizes, comma-separated "
+                        "(mlp2: one, e.g. 7; mlp4: three, e.g. 20,7,5)")
+        ap.add_argument("--dtype", choices=("float32", "float64"),
+                        help="MLP float type (default float32)")
+    ap.add_argument("--eval-every", type=flags.eval_every,
+                    help="evaluate the test set every K epochs (default: the preset's, else 1; "
+                         "the last epoch is always evaluated)")
+    ap.add_argument("--subset", type=flags.subset,
+                    help="use only the first N images per class of each split (quick runs)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last completed epoch (with "
+                         "--epochs to extend it)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stack.add_flags(ap)
+    return ap
+
+
+class _Given(argparse.Namespace):
+    """A namespace on which every attribute 'exists', so argparse fills in no defaults:
+    what is set on it afterwards is exactly what the command line gave."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping attributes
+            raise AttributeError(name)
+        return _UNSET
+
+
+_UNSET = object()
+
+
+def explicit_flags(ap: argparse.ArgumentParser, argv: list[str]) -> dict:
+    return dict(vars(ap.parse_args(argv, namespace=_Given())))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_config(stack: Stack, cfg: dict, where: str = "") -> None:
+    """Every value checked once, whether typed or read from a run's config.json."""
+    for key, check in {**CHECKS, **stack.checks}.items():
+        if key in cfg:
+            try:
+                cfg[key] = check(cfg[key])
+            except UserError as e:
+                raise UserError(f"{where}{e}") from None
+    if cfg["model"] not in stack.models:
+        raise UserError(f"{where}model {cfg['model']!r} is not one of this stack's "
+                        f"({', '.join(stack.models)})")
+    if family_of(cfg["model"]) == "cnn":
+        if cfg.get("batch_size", 1) is None:
+            raise UserError(f"{where}--batch-size full applies to the MLP models only")
+        if cfg.get("hidden") is not None:
+            raise UserError(f"{where}--hidden applies to the MLP models only")
+        if cfg.get("decay"):
+            raise UserError(f"{where}--decay applies to the MLP models only")
+        if cfg.get("dtype", "float32") != "float32":
+            raise UserError(f"{where}--dtype float64 applies to the MLP models only")
+
+
+def fresh_config(stack: Stack, ap, argv: list[str], given: dict) -> dict:
+    preset = given.get("preset")
+    model = given.get("model") or (PRESETS[preset]["model"] if preset else stack.default_model)
+    if model is None:
+        raise UserError(f"give --model ({', '.join(stack.models)}) or --preset")
+    if preset and PRESETS[preset]["model"] != model:
+        raise UserError(f"--model {model} contradicts --preset {preset} "
+                        f"(a {PRESETS[preset]['model']} preset)")
+    dests = set(vars(ap.parse_args([])))
+    defaults = {**DEFAULTS[family_of(model)], "seed": 0, "model": model, **PRESETS.get(preset, {})}
+    ap.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
+    args = ap.parse_args(argv)
+    cfg = {"stack": stack.name, **{k: v for k, v in vars(args).items() if k not in NOT_CONFIG}}
+    check_config(stack, cfg)
+    stack.configure(cfg)
+    cfg["init"] = INIT_SCHEME
+    return cfg
+
+
+def resume_config(stack: Stack, given: dict, out: Path) -> dict:
+    path = out / "config.json"
+    cfg = read_json(path)
+    if cfg.get("stack") != stack.name:
+        raise UserError(f"--resume: {path} is a run of {cfg.get('stack')!r}, not of "
+                        f"{stack.name}; resume it with its own stack")
+    check_init_scheme(cfg, path)
+    for key in REQUIRED:
+        field(cfg, key, object, path)
+    cfg.setdefault("eval_every", 1)  # runs that predate --eval-every evaluated every epoch
+    check_config(stack, cfg, f"{path}: ")
+    derived = dict(cfg)
+    try:
+        stack.configure(derived)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    changed = [k for k in derived if k in cfg and derived[k] != cfg[k]]
+    if changed:
+        raise UserError(f"{path}: '{changed[0]}' is {cfg[changed[0]]!r}, but the rest of the "
+                        f"configuration implies {derived[changed[0]]!r}")
+    for key in given.keys() & (RESUME_FLAGS | stack.resume_flags) - NOT_CONFIG:
+        cfg[key] = given[key]
+    return cfg
+
+
+def configure(stack: Stack, argv: list[str] | None) -> tuple[dict | None, Path, bool, bool, dict]:
+    """-> (config (None when resuming: it is read under the lock), run directory,
+    resuming?, progress bars?, the explicit flags). Nothing is written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser(stack)
+    given = explicit_flags(ap, argv)
+    resume = bool(given.get("resume"))
+    if resume:
+        if "out" not in given:
+            raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+        extra = sorted(set(given) - RESUME_FLAGS - stack.resume_flags)
+        if extra:
+            allowed = sorted(_flag(k) for k in (RESUME_FLAGS | stack.resume_flags) - {"out", "resume"})
+            raise UserError(f"--resume continues the run in {given['out']} with its own "
+                            f"config.json; {_flag(extra[0])} cannot be given with it (only "
+                            f"{', '.join(allowed)} may)")
+        out = Path(given["out"])
+        cfg = None  # read under the lock
+    else:
+        cfg = fresh_config(stack, ap, argv, given)
+        out = Path(given.get("out") or f"runs/{stack.name}-{cfg['preset'] or cfg['model']}")
+    return cfg, out, resume, not given.get("no_progress", False), given
+
+
+# ------------------------------------------------------------------ the run
+def train(stack: Stack, argv: list[str] | None = None) -> int:
+    """Run ``python -m <stack>.train`` with ``argv``; returns the exit status."""
+    cfg, out, resume, bars, given = configure(stack, argv)
+    if resume:
+        out = prepare(out, resume=True)
+        cfg = resume_config(stack, given, out)
+    ds = load_cifake(cfg["data"], cfg["cache_dir"], subset=cfg["subset"], verbose=bars)
+    if resume:
+        for key, n in (("n_train", len(ds.train)), ("n_test", len(ds.test))):
+            if cfg.get(key, n) != n:
+                raise UserError(f"--resume: {cfg['data']} now gives {n:,} images for "
+                                f"{key[2:]}, the run was trained on {cfg[key]}")
+    else:
+        out = prepare(out, resume=False)
+        # the dataset actually used (resolved from --data / $CIFAKE_PATH / download)
+        cfg["data"] = ds.manifest.get("source", {}).get("path", cfg["data"])
+        cfg["n_train"], cfg["n_test"] = len(ds.train), len(ds.test)
+    try:
+        return _run(stack, cfg, ds, out, resume, bars)
+    finally:
+        unlock(out)
+
+
+def _resume_point(stack: Stack, out: Path) -> tuple[int, list[dict], float]:
+    """(epoch completed, its history, wall seconds so far) of the run in ``out``."""
+    if not (out / "state.safetensors").exists():
+        return 0, [], 0.0  # killed before its first epoch: start it again
+    start = stack.load(out / "state.safetensors")
+    history, wall = read_history(out / "metrics.json")
+    history = [h for h in history if h["epoch"] <= start]
+    if [h["epoch"] for h in history] != list(range(1, start + 1)):
+        raise UserError(f"{out / 'metrics.json'}: history does not hold epochs 1-{start}, "
+                        f"which {out / 'state.safetensors'} completed")
+    if (out / "state.json").exists():
+        wall = float(field(read_json(out / "state.json"), "wall_seconds", (int, float),
+                           out / "state.json", required=False, default=wall))
+    return start, history, wall
+
+
+def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> int:
+    cfg.update(stack.build(cfg, ds))
+    start, history, wall_before = _resume_point(stack, out) if resume else (0, [], 0.0)
+    epochs = cfg["epochs"]
+    if start > epochs:
+        raise UserError(f"--resume: {out} already completed {start} epochs, more than "
+                        f"--epochs {epochs}")
+    atomic_write_json(out / "config.json", cfg)
+    if start:
+        print(f"resuming {out} after epoch {start}", file=sys.stderr)
+    t_start = time.time()
+
+    def wall() -> float:
+        return wall_before + time.time() - t_start
+
+    def write_metrics(final=None):
+        atomic_write_json(out / "metrics.json", {"history": history, "final": final,
+                                                 "complete": final is not None,
+                                                 "wall_seconds": wall()})
+    epoch = start
+    try:
+        for epoch in range(start, epochs):
+            row = _train_epoch(stack, cfg, ds, out, epoch, bars)
+            history.append(row)
+            write_metrics()
+            stack.save_state(out / "state.safetensors", epoch + 1)
+            stack.save_model(out / "model.safetensors")
+            atomic_write_json(out / "state.json", {
+                "epoch_completed": epoch + 1, "epochs": epochs, "model": cfg["model"],
+                "seed": cfg["seed"], "wall_seconds": wall()})
+    except KeyboardInterrupt:
+        print(f"interrupted during epoch {epoch + 1}; epoch {len(history)} is saved in {out}; "
+              f"resume with: python -m {stack.name}.train --out {out} --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    final = final_report(stack.logits, ds)
+    write_metrics(final)
+    auc = "n/a" if final["test_auc"] is None else f"{final['test_auc']:.4f}"
+    print(f"done: train {final['train_acc']:.2f}% test {final['test_acc']:.2f}% "
+          f"(gap {final['gap_pp']:.2f} pp, test AUC {auc}, dedup test "
+          f"{final['test_dedup']['accuracy']:.2f}%) -> {out}", file=sys.stderr)
+    return 0
+
+
+def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool) -> dict:
+    from tqdm import tqdm
+    epochs, n = cfg["epochs"], len(ds.train)
+    bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, disable=not bars,
+               leave=False, dynamic_ncols=True, unit="img", mininterval=0.5)
+    t0 = time.perf_counter()
+
+    def progress(done: int, loss: float) -> None:
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}",
+                        img_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+    try:
+        stats = stack.train_epoch(epoch, progress)
+    except NonFiniteLoss as e:
+        raise UserError(f"non-finite loss ({e.loss}) in training at epoch {epoch + 1}, step "
+                        f"{e.step}; the last good checkpoint (epoch {epoch}) is kept in {out}; "
+                        f"try a smaller --lr") from None
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
+           "train_acc": stats["train_acc"], "seconds": seconds,
+           "images_per_s": n / max(seconds, 1e-9)}
+    if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == epochs:
+        rep = classification_report(stack.logits(ds.test), ds.test.labels)
+        row["test_loss"], row["test_acc"] = rep["loss"], rep["accuracy"]
+        print(f"epoch {epoch + 1}/{epochs}: lr {row['lr']:.4g} train loss "
+              f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}% | test loss "
+              f"{rep['loss']:.4f} acc {rep['accuracy']:.2f}% | {row['images_per_s']:.0f} img/s",
+              file=sys.stderr)
+    return row
