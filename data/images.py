@@ -53,7 +53,7 @@ def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{path}: is a directory, expected an image file")
+        raise DataError(f"{path}: cannot read (Is a directory)")
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file (a pipe, device or socket)")
     if st.st_size > max_bytes:

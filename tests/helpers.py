@@ -4,19 +4,23 @@ in subprocesses the way a user does, judging only what a user sees: the exit sta
 stderr's last line, and what is left on disk."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,3 +298,51 @@ def assert_close_tree(a, b, tol: float, what: str, relative: bool = True) -> flo
         raise AssertionError(f"{what}: {len(bad)} tensor(s) differ by more than {tol:g} "
                              f"{kind}:\n" + "\n".join(lines))
     return max((v[1 if relative else 0] for v in diffs.values()), default=0.0)
+
+
+# ------------------------------------------------------------------ runs and console commands
+def mlp_run(d: Path, nan: bool = False) -> Path:
+    """A minimal valid NumPy-MLP run directory (no training needed to score images)."""
+    from numpy_mlp import checkpoint
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    params = {"W1": rng.normal(0, 0.01, (7, 3072)).astype(np.float32),
+              "b1": np.zeros((7, 1), np.float32),
+              "W2": rng.normal(0, 0.1, (1, 7)).astype(np.float32), "b2": np.zeros((1, 1), np.float32)}
+    if nan:
+        params["W1"][3, 5] = np.nan
+    checkpoint.save(d / "model.safetensors", params, "mlp2", [3072, 7, 1])
+    (d / "config.json").write_text(json.dumps({"model": "mlp2", "layer_dims": [3072, 7, 1]}))
+    return d
+
+
+def _scripts() -> dict[str, str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the console-script tests skip
+        return {}
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+SCRIPTS = _scripts()
+
+
+def call(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    module, func = SCRIPTS[name].split(":")
+    entry = getattr(importlib.import_module(module), func)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    with pytest.raises(SystemExit) as e:
+        entry()
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A ~100-byte PNG whose header declares width x height RGB pixels (10 Gpx by
+    default, 30 GB decoded). Crafted by hand: nothing large is ever allocated."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))

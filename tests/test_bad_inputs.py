@@ -27,24 +27,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import extract_to, image_bytes, make_archive, synthetic_image, train_argv
+from tests.helpers import (extract_to, image_bytes, make_archive, png_bomb,
+                           synthetic_image, train_argv)
 from tests.helpers import (NOBODY, assert_no_trusted_run, assert_ok, assert_user_error,
                            can_drop_privileges, last_line, run, trusted_caches,
                            world_tmpdir)
 
 
 # ------------------------------------------------------------------ crafted bytes
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A ~100-byte PNG whose header declares width x height RGB pixels (10 Gpx by
-    default, 30 GB decoded). Crafted by hand: nothing large is ever allocated."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def jpeg(label=1, i=0, size=32) -> bytes:
     return image_bytes(synthetic_image(label, i, size))
 

@@ -12,23 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO, synthetic_image
-from tests.test_robustness import mlp_run
+from tests.helpers import SCRIPTS, call, mlp_run
 
-tomllib = pytest.importorskip("tomllib")
-SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 # commands whose --help needs only the core dependencies
 CORE = {"cifake-train", "cifake-predict", "cifake-bench", "cifake-reproduce", "cifake-prepare",
         "cifake-demo"}
-
-
-def call(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    module, func = SCRIPTS[name].split(":")
-    entry = getattr(importlib.import_module(module), func)
-    monkeypatch.setattr(sys, "argv", [name, *argv])
-    with pytest.raises(SystemExit) as e:
-        entry()
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
 
 
 def test_the_commands_of_the_readme_are_declared():

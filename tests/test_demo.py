@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import require_modules, skip_or_fail, synthetic_image
-from tests.test_reliability import assert_user_error, cmd, env, run
-from tests.test_robustness import mlp_run
+from tests.helpers import assert_user_error, cmd, env, run
+from tests.helpers import mlp_run
 
 HISTORY = [{"epoch": e, "train_acc": 60 + 5 * e, "test_acc": 58 + 4 * e,
             "train_loss": 0.7 - 0.1 * e, "test_loss": 0.72 - 0.08 * e} for e in (1, 2, 3)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import require_modules, synthetic_image
-from tests.test_reliability import assert_user_error, run
+from tests.helpers import assert_user_error, run
 
 torch = pytest.importorskip("torch")
 
@@ -66,7 +66,7 @@ def test_export_refusals_name_the_value(v3_run, tmp_path):
 
 
 def test_cifake_export_is_the_same_command(v3_run, tmp_path, monkeypatch, capsys):
-    from tests.test_console import call
+    from tests.helpers import call
     code, out, _ = call("cifake-export", ["--help"], monkeypatch, capsys)
     assert code == 0 and "example:" in out and "RUN_DIR/model.onnx" in out
     code, _, err = call("cifake-export", ["--run", str(v3_run), "--out", "x.bin"],

@@ -15,8 +15,8 @@ from PIL import Image
 from data.errors import UserError
 from data.predict import CSV_FIELDS, iter_image_paths
 from tests.helpers import image_bytes, synthetic_image
-from tests.test_reliability import assert_ok, assert_user_error, run
-from tests.test_robustness import mlp_run
+from tests.helpers import assert_ok, assert_user_error, run
+from tests.helpers import mlp_run
 
 RECORD_KEYS = {"index", "path", "p_fake", "label", "resized", "original_size", "error"}
 

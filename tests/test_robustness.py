@@ -30,8 +30,8 @@ from data.predict import DetectorBase
 from data.atomic import atomic_write_bytes
 from data.rundir import read_json
 from tests.helpers import REPO, extract_to, image_bytes, make_archive, synthetic_image
-from tests.test_reliability import (NOBODY, assert_ok, assert_user_error, can_drop_privileges,
-                                    cmd, env, last_line, run, world_tmpdir)
+from tests.helpers import (NOBODY, assert_ok, assert_user_error, can_drop_privileges, cmd, env,
+                           last_line, mlp_run, run, world_tmpdir)
 
 
 # ------------------------------------------------------------------ helpers
@@ -50,21 +50,6 @@ def tiff(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "TIFF")
     return buf.getvalue()
-
-
-def mlp_run(d: Path, nan: bool = False) -> Path:
-    """A minimal valid NumPy-MLP run directory (no training needed to score images)."""
-    from numpy_mlp import checkpoint
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    params = {"W1": rng.normal(0, 0.01, (7, 3072)).astype(np.float32),
-              "b1": np.zeros((7, 1), np.float32),
-              "W2": rng.normal(0, 0.1, (1, 7)).astype(np.float32), "b2": np.zeros((1, 1), np.float32)}
-    if nan:
-        params["W1"][3, 5] = np.nan
-    checkpoint.save(d / "model.safetensors", params, "mlp2", [3072, 7, 1])
-    (d / "config.json").write_text(json.dumps({"model": "mlp2", "layer_dims": [3072, 7, 1]}))
-    return d
 
 
 def good_jpeg(path: Path) -> Path:

@@ -391,7 +391,7 @@ def test_image_decoding_is_bounded_in_every_entry_point(module):
 
 def test_predict_refuses_a_decompression_bomb_without_allocating(runs_dir, tmp_path):
     """A 70-byte PNG declaring 100000x100000 px: refused from its header, fast, exit 1."""
-    from tests.test_bad_inputs import png_bomb
+    from tests.helpers import png_bomb
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_bomb())
     p = run("numpy_mlp.predict", "--run", runs_dir["mlp"], bomb, runs_dir["img"], timeout=60)
