@@ -15,6 +15,13 @@ documented pipeline existed (box on the whole image, aspect ratio not kept). The
 scored with its own stack's loading code (CNN: ``torch_cnn``, or ``jax_port`` with
 ``--stack jax``; MLP: ``numpy_mlp``). P(FAKE) = 1 - sigmoid(logit); FAKE when >= 0.5.
 
+With ``--data cifake.zip`` it also checks that a preprocessing does not simply hide
+fakes: ``--roundtrip`` CIFAKE test images per class are enlarged 8x (Pillow bicubic, a
+stand-in for "a 32x32 image the user saved larger") and brought back to 32x32 by each
+preprocessing; the table gains the share of REAL and of FAKE images still classified
+correctly. A preprocessing that lowers the photos' false-positive rate only by making
+everything look REAL shows up here as a low FAKE column.
+
 Writes ``--out``/realworld.{md,csv,json} (the table, and every photo's P(FAKE) per
 preprocessing in the JSON) and realworld.png.
 """
@@ -35,7 +42,8 @@ from data.errors import UserError, run_cli
 from data.images import read_file_bounded
 from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, PIPELINE_FILTER, \
     PIPELINE_JPEG_QUALITY, shrink
-from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, read_json
+from data.runs import ArgumentParser, atomic_write_bytes, atomic_write_json, positive_int, \
+    read_json
 
 PROG = "python -m bench.realworld"
 
@@ -227,6 +235,35 @@ def evaluate(p_fake, photos: list[Photo], preps: list[Prep]) -> dict:
     return {"rows": rows}
 
 
+ROUNDTRIP_SCALE = 8  # 32 -> 256 px
+
+
+def roundtrip(p_fake, ds_test, per_class: int, preps: list[Prep], seed: int = 0) -> dict:
+    """CIFAKE test images enlarged ROUNDTRIP_SCALE x and shrunk back by each preprocessing:
+    the share of each class still classified correctly (and with no round trip at all)."""
+    rng = np.random.default_rng(seed)
+    out = {"per_class": per_class, "scale": ROUNDTRIP_SCALE}
+    picks = {}
+    for label, cls in enumerate(("FAKE", "REAL")):
+        idx = np.flatnonzero(ds_test.labels == label)
+        picks[cls] = rng.choice(idx, min(per_class, idx.size), replace=False)
+    big = {cls: [Image.fromarray(a).resize((32 * ROUNDTRIP_SCALE,) * 2, Image.Resampling.BICUBIC)
+                 for a in ds_test.images[idx]] for cls, idx in picks.items()}
+
+    def accuracy(batches):
+        acc = {}
+        for cls, batch in batches.items():
+            pf = np.asarray(p_fake(batch), np.float64).reshape(-1)
+            acc[cls] = float(np.mean(pf >= 0.5) if cls == "FAKE" else np.mean(pf < 0.5))
+        return acc
+    out["original"] = accuracy({cls: ds_test.images[idx] for cls, idx in picks.items()})
+    out["rows"] = {prep.key: accuracy({cls: np.stack([shrink(im, prep.filter, prep.jpeg,
+                                                              crop=prep.crop) for im in ims])
+                                       for cls, ims in big.items()})
+                   for prep in preps}
+    return out
+
+
 # ------------------------------------------------------------------ outputs
 def table_md(result: dict) -> str:
     r = result["run"]
@@ -235,20 +272,29 @@ def table_md(result: dict) -> str:
     if "epochs_completed" in r:
         prog = (f", {r['epochs_completed']}/{r.get('epochs')} epochs"
                 + ("" if r.get("complete") else " (training not finished)"))
+    rt = result.get("roundtrip")
     lines = [f"Run `{r['run']}` ({r.get('stack')} {r.get('model')}, preset {r.get('preset')}, "
              f"seed {r.get('seed')}{prog}{acc}; weights sha256 {r['model_sha256']}), scored with "
              f"{result['scored_with']} on {result['n_photos']} genuine photographs "
              f"({result['n_colour']} in colour). P(FAKE) >= 0.5 is a FAKE verdict, i.e. a false "
              f"positive. ★ = the documented pipeline ({PIPELINE}).", "",
              "| preprocessing to 32x32 | real photos called FAKE | false-positive rate | "
-             "colour photos called FAKE | mean P(FAKE) |",
-             "|---|---|---|---|---|"]
+             "colour photos called FAKE | mean P(FAKE) |"
+             + (" CIFAKE round trip: REAL right | FAKE right |" if rt else ""),
+             "|---|---|---|---|---|" + ("---|---|" if rt else "")]
     for row in result["rows"]:
         star = " ★" if row["chosen"] else ""
         crop = "centre square, " if row["crop"] else ""
         lines.append(f"| {crop}{row['label']}{star} | {row['n_fake']} / {row['n']} | "
                      f"{100 * row['fpr']:.0f}% | {row['n_fake_colour']} / {row['n_colour']} | "
-                     f"{row['mean_p_fake']:.2f} |")
+                     f"{row['mean_p_fake']:.2f} |"
+                     + (f" {100 * rt['rows'][row['key']]['REAL']:.1f}% | "
+                        f"{100 * rt['rows'][row['key']]['FAKE']:.1f}% |" if rt else ""))
+    if rt:
+        lines += ["", f"Round trip: {rt['per_class']} CIFAKE test images per class, enlarged "
+                  f"{rt['scale']}x with Pillow bicubic, then each preprocessing. Without the round "
+                  f"trip the same images are classified {100 * rt['original']['REAL']:.1f}% (REAL) "
+                  f"and {100 * rt['original']['FAKE']:.1f}% (FAKE) right."]
     return "\n".join(lines) + "\n"
 
 
@@ -256,12 +302,16 @@ def table_csv(result: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["preprocessing", "filter", "jpeg_quality", "centre_crop", "n", "n_fake", "fpr",
-                "n_colour", "n_fake_colour", "fpr_colour", "mean_p_fake", "chosen"])
+                "n_colour", "n_fake_colour", "fpr_colour", "mean_p_fake", "chosen",
+                "roundtrip_real_right", "roundtrip_fake_right"])
+    rt = (result.get("roundtrip") or {}).get("rows", {})
     for row in result["rows"]:
         w.writerow([row["key"], row["filter"], row["jpeg_quality"] or "", int(row["crop"]),
                     row["n"], row["n_fake"], f"{row['fpr']:.4f}", row["n_colour"],
                     row["n_fake_colour"], f"{row['fpr_colour']:.4f}",
-                    f"{row['mean_p_fake']:.4f}", int(row["chosen"])])
+                    f"{row['mean_p_fake']:.4f}", int(row["chosen"]),
+                    f"{rt[row['key']]['REAL']:.4f}" if row["key"] in rt else "",
+                    f"{rt[row['key']]['FAKE']:.4f}" if row["key"] in rt else ""])
     return buf.getvalue()
 
 
@@ -303,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack", default="auto", choices=("auto", "torch", "jax", "numpy"),
                     help="whose loading code scores the run (auto: torch_cnn for CNNs, "
                          "numpy_mlp for MLPs)")
+    ap.add_argument("--data", help="Kaggle cifake zip or folder: adds the CIFAKE round-trip "
+                                   "columns (without it they are left out)")
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--roundtrip", type=positive_int("--roundtrip"), default=500,
+                    help="CIFAKE test images per class for the round trip (default 500)")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
     p_fake, scored_with = load_scorer(run_dir, args.stack)
@@ -313,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
               "photos": [{"package": p.package, "file": p.path, "what": p.what,
                           "colour": p.colour} for p in PHOTOS]}
     result.update(evaluate(p_fake, PHOTOS, preprocessings()))
+    if args.data:
+        from data import load_cifake
+        ds = load_cifake(args.data, args.cache_dir, verbose=False)
+        result["roundtrip"] = roundtrip(p_fake, ds.test, args.roundtrip, preprocessings())
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
