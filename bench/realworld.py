@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
