@@ -64,7 +64,15 @@ def test_shrink_without_crop_keeps_the_whole_picture():
     assert squashed[:, :10].min() == 255
 
 
-def test_shrink_jpeg_step_uses_cifake_tables_and_420():
+def test_cifake_quality_gives_the_tables_measured_on_cifake():
+    from bench.photo_study import pillow_tables
+    luma, chroma = pillow_tables(CIFAKE_JPEG_QUALITY)
+    assert luma[:8] == (8, 6, 5, 8, 12, 20, 26, 31)  # CIFAKE's, both classes
+    assert chroma[:8] == (9, 9, 12, 24, 50, 50, 50, 50)
+    assert photo.CIFAKE_JPEG_SUBSAMPLING == 2  # Pillow's code for 4:2:0
+
+
+def test_shrink_jpeg_step_changes_pixels_and_is_near_idempotent():
     out = shrink(_photo(), "bilinear", CIFAKE_JPEG_QUALITY)
     # the re-encode changed the pixels, and JPEG at the same settings is near idempotent
     plain = shrink(_photo(), "bilinear")
