@@ -142,7 +142,10 @@ PAGE = """<!doctype html>
 <h2>CIFAKE detector</h2>
 <p>Run <code>__RUN__</code> (__MODEL__, scored by __STACK__ on __DEVICE__).
 Verdict FAKE when P(FAKE) &ge; __THRESHOLD__. The detector was trained on 32&times;32
-images; larger ones are shrunk to 32&times;32 first, which it has not seen in training.</p>
+images; larger ones are cropped to their centre square and shrunk to 32&times;32 first
+(bilinear, then JPEG quality 75, as CIFAKE's files were stored), which it has not seen in
+training: their verdicts are marked <b>out of distribution</b>.</p>
+<p id="realworld">__REALWORLD__</p>
 <nav><button id="tab-score" class="on">Score images</button>
 <button id="tab-training">Training</button></nav>
 <section id="score">
@@ -191,7 +194,9 @@ async function score(files) {
     } else {
       row.dataset.pFake = rec.p_fake;
       cell(row, rec.p_fake.toFixed(4), "p-fake"); cell(row, rec.label, "label " + rec.label);
-      cell(row, rec.resized ? "resized from " + rec.original_size.join("x") : "");
+      const ood = cell(row, rec.out_of_distribution ? "out of distribution: " + rec.ood_reason : "",
+                       rec.out_of_distribution ? "ood" : "");
+      row.dataset.ood = rec.out_of_distribution ? "1" : "0";
     }
   });
   $("status").textContent = "scored " + records.length + " image(s)";
@@ -205,7 +210,44 @@ drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); score(
 """
 
 
-def build_app(detector, threshold: float, bench: Path | None):
+def find_realworld(realworld: str | None, run_dir: Path) -> Path | None:
+    """--realworld (a bench.realworld realworld.json or its folder), else the run's own
+    ``realworld.json`` if ``bench.realworld --out RUN`` wrote one; None when there is none."""
+    if realworld:
+        p = Path(realworld)
+        p = p / "realworld.json" if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"--realworld {realworld}: no realworld.json there")
+        return p
+    p = run_dir / "realworld.json"
+    return p if p.is_file() else None
+
+
+def realworld_html(path: Path | None, run_dir: Path) -> str:
+    """The measured real-photo false-positive rate of the preprocessing predict uses, for
+    this run, next to every verdict -- or a plain statement that it was not measured."""
+    e = html.escape
+    if path is None:
+        return ("How often this run calls a genuine photo FAKE has <b>not been measured</b>: "
+                f"<code>python -m bench.realworld --run {e(str(run_dir))} --out "
+                f"{e(str(run_dir))}</code> measures it.")
+    try:
+        doc = read_json(path)
+        row = next(r for r in doc["rows"] if r.get("chosen"))
+        text = (f"Measured for this run ({e(str(path))}): <b>{int(row['n_fake'])} of "
+                f"{int(row['n'])}</b> genuine photographs were called FAKE after this "
+                f"preprocessing (mean P(FAKE) {float(row['mean_p_fake']):.2f}).")
+        rt = (doc.get("roundtrip") or {}).get("rows", {}).get(row["key"])
+        if rt:
+            text += (f" The same preprocessing lets {100 * (1 - float(rt['FAKE'])):.0f}% of "
+                     f"CIFAKE's own fakes through as REAL once they have been enlarged and "
+                     f"shrunk back: on a resized image, neither verdict is strong evidence.")
+        return text
+    except (UserError, KeyError, StopIteration, TypeError, ValueError) as err:
+        raise UserError(f"{path}: not a bench.realworld result ({err})") from None
+
+
+def build_app(detector, threshold: float, bench: Path | None, realworld: Path | None = None):
     """The Starlette app: GET / (the page), POST /api/predict (multipart field 'images',
     one or more files -> JSON list of result records), GET /api/run (config + metrics)."""
     from starlette.applications import Starlette
@@ -224,6 +266,7 @@ def build_app(detector, threshold: float, bench: Path | None):
                 .replace("__STACK__", e(detector.stack))
                 .replace("__DEVICE__", e(detector.device))
                 .replace("__THRESHOLD__", e(f"{threshold:g}"))
+                .replace("__REALWORLD__", realworld_html(realworld, detector.run_dir))
                 .replace("__TRAINING__", training_html(detector.run_dir, bench)))
         return HTMLResponse(body)
 
@@ -281,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one")
     ap.add_argument("--bench", help="a bench table.txt or its folder (default: the newest "
                                     "results/bench/*/table.txt here, if any)")
+    ap.add_argument("--realworld", help="a bench.realworld realworld.json (or its folder) "
+                    "measured for this run; the page shows its real-photo false-positive "
+                    "rate (default: RUN/realworld.json, if any)")
     args = ap.parse_args(argv)
     try:
         import multipart  # noqa: F401  (starlette parses uploads with it)
@@ -293,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--port {args.port}: not a TCP port (0-65535)")
     bench = find_bench_table(args.bench)
     detector = load_detector(args.run, args.stack, args.device)
-    app = build_app(detector, args.threshold, bench)
+    realworld = find_realworld(args.realworld, detector.run_dir)
+    realworld_html(realworld, detector.run_dir)  # a bad file is refused before serving
+    app = build_app(detector, args.threshold, bench, realworld)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -39,7 +39,6 @@ MAX_FILE_BYTES = 64 * 2**20
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Filter used to bring a user's image to 32x32. BOX (area averaging) is the
 # anti-aliased choice for large downscales; documented in README.
-RESIZE_FILTER = Image.Resampling.BOX
 # Images scored per forward pass in predict: bounds its memory whatever the number of
 # files (a CNN's activations for 256 images are ~40 MB).
 PREDICT_BATCH = 256
@@ -139,11 +138,13 @@ def decode_dataset_image(data: bytes, where: str) -> np.ndarray:
 def resize_to_model(arr: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB of any size -> (32, 32, 3), the detector's input.
 
-    The one place a user's image changes size, so that a better mapping (e.g. one that
-    mimics how CIFAKE's 32x32 images were made) replaces exactly this function."""
+    The one place a user's image changes size: ``data.photo.to_cifake_32`` (centre square
+    crop, bilinear shrink, JPEG round trip at CIFAKE's quality 75 / 4:2:0), the pipeline
+    that puts a shrunk photo closest to CIFAKE's own images (docs/realworld.md)."""
     if arr.shape[:2] == (SIZE, SIZE):
         return arr
-    return np.asarray(Image.fromarray(arr).resize((SIZE, SIZE), RESIZE_FILTER), dtype=np.uint8)
+    from .photo import to_cifake_32  # photo.py builds on this module's constants
+    return to_cifake_32(Image.fromarray(arr))
 
 
 def image_to_model_input(im: Image.Image, where: str) -> tuple[np.ndarray, bool, tuple[int, int]]:

@@ -9,7 +9,12 @@ command line -- is written here once, so the three stacks cannot drift apart.
 Result records (one per input, in input order, failed inputs included)::
 
     {"index": 0, "path": "a.jpg" or None, "p_fake": 0.97 or None, "label": "FAKE"|"REAL"|None,
-     "resized": bool or None, "original_size": [width, height] or None, "error": None or "..."}
+     "resized": bool or None, "original_size": [width, height] or None,
+     "out_of_distribution": bool or None, "ood_reason": "..." or None, "error": None or "..."}
+
+``out_of_distribution`` is True for every input that is not a 32x32 colour image (the
+detector's verdict on a resized photo depends on how it was resized: docs/realworld.md),
+with one line of why in ``ood_reason``; text output prints it beside the verdict.
 
 ``label`` is FAKE when ``p_fake >= threshold`` (0.5 by default).
 """
@@ -30,6 +35,7 @@ from .errors import DataError, UserError, one_line
 from .images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
     load_image_for_model, resize_to_model
 from .atomic import atomic_text_writer
+from .photo import is_out_of_distribution
 from .flags import ArgumentParser, positive_int
 # What a folder scan picks up (compared case-insensitively): the formats Pillow decodes
 # that people keep photos and generated images in. A file named explicitly is always
@@ -39,7 +45,7 @@ DEFAULT_THRESHOLD = 0.5
 DEVICES = ("auto", "cpu", "gpu")
 OUTPUT_FORMATS = (".csv", ".jsonl")
 CSV_FIELDS = ("index", "path", "p_fake", "label", "resized", "original_width",
-              "original_height", "error")
+              "original_height", "out_of_distribution", "ood_reason", "error")
 
 
 # ------------------------------------------------------------------ inputs
@@ -209,7 +215,8 @@ class DetectorBase:
         arrays: list[np.ndarray] = []
         for i, item in enumerate(_as_items(images)):
             rec = {"index": i, "path": None, "p_fake": None, "label": None, "resized": None,
-                   "original_size": None, "error": None}
+                   "original_size": None, "out_of_distribution": None, "ood_reason": None,
+                   "error": None}
             if isinstance(item, (str, os.PathLike)):
                 rec["path"] = os.fspath(item)
             try:
@@ -218,6 +225,11 @@ class DetectorBase:
                 rec["error"] = one_line(str(e))
             else:
                 rec["resized"], rec["original_size"] = bool(resized), [int(size[0]), int(size[1])]
+                # a colour image whose three channels are equal is grayscale content
+                gray = "L" if np.array_equal(arr[..., 0], arr[..., 1]) and \
+                    np.array_equal(arr[..., 1], arr[..., 2]) else None
+                ood, why = is_out_of_distribution(size, gray)
+                rec["out_of_distribution"], rec["ood_reason"] = ood, (why or None)
                 arrays.append(arr)
             pending.append(rec)
             if len(arrays) == batch_size:
@@ -257,15 +269,15 @@ def output_format(path: str) -> str:
 
 def csv_row(rec: dict) -> dict:
     size = rec["original_size"] or (None, None)
-    row = {k: rec[k] for k in ("index", "path", "p_fake", "label", "resized", "error")}
+    row = {k: rec[k] for k in ("index", "path", "p_fake", "label", "resized",
+                               "out_of_distribution", "ood_reason", "error")}
     row.update(original_width=size[0], original_height=size[1])
     return {k: ("" if row[k] is None else row[k]) for k in CSV_FIELDS}
 
 
 def text_line(rec: dict) -> str:
     name = one_line(rec["path"] if rec["path"] is not None else f"input {rec['index']}")
-    w, h = rec["original_size"]
-    note = f"  (resized from {w}x{h})" if rec["resized"] else ""
+    note = f"  [out of distribution: {rec['ood_reason']}]" if rec["out_of_distribution"] else ""
     return f"{name}  P(FAKE)={rec['p_fake']:.4f}  {rec['label']}{note}"
 
 

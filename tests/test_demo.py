@@ -40,6 +40,12 @@ def demo_run(tmp_path):
                                                 "final": {"test_acc": 70.0, "roc_auc": 0.8}}))
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "table.txt").write_text(BENCH_TABLE)
+    # what bench.realworld --out RUN leaves: the page shows the chosen row's figures
+    (r / "realworld.json").write_text(json.dumps({
+        "rows": [{"key": "box", "chosen": False, "n": 16, "n_fake": 9, "mean_p_fake": 0.6},
+                 {"key": "bilinear+jpeg75", "chosen": True, "n": 16, "n_fake": 3,
+                  "mean_p_fake": 0.25}],
+        "roundtrip": {"rows": {"bilinear+jpeg75": {"FAKE": 0.6, "REAL": 0.99}}}}))
     return r
 
 
@@ -112,7 +118,13 @@ def test_demo_page_in_a_real_browser(server, demo_run, tmp_path):
             for name, (p, shown, label) in seen.items():
                 assert p == pytest.approx(want[name]["p_fake"], abs=1e-9)
                 assert shown == f"{want[name]['p_fake']:.4f}" and label == want[name]["label"]
-            assert "resized from 64x64" in page.locator("tr.result", has_text="img2.png").inner_text()
+            big = page.locator("tr.result", has_text="img2.png")
+            assert big.get_attribute("data-ood") == "1"
+            assert "out of distribution: shrunk from 64x64 to 32x32" in big.inner_text()
+            assert page.locator("tr.result", has_text="img0.png").get_attribute("data-ood") == "0"
+            # the measured real-photo false-positive rate stands next to the verdicts
+            rw = page.locator("#realworld").inner_text()
+            assert "3 of 16" in rw and "40%" in rw
             # the training tab: curves drawn from metrics.json, and the bench table
             page.click("#tab-training")
             assert page.locator("#curves polyline.test_acc").is_visible()

@@ -247,7 +247,7 @@ def test_cnn_cli_resume_bit_identical_and_predict(archive, tmp_path, capsys):
     assert all(0 <= r["p_fake"] <= 1 and r["label"] == ("FAKE" if r["p_fake"] >= 0.5 else "REAL")
                for r in res)
     code, out, _ = run_main(P.main, ["--run", str(tmp_path / "u"), imgs[1]], capsys)
-    assert code == 0 and "P(FAKE)=" in out and "(resized from 64x48)" in out
+    assert code == 0 and "P(FAKE)=" in out and "shrunk from 64x48" in out
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -365,7 +365,7 @@ def test_predict_cli(archive, tmp_path, capsys):
         p = float(line.split("P(FAKE)=")[1].split()[0])
         assert 0 <= p <= 1 and (("FAKE" in line.split()[-1]) == (p >= 0.5) or "resized" in line)
     assert "REAL" in lines[0] and "FAKE" in lines[1]  # the trained toy gets these right
-    assert "(resized from 64x64)" in lines[2] and "(resized from 40x40)" in lines[3]
+    assert "shrunk from 64x64" in lines[2] and "shrunk from 40x40" in lines[3]
     code, out, err = run_main(P.main, ["--run", str(tmp_path / "r"), "--json", *files], capsys)
     assert code == 1
     res = json.loads(out)

@@ -18,7 +18,8 @@ from tests.helpers import image_bytes, synthetic_image
 from tests.helpers import assert_ok, assert_user_error, run
 from tests.helpers import mlp_run
 
-RECORD_KEYS = {"index", "path", "p_fake", "label", "resized", "original_size", "error"}
+RECORD_KEYS = {"index", "path", "p_fake", "label", "resized", "original_size",
+               "out_of_distribution", "ood_reason", "error"}
 
 
 def cnn_run(d: Path) -> Path:
@@ -185,7 +186,7 @@ def test_predict_cli_text_and_json_include_folders(photos, tmp_path):
     lines = p.stdout.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == [str(photos / n) for n in
                                                ("a.png", "b.JPG", "sub/c.webp")]
-    assert "(resized from 64x48)" in lines[1]
+    assert "out of distribution: shrunk from 64x48 to 32x32 after cropping" in lines[1]
     p = run("numpy_mlp.predict", "--run", r, photos, "--json", "--device", "CUDA", cwd=tmp_path)
     assert_user_error(p, "--device gpu")  # cuda = gpu, and NumPy has none
     p = run("numpy_mlp.predict", "--run", r, photos, "--json", "--device", "auto", cwd=tmp_path)

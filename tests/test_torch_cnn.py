@@ -324,7 +324,7 @@ def test_predict_sizes_modes_and_a_broken_file(tmp_path, capsys):
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert len(lines) == 4 and lines[0].startswith(files[0]) and "resized" not in lines[0]
-    assert "(resized from 64x67)" in lines[1]
+    assert "shrunk from 64x67" in lines[1]
     assert len(err.strip().splitlines()) == 1 and "broken.png" in err
     # the printed probability is 1 - sigmoid(logit) of the model on the same input
     x = to_input(torch.from_numpy(np.array(Image.open(files[0]).convert("RGB")))[None])
