@@ -37,7 +37,7 @@ from .presets import AUGMENTED_MODELS, CNN_DEFAULTS, MLP_DEFAULTS, PRESETS
 PROG = "jax_port.train"
 STACK = "jax_port"
 MODELS = ("mlp2", "mlp4", "baseline", "dropout", "v3")
-CONV_IMPLS = ("auto", "im2col", "xla")
+CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
 # flags that may differ between a run and its --resume (they do not change the results)
 _RESUME_FREE = {"epochs", "no_progress", "resume", "out", "cache_dir", "data", "preset"}
 
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=positive_int("--eval-every"),
                     help="evaluate the test set every K epochs (default: the preset's, else 1)")
     ap.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
-                    help="CNN convolution formulation: im2col+matmul (CPU default) or XLA's "
+                    help="CNN convolution formulation: hybrid (CPU default: fast XLA:CPU "
+                         "kernels, hand-written backward), im2col+matmul, or XLA's "
                          "convolution (GPU default)")
     return ap
 
