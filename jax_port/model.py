@@ -367,6 +367,25 @@ def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
     return logits, new_stats
 
 
+def fold_batchnorm(spec: ModelSpec, variables: dict) -> tuple[ModelSpec, dict]:
+    """Eval-mode BatchNorm folded into the convolution before it: ``(spec', variables')``
+    with ``apply(spec', variables', x) == apply(spec, variables, x, train=False)`` up to
+    float rounding (BN in eval mode is a per-channel affine map, so conv -> BN is one conv
+    with kernel * s and bias (bias - mean) * s + beta, s = scale / sqrt(var + eps)).
+    Evaluation then skips a full elementwise pass over each conv's output. Models without
+    BatchNorm come back unchanged."""
+    if not spec.batchnorm:
+        return spec, variables
+    p, st = variables["params"], variables["batch_stats"]
+    params = {k: v for k, v in p.items() if not k.startswith("bn")}
+    for i in (1, 2):
+        s = lax.rsqrt(st[f"bn{i}"]["var"] + BN_EPS) * p[f"bn{i}"]["scale"]
+        params[f"conv{i}"] = {
+            "kernel": p[f"conv{i}"]["kernel"] * s,
+            "bias": (p[f"conv{i}"]["bias"] - st[f"bn{i}"]["mean"]) * s + p[f"bn{i}"]["bias"]}
+    return ModelSpec(spec.name, spec.family, batchnorm=False, dropout=spec.dropout), {"params": params}
+
+
 def bce_with_logits(logits, labels):
     """Mean binary cross-entropy from logits, stable (torch BCEWithLogitsLoss):
     softplus(z) - z * y = max(z, 0) - z y + log(1 + e^-|z|).

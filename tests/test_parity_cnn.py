@@ -206,6 +206,36 @@ def test_logits_and_gradients_match_torch(name, conv_impl):
                           f"{name} BN running statistics")
 
 
+@pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
+@pytest.mark.parametrize("name", MODELS)
+def test_trainer_logits_match_torch_eval(name, conv_impl):
+    """The evaluation path (Trainer.logits: BatchNorm folded into the convolutions, lax.conv
+    forward on the CPU, lax.map over chunks, whole blocks per call, a padded remainder)
+    against torch's eval-mode forward, with non-trivial BN running statistics so the fold
+    is exercised; 7 images per chunk, 3 chunks per call: two full calls, a padded one."""
+    model = _torch_model(name)
+    if name == "v3":
+        g = np.random.default_rng(1)
+        with torch.no_grad():
+            for bn in (model.bn1, model.bn2):
+                c = bn.num_features
+                bn.running_mean.copy_(torch.from_numpy(g.normal(0, 0.3, c).astype(np.float32)))
+                bn.running_var.copy_(torch.from_numpy(g.uniform(0.2, 3, c).astype(np.float32)))
+                bn.weight.copy_(torch.from_numpy(g.uniform(0.5, 1.5, c).astype(np.float32)))
+                bn.bias.copy_(torch.from_numpy(g.normal(0, 0.2, c).astype(np.float32)))
+    images, _ = _data(50, seed=5)
+    model.eval()
+    with torch.no_grad():
+        want = model(to_input(torch.from_numpy(images))).numpy()
+    tr = Trainer(JM.get_spec(name), lr=LR, batch_size=BATCH, conv_impl=conv_impl)
+    got = tr.logits(convert.cnn_from_canonical(state_to_numpy(model)), images, chunk=7, block=3)
+    assert got.shape == (50,)
+    assert_close_tree({"logits": got}, {"logits": want}, EVAL_ATOL,
+                      f"{name}/{conv_impl} Trainer.logits", relative=False)
+    one = tr.logits(convert.cnn_from_canonical(state_to_numpy(model)), images[:1])  # unpadded
+    assert abs(float(one[0]) - float(want[0])) < EVAL_ATOL
+
+
 def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col"):
     """ADAM_STEPS steps of torch_cnn.train.train_step and Trainer.train_step on identical
     batches, identical augmentation draws (v3) and identical dropout masks, from the same
