@@ -260,6 +260,8 @@ ATOMIC_EXEMPT = {
     "data/runs.py": "the atomic helpers themselves (temp + fsync + rename) and the write probe",
     "data/cache.py": "writes only inside '<key>.tmp-PID/', fsynced, renamed into place whole",
     "bench/reproduce.py": "appends to a run's log file (a log, never read back as state)",
+    "bench/gpu.py": "streams each step's subprocess output into its log file (a log, never "
+                    "read back as state)",
 }
 _WRITE_FUNCS = {"save", "savez", "savez_compressed", "dump", "tofile", "write_text",
                 "write_bytes", "savetxt"}
