@@ -57,7 +57,7 @@ def test_reproduce_refuses_a_run_made_with_other_settings(tmp_path):
     from numpy_mlp.presets import PRESETS
     run = tmp_path / "rep" / "runs" / "numpy_mlp-mlp2-mini"
     run.mkdir(parents=True)
-    cfg = dict(PRESETS["mlp2-mini"], preset="mlp2-mini", subset=None, hidden=[7])
+    cfg = dict(PRESETS["mlp2-mini"], preset="mlp2-mini", subset=None)
     cfg["lr"] = cfg["lr"] * 2
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "metrics.json").write_text(json.dumps({"complete": True, "history": [], "final": {}}))
