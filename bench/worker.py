@@ -116,10 +116,11 @@ def run(spec: dict) -> dict:
         how = f"{k} training images ({-(-k // bs)} steps of {bs}) per timed pass"
     h = b.put(tset)
     b.init(seed)
-    if b.jit:
+    trainer = getattr(b, "trainer", None)  # the JAX backends' (lax.scan chunks)
+    if trainer is not None:
         if family == "cnn":  # one compiled lax.scan call covers the whole timing set
-            b.trainer.chunk_batches = max(1, len(tset) // bs)
-        how += f"; {b.trainer.chunk_batches} batches per compiled lax.scan call"
+            trainer.chunk_batches = max(1, len(tset) // bs)
+        how += f"; {trainer.chunk_batches} batches per compiled lax.scan call"
     log(spec, f"training warm-up{' + compilation' if b.jit else ''} ({len(tset)} images)")
     t0 = time.perf_counter()
     b.train_epoch(h, 0)
@@ -195,8 +196,8 @@ def run(spec: dict) -> dict:
             from data.tensors import load_safetensors
             weights, _ = load_safetensors(spec["init_weights"])
         b.init(seed, weights)
-        if b.jit and family == "cnn":
-            b.trainer.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
+        if trainer is not None and family == "cnn":
+            trainer.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
         h = b.put(bset)
         t0 = time.perf_counter()
         hist = [b.train_epoch(h, e) for e in range(spec["budget_epochs"])]

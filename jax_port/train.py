@@ -28,7 +28,7 @@ from data.errors import UserError
 from data.flags import check_fits_memory
 from data.tensors import load_safetensors, save_safetensors
 
-CONV_IMPLS = ("auto", "im2col", "xla")
+CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
 
 
 def versions() -> dict:
@@ -112,7 +112,8 @@ class JaxPort(Stack):
 
     def add_flags(self, ap):
         ap.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
-                        help="CNN convolution formulation: im2col+matmul (CPU default) or XLA's "
+                        help="CNN convolution formulation: hybrid (CPU default: fast XLA:CPU "
+                             "kernels, hand-written backward), im2col+matmul, or XLA's "
                              "convolution (GPU default)")
 
     def configure(self, cfg):

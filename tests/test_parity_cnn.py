@@ -48,6 +48,7 @@ BATCH = 8
 LR = 1e-3
 SEED = 7
 MODELS = ("baseline", "dropout", "v3")
+CPU_CONV_IMPLS = ("im2col", "hybrid")  # the formulations the port trains with on a CPU
 
 
 class _FixedMaskDropout(torch.nn.Module):
@@ -84,6 +85,61 @@ def _torch_grads(model):
     return {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c_in, c_out, hw", [(3, 32, 32), (32, 64, 16), (5, 7, 6)])
+@pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
+def test_conv3x3_values_and_gradients_match_torch_conv2d(conv_impl, c_in, c_out, hw, dtype):
+    """Each convolution formulation (hybrid: hand-written backward; im2col, xla: autodiff)
+    against torch's Conv2d(3, padding=1) alone: output, input gradient and kernel/bias
+    gradients under a random output cotangent, at both CNN layers' shapes (C_in 3 takes
+    the hybrid's im2col forward, 32 its lax.conv forward) and an odd one."""
+    g = np.random.default_rng(c_in)
+    x = g.standard_normal((3, hw, hw, c_in)).astype(dtype)
+    k = (g.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(dtype)
+    bias = g.standard_normal(c_out).astype(dtype)
+    gy = g.standard_normal((3, hw, hw, c_out)).astype(dtype)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    kt = torch.from_numpy(k).permute(3, 2, 0, 1).requires_grad_()   # HWIO -> OIHW
+    bt = torch.from_numpy(bias).requires_grad_()
+    yt = F.conv2d(xt, kt, bt, padding=1)
+    yt.backward(torch.from_numpy(gy).permute(0, 3, 1, 2))
+    with jax.enable_x64(dtype == np.float64):
+        y, vjp = jax.vjp(lambda a, w, b: JM.conv3x3(a, w, b, conv_impl),
+                         jnp.asarray(x), jnp.asarray(k), jnp.asarray(bias))
+        dx, dk, db = (np.asarray(t) for t in vjp(jnp.asarray(gy)))
+        y = np.asarray(y)
+    assert y.dtype == dx.dtype == dk.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert_close_tree({"y": y, "dx": dx, "dk": dk, "db": db},
+                      {"y": yt.detach().permute(0, 2, 3, 1).numpy(),
+                       "dx": xt.grad.permute(0, 2, 3, 1).numpy(),
+                       "dk": kt.grad.permute(2, 3, 1, 0).numpy(), "db": bt.grad.numpy()},
+                      tol, f"conv3x3 {conv_impl} {c_in}->{c_out} {np.dtype(dtype).name}")
+
+
+def test_relu_maxpool_matches_torch_including_ties():
+    """relu_maxpool2 (pool-then-ReLU with a hand-written backward) against torch's
+    max_pool2d(relu(x), 2): values, and gradients that go to the FIRST maximum of a window
+    (torch's rule) -- checked on windows with 2- and 4-way ties, all-negative and all-zero
+    windows, where other tie rules (JAX's autodiff splits the gradient between ties)
+    give different gradients."""
+    g = np.random.default_rng(0)
+    x = g.standard_normal((4, 8, 8, 5)).astype(np.float32)
+    x[0, 0:2, 0:2, 0] = 1.5                              # 4-way tie
+    x[1, 2, 2:4, 1], x[1, 3, 2:4, 1] = 2.0, -1.0         # tie on the window's first row
+    x[1, 4, 4, 1], x[1, 5, 4:6, 1], x[1, 4, 5, 1] = 0.1, 3.0, -2.0   # tie on its second row
+    x[2, 4:6, 4:6, 2] = -0.5                             # all negative
+    x[3, 0:2, 0:2, 3] = 0.0                              # all zero
+    gy = g.standard_normal((4, 4, 4, 5)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    yt = F.max_pool2d(F.relu(xt), 2)
+    yt.backward(torch.from_numpy(gy).permute(0, 3, 1, 2))
+    y, vjp = jax.vjp(JM.relu_maxpool2, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(gy))
+    assert np.array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy())
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_conversion_round_trip_is_exact(name):
     sd = state_to_numpy(init_model(name, SEED))
@@ -97,7 +153,7 @@ def test_conversion_round_trip_is_exact(name):
         assert np.array_equal(back[k], sd[k]), k
 
 
-@pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
+@pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_and_gradients_match_torch(name, conv_impl):
     model = _torch_model(name)
@@ -150,7 +206,37 @@ def test_logits_and_gradients_match_torch(name, conv_impl):
                           f"{name} BN running statistics")
 
 
-def _adam_trajectories(name, dtype, steps=None):
+@pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
+@pytest.mark.parametrize("name", MODELS)
+def test_trainer_logits_match_torch_eval(name, conv_impl):
+    """The evaluation path (Trainer.logits: BatchNorm folded into the convolutions, lax.conv
+    forward on the CPU, lax.map over chunks, whole blocks per call, a padded remainder)
+    against torch's eval-mode forward, with non-trivial BN running statistics so the fold
+    is exercised; 7 images per chunk, 3 chunks per call: two full calls, a padded one."""
+    model = _torch_model(name)
+    if name == "v3":
+        g = np.random.default_rng(1)
+        with torch.no_grad():
+            for bn in (model.bn1, model.bn2):
+                c = bn.num_features
+                bn.running_mean.copy_(torch.from_numpy(g.normal(0, 0.3, c).astype(np.float32)))
+                bn.running_var.copy_(torch.from_numpy(g.uniform(0.2, 3, c).astype(np.float32)))
+                bn.weight.copy_(torch.from_numpy(g.uniform(0.5, 1.5, c).astype(np.float32)))
+                bn.bias.copy_(torch.from_numpy(g.normal(0, 0.2, c).astype(np.float32)))
+    images, _ = _data(50, seed=5)
+    model.eval()
+    with torch.no_grad():
+        want = model(to_input(torch.from_numpy(images))).numpy()
+    tr = Trainer(JM.get_spec(name), lr=LR, batch_size=BATCH, conv_impl=conv_impl)
+    got = tr.logits(convert.cnn_from_canonical(state_to_numpy(model)), images, chunk=7, block=3)
+    assert got.shape == (50,)
+    assert_close_tree({"logits": got}, {"logits": want}, EVAL_ATOL,
+                      f"{name}/{conv_impl} Trainer.logits", relative=False)
+    one = tr.logits(convert.cnn_from_canonical(state_to_numpy(model)), images[:1])  # unpadded
+    assert abs(float(one[0]) - float(want[0])) < EVAL_ATOL
+
+
+def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col"):
     """ADAM_STEPS steps of torch_cnn.train.train_step and Trainer.train_step on identical
     batches, identical augmentation draws (v3) and identical dropout masks, from the same
     weights. Returns (jax canonical tensors, torch canonical tensors, jax state)."""
@@ -160,7 +246,7 @@ def _adam_trajectories(name, dtype, steps=None):
     opt = make_optimizer(model, LR)
     spec = JM.get_spec(name)
     augment = name == "v3"
-    tr = Trainer(spec, lr=LR, batch_size=BATCH, augment=augment, seed=SEED, conv_impl="im2col",
+    tr = Trainer(spec, lr=LR, batch_size=BATCH, augment=augment, seed=SEED, conv_impl=conv_impl,
                  dtype=jnp.float64 if dtype == np.float64 else jnp.float32)
     state = tr.init_state(convert.cnn_from_canonical(state_to_numpy(model)))
     images, labels = _data(64)
@@ -193,25 +279,27 @@ def _adam_trajectories(name, dtype, steps=None):
     return drop(got), drop(want), state
 
 
+@pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
 @pytest.mark.parametrize("name", ["v3"])  # v3 has every feature (BN, dropout, augmentation)
-def test_adam_trajectory_matches_torch_in_float64(name):
+def test_adam_trajectory_matches_torch_in_float64(name, conv_impl):
     """In float64 the engines' gradients differ by ~1e-16, far below Adam's eps (1e-8),
     so Adam's normalisation cannot amplify them: the trajectories must agree closely,
     conv biases under BatchNorm (whose true gradient is zero) included."""
     with jax.enable_x64(True):
-        got, want, _ = _adam_trajectories(name, np.float64, ADAM_STEPS_64)
+        got, want, _ = _adam_trajectories(name, np.float64, ADAM_STEPS_64, conv_impl)
     assert_close_tree(got, want, TRAIN64_RTOL, f"{name} after {ADAM_STEPS_64} float64 Adam steps")
 
 
+@pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
 @pytest.mark.parametrize("name", MODELS)
-def test_adam_trajectory_matches_torch_in_float32(name):
+def test_adam_trajectory_matches_torch_in_float32(name, conv_impl):
     """float32: the engines' gradients differ by ~1e-7 relative; Adam steps each weight by
     ~lr * m_hat / (sqrt(v_hat) + eps), which for a weight whose gradient is near zero
     (rarely active fc1 inputs; conv biases under BatchNorm, whose true gradient is exactly
     zero) turns that rounding difference into a step difference of up to lr, kept alive
     by the momentum. So single weights can drift apart by O(lr) over the run while the
     tensors as a whole stay close: compared per tensor by relative Frobenius norm."""
-    got, want, _ = _adam_trajectories(name, np.float32)
+    got, want, _ = _adam_trajectories(name, np.float32, conv_impl=conv_impl)
     bad = {}
     for k in want:
         if k in ("conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean") \
