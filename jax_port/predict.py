@@ -84,7 +84,7 @@ class Detector(DetectorBase):
         if b > n:
             images = np.concatenate([images, np.zeros((b - n,) + images.shape[1:], images.dtype)])
         with jax.default_device(self._device):
-            logits = np.asarray(self.trainer.logits(self.variables, images, batch=b),
+            logits = np.asarray(self.trainer.logits(self.variables, images),
                                 np.float64)[:n]
         return 0.5 * (1.0 - np.tanh(logits / 2))  # 1 - sigmoid(logit), no overflow
 
