@@ -97,5 +97,21 @@ def atomic_text_writer(path: str | os.PathLike, newline: str | None = None):
     fsync_dir(path.parent)
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log file, flushed and fsynced: an append-only log that readers
+    (pandas, plotting tools) may open while it grows. Not atomic -- a kill can leave half a
+    last line -- so its owner rewrites it whole (``atomic_write_bytes``) when it resumes."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); files already saved "
+                        f"there are intact (fix the cause, then continue with --resume)") \
+            from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())

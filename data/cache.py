@@ -268,7 +268,6 @@ def build_cache(src: Source, target: Path, workers: int | None = None, progress:
         images, digests = _decode_all(src, entries, workers, progress)
         counts = {}
         described: dict[str, dict] = {}
-        offset = 0
         for split in SPLITS:
             sel = [i for i, e in enumerate(entries) if e.split == split]
             lo, hi = sel[0], sel[-1] + 1
@@ -285,8 +284,6 @@ def build_cache(src: Source, target: Path, workers: int | None = None, progress:
                 _write_npy(tmp / f"{split}_{field}.npy", arr)
                 described[f"{split}_{field}.npy"] = _describe(arr)
             counts[split] = {c: int(sum(e.cls == c for e in es)) for c in CLASSES}
-            offset = hi
-        del offset
         manifest = {
             "format_version": FORMAT_VERSION,
             "source": {"path": str(src.path), "kind": src.kind, **src.stat_key(),

@@ -22,6 +22,7 @@ driver does the rest the same way for all three:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import flags
-from .atomic import atomic_write_json
+from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import load_cifake
 from .catalog import DEFAULTS, MODELS, PRESETS, family_of, presets_for
 from .errors import EXIT_INTERRUPTED, UserError
@@ -310,6 +311,10 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> in
         raise UserError(f"--resume: {out} already completed {start} epochs, more than "
                         f"--epochs {epochs}")
     atomic_write_json(out / "config.json", cfg)
+    # metrics.jsonl: one line per epoch, appended as training goes (for pandas and plotting
+    # tools); rewritten whole here so a resumed run's log holds exactly its kept epochs
+    atomic_write_bytes(out / "metrics.jsonl",
+                       "".join(json.dumps(r, allow_nan=False) + "\n" for r in history).encode())
     if start:
         print(f"resuming {out} after epoch {start}", file=sys.stderr)
     t_start = time.time()
@@ -327,6 +332,7 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> in
             row = _train_epoch(stack, cfg, ds, out, epoch, bars)
             history.append(row)
             write_metrics()
+            append_line(out / "metrics.jsonl", json.dumps(row, allow_nan=False))
             stack.save_state(out / "state.safetensors", epoch + 1)
             stack.save_model(out / "model.safetensors")
             atomic_write_json(out / "state.json", {

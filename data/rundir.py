@@ -6,6 +6,7 @@ Contract (numpy_mlp, torch_cnn and jax_port alike)::
     RUN_DIR/config.json        the resolved configuration (stack, model, preset, every hyperparameter)
     RUN_DIR/metrics.json       {"history": [per-epoch dicts], "final": {...}, "complete": bool,
                                "wall_seconds": float}
+    RUN_DIR/metrics.jsonl      the same history rows, one JSON object per line, appended each epoch
     RUN_DIR/model.safetensors  weights under canonical names (see each stack's README section);
                                metadata: {"format": FORMAT, "family": "mlp"|"cnn", "model": NAME}
     RUN_DIR/state.safetensors  what --resume needs: the weights and optimizer tensors of the last
@@ -24,8 +25,8 @@ from pathlib import Path
 from .errors import DataError, UserError
 from .images import read_file_bounded
 
-RUN_FILES = ("config.json", "metrics.json", "model.safetensors", "state.safetensors",
-             "state.json")
+RUN_FILES = ("config.json", "metrics.json", "metrics.jsonl", "model.safetensors",
+             "state.safetensors", "state.json")
 LOCK = ".lock"
 MAX_JSON_BYTES = 64 * 2**20  # a 7000-epoch history is ~2 MB; more is not a run file
 _held: dict[Path, int] = {}  # run directory -> fd of its lock, kept open for the process

@@ -54,13 +54,10 @@ def to_tensors(spec: ModelSpec, variables: dict) -> tuple[dict[str, np.ndarray],
     return tensors, meta
 
 
-def save(path, spec: ModelSpec, variables: dict, extra_meta: dict[str, str] | None = None,
-         prefix: str = "", extra_tensors: dict[str, np.ndarray] | None = None) -> None:
-    """Write ``variables`` atomically under canonical names (optionally prefixed, plus extra
-    tensors: the resume state file uses that)."""
+def save(path, spec: ModelSpec, variables: dict, extra_meta: dict[str, str] | None = None) -> None:
+    """Write ``variables`` atomically under canonical names, with ``extra_meta`` added to
+    the file's metadata (the resume state records its epoch there)."""
     tensors, meta = to_tensors(spec, variables)
-    tensors = {prefix + k: v for k, v in tensors.items()}
-    tensors.update(extra_tensors or {})
     save_safetensors(path, tensors, {**meta, **(extra_meta or {})})
 
 

@@ -247,3 +247,16 @@ def test_module_entry_points_run(tmp_path):
         assert p.returncode == 0 and "--resume" in p.stdout and "--batch " not in p.stdout, \
             p.stderr
     assert sys.executable
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_metrics_jsonl_holds_one_line_per_epoch_also_after_a_resume(stack, data, tmp_path):
+    out = tmp_path / "r"
+    assert train(stack, data, out) == (0, None)
+    # a line of an epoch whose state was never saved (a kill between the two writes)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "half')
+    assert train(stack, data, out, "--resume", "--epochs", "3") == (0, None)
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == history
