@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.atomic import atomic_write_bytes, atomic_write_json
-from data.catalog import ORIGINAL, PRESETS, ROWS
+from data.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
 from data.errors import UserError, run_cli
 from data.flags import ArgumentParser, positive_int
 
@@ -69,11 +69,7 @@ def parse_args(argv):
     ap.add_argument("--plots-only", action="store_true",
                     help="only rebuild the table and plots from the run directories present")
     args = ap.parse_args(argv)
-    rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
-    bad = [r for r in rows if r not in ORIGINAL]
-    if bad:
-        raise UserError(f"unknown row(s) {bad}; choose from {','.join(ROWS)}")
-    args.rows = rows
+    args.rows = parse_rows(args.rows)
     return args
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from data.errors import UserError, run_cli
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser
-from data.catalog import ORIGINAL, ROWS
+from data.catalog import ORIGINAL, ROWS, parse_rows
 
 PROG = "python -m bench.side_by_side"
 SPEC_STACK = {"mlp": "numpy_mlp", "cnn": "torch_cnn"}
@@ -46,11 +46,7 @@ def parse_args(argv):
     ap.add_argument("--rows", default="all", help=f"comma-separated rows: {','.join(ROWS)}")
     ap.add_argument("--machine", default="", help="a few words on the machine, for the title")
     args = ap.parse_args(argv)
-    rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
-    bad = [r for r in rows if r not in ORIGINAL]
-    if bad:
-        raise UserError(f"unknown row(s) {bad}; choose from {','.join(ROWS)}")
-    args.rows = rows
+    args.rows = parse_rows(args.rows)
     return args
 
 

@@ -71,3 +71,13 @@ def family_of(model: str) -> str:
 def presets_for(models) -> dict[str, dict]:
     """The presets whose model is one of ``models`` (what a stack's --preset accepts)."""
     return {k: v for k, v in PRESETS.items() if v["model"] in models}
+
+
+def parse_rows(text: str) -> tuple[str, ...]:
+    """``--rows``: "all" or comma-separated row names -> the rows, in the order given."""
+    from .errors import UserError
+    rows = ROWS if text == "all" else tuple(r.strip() for r in text.split(","))
+    bad = [r for r in rows if r not in ORIGINAL]
+    if bad:
+        raise UserError(f"unknown row(s) {bad}; choose from {','.join(ROWS)}")
+    return rows
