@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.atomic import atomic_write_bytes, atomic_write_json
+from data import flags
 from data.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
 from data.errors import UserError, run_cli
 from data.flags import ArgumentParser, positive_int
@@ -51,6 +52,13 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _device(s: str) -> str:
+    try:
+        return flags.device(s)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv):
     ap = ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0],
                         epilog="example:\n  python -m bench.reproduce --data cifake.zip "
@@ -65,7 +73,9 @@ def parse_args(argv):
                     help="multiply each preset's epochs (at least 1): a miniature of the table")
     ap.add_argument("--subset", type=positive_int("--subset"),
                     help="first N images per class of each split: a miniature of the table")
-    ap.add_argument("--device", default=None, help="cpu|cuda|auto for torch rows (default auto)")
+    ap.add_argument("--device", type=_device, default=None,
+                    help="auto | cpu | gpu (cuda = gpu) for the torch and JAX rows (default: "
+                         "each stack's auto); the NumPy rows always run on the CPU")
     ap.add_argument("--plots-only", action="store_true",
                     help="only rebuild the table and plots from the run directories present")
     args = ap.parse_args(argv)
@@ -92,7 +102,7 @@ def row_command(args, row: str, stack: str, run_dir: Path) -> list[str]:
         cmd += ["--epochs", str(scaled_epochs(row, args.epochs_scale))]
     if args.subset:
         cmd += ["--subset", str(args.subset)]
-    if args.device and stack == "torch_cnn":
+    if args.device and stack != "numpy_mlp":
         cmd += ["--device", args.device]
     return cmd
 
@@ -137,7 +147,7 @@ def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
                "--no-progress"]
         if args.cache_dir:
             cmd += ["--cache-dir", args.cache_dir]
-        if args.device and stack == "torch_cnn":
+        if args.device and stack != "numpy_mlp":
             cmd += ["--device", args.device]
     else:
         cmd = row_command(args, row, stack, run_dir)

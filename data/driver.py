@@ -39,7 +39,7 @@ from .metrics import classification_report, final_report
 from .rundir import check_init_scheme, field, prepare, read_history, read_json, unlock
 
 # flags that may be given with --resume: they do not change what the run computes
-RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress"}
+RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress", "device"}
 # what a run's config.json must hold to be resumed
 REQUIRED = ("model", "preset", "seed", "epochs", "batch_size", "lr", "subset", "data",
             "cache_dir")
@@ -104,7 +104,8 @@ CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_
           "data": flags.optional_str("--data"), "cache_dir": flags.optional_str("--cache-dir"),
           "model": flags.choice("--model", MODELS),
           "preset": flags.choice("--preset", (None, *PRESETS)),
-          "dtype": flags.choice("--dtype", ("float32", "float64"))}
+          "dtype": flags.choice("--dtype", ("float32", "float64")),
+          "device": flags.device}
 
 
 def build_parser(stack: Stack) -> argparse.ArgumentParser:
@@ -147,7 +148,11 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its last completed epoch (with "
                          "--epochs to extend it)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--device", type=flags.device, default="auto",
+                    help="where to train: auto (a GPU when the stack's library sees one), cpu, "
+                         "or gpu (cuda is the same)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (one line per evaluated epoch is still printed)")
     stack.add_flags(ap)
     return ap
 

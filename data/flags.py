@@ -165,6 +165,22 @@ def check_fits_memory(n_params: int, bytes_per_param: int, what: str) -> None:
                         f"more than this machine's {phys / 2**30:.1f} GiB of memory")
 
 
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def device(v) -> str:
+    """--device: auto | cpu | gpu, the one vocabulary of every command ('cuda' is a synonym
+    of gpu, any case). A device a run recorded ('cuda', 'cpu:0', 'gpu:0') reads back as
+    its kind, so a resumed run stays on the kind of device it was trained on."""
+    if not isinstance(v, str):
+        raise UserError(f"--device must be one of auto, cpu, gpu, got {v!r}")
+    d = v.strip().lower().split(":")[0]
+    d = "gpu" if d == "cuda" else d
+    if d not in DEVICES:
+        raise UserError(f"--device {v!r}: choose auto, cpu or gpu (cuda is the same as gpu)")
+    return d
+
+
 def positive_int(name: str):
     """An int >= 1 (tools' counts and limits)."""
     return integer(name, 1, 2**62)

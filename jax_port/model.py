@@ -396,10 +396,10 @@ def bce_with_logits(logits, labels):
     return jnp.mean(jax.nn.softplus(logits) - logits * y)
 
 
-def default_conv_impl() -> str:
+def default_conv_impl(platform: str | None = None) -> str:
     """hybrid on CPU (XLA:CPU's convolution gradients collapse inside lax.scan), cuDNN
-    elsewhere."""
-    return "hybrid" if jax.default_backend() == "cpu" else "xla"
+    elsewhere. ``platform``: the device's ('cpu', 'gpu', ...), default JAX's backend."""
+    return "hybrid" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 # ---------------------------------------------------------------- Flax linen wrapper

@@ -143,9 +143,18 @@ class JaxPort(Stack):
         from .model import default_conv_impl, get_spec
         from .steps import Trainer
         self.cfg = cfg
+        kind = flags.device(cfg["device"])
+        try:
+            dev = jax.devices()[0] if kind == "auto" else jax.devices(kind)[0]
+        except RuntimeError:
+            raise UserError(f"--device {kind}: JAX sees no {kind.upper()} here (backend "
+                            f"{jax.default_backend()}); install jax with GPU support or use "
+                            f"--device cpu") from None
+        jax.config.update("jax_default_device", dev)  # every array and computation goes there
         self.spec = spec = get_spec(cfg["model"], cfg.get("hidden"))
         dtype = jnp.float64 if cfg["dtype"] == "float64" else jnp.float32
-        conv_impl = default_conv_impl() if cfg["conv_impl"] == "auto" else cfg["conv_impl"]
+        conv_impl = (default_conv_impl(dev.platform) if cfg["conv_impl"] == "auto"
+                     else cfg["conv_impl"])
         self.trainer = Trainer(spec, lr=cfg["lr"], batch_size=cfg["batch_size"],
                                decay=cfg["decay"], augment=cfg["augment"], seed=cfg["seed"],
                                conv_impl=conv_impl, dtype=dtype,
@@ -154,7 +163,6 @@ class JaxPort(Stack):
         # the dataset lives on the device as uint8 for the whole run
         self.train_x, self.train_y = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
         self.on_device = {id(ds.train): self.train_x, id(ds.test): jax.device_put(ds.test.images)}
-        dev = jax.devices()[0]
         return {"device": f"{dev.platform}:{dev.id}", "device_kind": dev.device_kind,
                 "conv_impl_used": conv_impl if spec.family == "cnn" else None,
                 "versions": versions()}

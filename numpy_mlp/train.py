@@ -21,7 +21,7 @@ import platform
 
 import numpy as np
 
-from data import run_cli
+from data import flags, run_cli
 from data.batching import batch_slices, epoch_order
 from data.driver import NonFiniteLoss, Stack, train
 from data.errors import UserError
@@ -85,6 +85,9 @@ class NumpyMLP(Stack):
     default_model = "mlp2"
 
     def configure(self, cfg):
+        if flags.device(cfg.get("device", "cpu")) == "gpu":
+            raise UserError("--device gpu: numpy_mlp runs on the CPU only (its arrays are "
+                            "NumPy's); use jax_port for a GPU")
         cfg["layer_dims"] = layer_dims_for(cfg["model"], cfg["hidden"])
         cfg["hidden"] = cfg["layer_dims"][1:-1]
         check_fits_memory(sum(a * b for a, b in zip(cfg["layer_dims"], cfg["layer_dims"][1:])),

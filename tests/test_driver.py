@@ -260,3 +260,29 @@ def test_metrics_jsonl_holds_one_line_per_epoch_also_after_a_resume(stack, data,
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == history
+
+
+def test_one_device_vocabulary():
+    from data import flags
+    assert [flags.device(v) for v in ("auto", "CPU", "gpu", "cuda", "CUDA", "cuda:0", "cpu:0")] \
+        == ["auto", "cpu", "gpu", "gpu", "gpu", "gpu", "cpu"]
+    with pytest.raises(UserError, match="choose auto, cpu or gpu"):
+        flags.device("tpu")
+
+
+@pytest.mark.parametrize("stack,needle", [("numpy_mlp", "CPU only"), ("torch_cnn", "CUDA is not available"),
+                                          ("jax_port", "JAX sees no GPU")])
+def test_device_gpu_without_a_gpu_is_one_line(stack, needle, data, tmp_path):
+    import jax
+    import torch
+    if torch.cuda.is_available() or jax.default_backend() != "cpu":
+        pytest.skip("a GPU is present")
+    code, err = train(stack, data, tmp_path / "r", "--device", "cuda")
+    assert code == 2 and needle in err, err
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_device_cpu_trains_and_is_recorded(stack, data, tmp_path):
+    assert train(stack, data, tmp_path / "r", "--device", "cpu") == (0, None)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["device"].startswith("cpu")

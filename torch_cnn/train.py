@@ -75,12 +75,14 @@ def evaluate(model: torch.nn.Module, split, device, batch_size: int = EVAL_BATCH
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+    """--device auto | cpu | gpu (cuda) -> a torch device."""
+    kind = flags.device(name)
+    if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda: CUDA is not available to this torch "
+    if kind == "gpu" and not torch.cuda.is_available():
+        raise UserError(f"--device gpu: CUDA is not available to this torch "
                         f"{torch.__version__} (no GPU or a CPU-only build); use --device cpu")
-    return torch.device(name)
+    return torch.device("cuda" if kind == "gpu" else "cpu")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -145,14 +147,11 @@ class TorchCNN(Stack):
     default_model = "baseline"
     # where and how fast, not what: a run may continue on another device or thread count
     resume_flags = frozenset({"device", "threads", "workers"})
-    checks = {"device": flags.choice("--device", ("auto", "cpu", "cuda")),
-              "pipeline": flags.choice("--pipeline", PIPELINES),
+    checks = {"pipeline": flags.choice("--pipeline", PIPELINES),
               "workers": flags.workers, "channels_last": flags.boolean("--channels-last"),
               "threads": flags.optional(flags.threads)}
 
     def add_flags(self, ap):
-        ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to train (default auto: cuda when available)")
         ap.add_argument("--pipeline", choices=PIPELINES, default="device",
                         help="input pipeline: device (uint8 data on the device, default) or "
                              "torchvision (PIL transforms + DataLoader, as the original)")
