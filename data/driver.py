@@ -39,12 +39,12 @@ from .metrics import classification_report, final_report
 from .rundir import check_init_scheme, field, prepare, read_history, read_json, unlock
 
 # flags that may be given with --resume: they do not change what the run computes
-RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress", "device"}
+RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress", "device", "tensorboard"}
 # what a run's config.json must hold to be resumed
 REQUIRED = ("model", "preset", "seed", "epochs", "batch_size", "lr", "subset", "data",
             "cache_dir")
 # parser destinations that are not part of a run's configuration
-NOT_CONFIG = {"out", "resume", "no_progress"}
+NOT_CONFIG = {"out", "resume", "no_progress", "tensorboard"}
 
 
 class NonFiniteLoss(Exception):
@@ -153,6 +153,9 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                          "or gpu (cuda is the same)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bar (one line per evaluated epoch is still printed)")
+    ap.add_argument("--tensorboard", action="store_true",
+                    help="also write each epoch's scalars for TensorBoard into RUN/tensorboard/ "
+                         "(needs the 'tensorboard' extra: tensorboardX)")
     stack.add_flags(ap)
     return ap
 
@@ -265,6 +268,12 @@ def configure(stack: Stack, argv: list[str] | None) -> tuple[dict | None, Path, 
     else:
         cfg = fresh_config(stack, ap, argv, given)
         out = Path(given.get("out") or f"runs/{stack.name}-{cfg['preset'] or cfg['model']}")
+    if given.get("tensorboard"):
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise UserError("--tensorboard needs tensorboardX: pip install -e \".[tensorboard]\"") \
+                from None
     return cfg, out, resume, not given.get("no_progress", False), given
 
 
@@ -287,7 +296,7 @@ def train(stack: Stack, argv: list[str] | None = None) -> int:
         cfg["data"] = ds.manifest.get("source", {}).get("path", cfg["data"])
         cfg["n_train"], cfg["n_test"] = len(ds.train), len(ds.test)
     try:
-        return _run(stack, cfg, ds, out, resume, bars)
+        return _run(stack, cfg, ds, out, resume, bars, bool(given.get("tensorboard")))
     finally:
         unlock(out)
 
@@ -308,7 +317,11 @@ def _resume_point(stack: Stack, out: Path) -> tuple[int, list[dict], float]:
     return start, history, wall
 
 
-def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> int:
+TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s")
+
+
+def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
+         tensorboard: bool = False) -> int:
     cfg.update(stack.build(cfg, ds))
     start, history, wall_before = _resume_point(stack, out) if resume else (0, [], 0.0)
     epochs = cfg["epochs"]
@@ -331,6 +344,10 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> in
         atomic_write_json(out / "metrics.json", {"history": history, "final": final,
                                                  "complete": final is not None,
                                                  "wall_seconds": wall()})
+    writer = None
+    if tensorboard:  # a viewer's copy of the history: metrics.json stays the record
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(out / "tensorboard"))
     epoch = start
     try:
         for epoch in range(start, epochs):
@@ -338,6 +355,11 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> in
             history.append(row)
             write_metrics()
             append_line(out / "metrics.jsonl", json.dumps(row, allow_nan=False))
+            if writer is not None:
+                for key in TENSORBOARD_SCALARS:
+                    if row.get(key) is not None:
+                        writer.add_scalar(key, row[key], row["epoch"])
+                writer.flush()
             stack.save_state(out / "state.safetensors", epoch + 1)
             stack.save_model(out / "model.safetensors")
             atomic_write_json(out / "state.json", {
@@ -348,6 +370,9 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool) -> in
               f"resume with: python -m {stack.name}.train --out {out} --resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if writer is not None:
+            writer.close()
     final = final_report(stack.logits, ds)
     write_metrics(final)
     auc = "n/a" if final["test_auc"] is None else f"{final['test_auc']:.4f}"

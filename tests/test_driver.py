@@ -286,3 +286,33 @@ def test_device_cpu_trains_and_is_recorded(stack, data, tmp_path):
     assert train(stack, data, tmp_path / "r", "--device", "cpu") == (0, None)
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["device"].startswith("cpu")
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the TFRecord event files in ``folder``."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    out: dict[str, list] = {}
+    for f in sorted(folder.iterdir()):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_tensorboard_scalars_follow_the_history(stack, data, tmp_path):
+    from tests.helpers import require_modules
+    require_modules("tensorboardX", extra="tensorboard")
+    out = tmp_path / "r"
+    assert train(stack, data, out, "--tensorboard", "--epochs", "2") == (0, None)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["train_loss"]] == [1, 2]
+    for (step, v), row in zip(scalars["test_acc"], history):
+        assert step == row["epoch"] and v == pytest.approx(row["test_acc"], rel=1e-6)
