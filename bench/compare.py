@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -47,6 +46,7 @@ from data.errors import UserError, run_cli
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser, positive_int
 
+from .files import out_dir, png_bytes
 from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE, TORCH_CNN_BACKENDS
 from .worker import RESULT_TAG
 
@@ -478,10 +478,7 @@ def render_chart(doc: dict) -> bytes:
     fig.suptitle(f"bench.compare {doc['timestamp']} ({doc['environment']['cpu_model']})",
                  fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)
 
 
 # ------------------------------------------------------------------ main
@@ -503,13 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"({', '.join(args.backends)}) runs {fam.upper()} models")
     data_path, how = resolve_data(args)
     timestamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out) if args.out else Path("results") / "bench" / timestamp
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: not writable")
+    out = out_dir(args.out or Path("results") / "bench" / timestamp)
 
     data_info = {"synthetic": data_path is None, "path": data_path, "how": how}
     if data_path is not None:

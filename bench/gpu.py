@@ -31,6 +31,8 @@ from data.errors import UserError, run_cli
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser, positive_int
 
+from .files import out_dir
+
 PROG = "python -m bench.gpu"
 
 
@@ -141,8 +143,9 @@ def main(argv=None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"bench", "jax", "torch"}:
         raise UserError(f"--skip: unknown step(s) {sorted(skip - {'bench', 'jax', 'torch'})}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if skip == {"bench", "jax", "torch"}:
+        raise UserError("--skip: every step skipped, nothing to measure")
+    out = out_dir(args.out)
     py = [sys.executable, "-m"]
     common = ["--data", args.data] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     train = common + ["--epochs", str(args.epochs), "--no-progress"] \

@@ -26,15 +26,17 @@ from __future__ import annotations
 import io
 from collections import Counter
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from data.errors import UserError, run_cli
+from data.errors import run_cli
 from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, SIZE, shrink
+from data import flags
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser, positive_int
+
+from .files import out_dir, png_bytes
 
 PROG = "python -m bench.photo_study"
 R_MAX = SIZE // 2  # radial frequencies 1..16 cycles per image: the ring the Nyquist limit bounds
@@ -321,10 +323,7 @@ def figure_png(res: dict) -> bytes:
     a2.set_title("Difference from pooled CIFAKE (dotted: no JPEG)")
     a2.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir")
     ap.add_argument("--per-class", type=positive_int("--per-class"), default=2000,
                     help="CIFAKE images per class for the statistics (default 2000)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=flags.seed, default=0,
+                    help="which CIFAKE images the statistics sample")
     ap.add_argument("--out", default="results/photo-study")
     args = ap.parse_args(argv)
     from data import load_cifake
@@ -351,11 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         src.close()
     res["generated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["photos"] = [p.path.rsplit("/", 1)[-1] for p in PHOTOS]
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create ({e.strerror})") from None
+    out = out_dir(args.out)
     md = study_md(res)
     atomic_write_bytes(out / "photo_study.md", md.encode())
     atomic_write_json(out / "photo_study.json", res)

@@ -27,6 +27,7 @@ preprocessing in the JSON) and realworld.png.
 """
 from __future__ import annotations
 
+import importlib
 import csv
 import hashlib
 import io
@@ -44,6 +45,8 @@ from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, PIPELINE_FILTER, 
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser, positive_int
 from data.rundir import read_json
+
+from .files import out_dir, png_bytes
 
 PROG = "python -m bench.realworld"
 
@@ -151,6 +154,9 @@ def chosen_key() -> str:
 
 
 # ------------------------------------------------------------------ scoring
+STACK_MODULES = {"torch": "torch_cnn", "jax": "jax_port", "numpy": "numpy_mlp"}
+
+
 def load_scorer(run_dir: Path, stack: str):
     """(p_fake(uint8 (B, 32, 32, 3)) -> (B,) float64, description) for a run directory,
     through the stack's own loading code."""
@@ -162,33 +168,16 @@ def load_scorer(run_dir: Path, stack: str):
         raise UserError(f"{run_dir / 'config.json'}: family {family!r} is neither 'cnn' nor 'mlp'")
     if stack == "auto":
         stack = "torch" if family == "cnn" else "numpy"
-    if stack == "torch":
-        if family != "cnn":
-            raise UserError(f"--stack torch scores CNN runs; {run_dir} holds an MLP")
-        from torch_cnn.predict import load_run, p_fake
-        model = load_run(run_dir)
-        return (lambda b: np.asarray(p_fake(model, b), np.float64)), "torch_cnn"
-    if stack == "numpy":
-        if family != "mlp":
-            raise UserError(f"--stack numpy scores MLP runs; {run_dir} holds a CNN")
-        from numpy_mlp.predict import load_run, p_fake
-        params, _ = load_run(run_dir)
-        return (lambda b: np.asarray(p_fake(params, b), np.float64)), "numpy_mlp"
-    if stack == "jax":
-        if cfg.get("dtype") == "float64":
-            import jax
-            jax.config.update("jax_enable_x64", True)
-        from jax_port import checkpoint
-        from jax_port.steps import Trainer
-        spec, variables, _ = checkpoint.load(run_dir / "model.safetensors", cfg.get("model"))
-        dtype = np.asarray(variables["params"][next(iter(variables["params"]))]["kernel"]).dtype
-        trainer = Trainer(spec, lr=1.0, batch_size=1, dtype=dtype)
-
-        def p_fake_jax(b):
-            logits = np.asarray(trainer.logits(variables, b), np.float64)
-            return 0.5 * (1.0 - np.tanh(logits / 2))  # 1 - sigmoid(logit), no overflow
-        return p_fake_jax, "jax_port"
-    raise UserError(f"--stack {stack!r}: choose auto, torch, jax or numpy")
+    if stack not in STACK_MODULES:
+        raise UserError(f"--stack {stack!r}: choose auto, torch, jax or numpy")
+    if stack == "torch" and family != "cnn":
+        raise UserError(f"--stack torch scores CNN runs; {run_dir} holds an MLP")
+    if stack == "numpy" and family != "mlp":
+        raise UserError(f"--stack numpy scores MLP runs; {run_dir} holds a CNN")
+    module = STACK_MODULES[stack]
+    # the stack's own Detector, as predict uses it; images arrive already 32x32
+    detector = importlib.import_module(f"{module}.predict").Detector.load(run_dir, device="cpu")
+    return (lambda b: np.asarray(detector.p_fake_batch(b), np.float64)), module
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -340,10 +329,7 @@ def figure_png(result: dict) -> bytes:
     a2.set_title("P(FAKE) per photo (red: called FAKE)")
     fig.colorbar(im, ax=a2, fraction=0.03)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,11 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         from data import load_cifake
         ds = load_cifake(args.data, args.cache_dir, verbose=False)
         result["roundtrip"] = roundtrip(p_fake, ds.test, args.roundtrip, preprocessings())
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create ({e.strerror})") from None
+    out = out_dir(args.out)
     md = table_md(result)
     atomic_write_bytes(out / "realworld.md", md.encode())
     atomic_write_bytes(out / "realworld.csv", table_csv(result).encode())

@@ -33,6 +33,8 @@ from pathlib import Path
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data import flags
 from data.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
+
+from .files import out_dir, png_bytes
 from data.errors import UserError, run_cli
 from data.flags import ArgumentParser, positive_int
 
@@ -223,12 +225,6 @@ def write_tables(out: Path, records: list[dict], label: str) -> None:
     atomic_write_bytes(out / "table.md", "\n".join(lines).encode())
 
 
-def _save_fig(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -254,8 +250,7 @@ def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
         fig.suptitle(f"{r['description']} ({r['backend']}) — {label}", fontsize=9)
         fig.tight_layout()
         name = f"curves_{r['row']}.png"
-        _save_fig(fig, out / name)
-        plt.close(fig)
+        atomic_write_bytes(out / name, png_bytes(fig))
         written.append(name)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     xs = range(len(records))
@@ -269,19 +264,15 @@ def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
     ax.set_title(label, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    _save_fig(fig, out / "bars.png")
-    plt.close(fig)
+    atomic_write_bytes(out / "bars.png", png_bytes(fig))
     written.append("bars.png")
     return written
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    try:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror})") from None
+    out = out_dir(args.out)
+    out_dir(out / "runs")
     label = "CIFAKE results, full presets"
     if is_miniature(args):
         label = (f"MINIATURE (epochs x{args.epochs_scale}"

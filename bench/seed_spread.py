@@ -11,6 +11,7 @@ difference). Writes ``--out``/seed_spread.{json,md}.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -18,11 +19,12 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from data.errors import UserError, run_cli
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser, positive_int
+
+from .files import out_dir
 PROG = "python -m bench.seed_spread"
 WORKER_TAG = "SEED_SPREAD_RESULT "
 
@@ -39,14 +41,9 @@ def parse_args(argv):
     ap.add_argument("--budget-subset", type=positive_int("--budget-subset"), default=2000,
                     help="training images per class")
     ap.add_argument("--out", default="results/seed_spread")
-    ap.add_argument("--worker", action="store_true", help=argparse_hidden())
-    ap.add_argument("--backend", help=argparse_hidden())
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 def worker(args) -> int:
@@ -94,8 +91,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     backends = [b for b in args.backends.split(",") if b]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     per = {}
     for be in backends:
         cmd = [sys.executable, "-m", "bench.seed_spread", "--worker", "--backend", be,

@@ -27,10 +27,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.errors import UserError, run_cli
+from data.errors import run_cli
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.flags import ArgumentParser
 from data.catalog import ORIGINAL, ROWS, parse_rows
+
+from .files import out_dir, png_bytes
 
 PROG = "python -m bench.side_by_side"
 SPEC_STACK = {"mlp": "numpy_mlp", "cnn": "torch_cnn"}
@@ -192,22 +194,15 @@ def write_plots(out: Path, records: list[dict], title: str) -> list[str]:
         ax.set_title(f"{r['description']} — {title}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
         name = f"compare_{r['row']}.png"
-        atomic_write_bytes(out / name, buf.getvalue())
+        atomic_write_bytes(out / name, png_bytes(fig))
         written.append(name)
     return written
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror})") from None
+    out = out_dir(args.out)
     records = collect(args)
     title = "spec stacks vs JAX port, full CIFAKE, seed 0" + (f", {args.machine}" if args.machine else "")
     write_tables(out, records, title)

@@ -42,7 +42,7 @@ def _help_parser(kind: str) -> argparse.ArgumentParser:
         epilog=f"example:\n  {example}\n\nevery other flag is the stack's: "
                f"cifake-{kind} --stack torch --help")
     ap.add_argument("--stack", choices=list(STACKS), required=default is None,
-                    help=f"numpy = numpy_mlp, torch = torch_cnn, jax = jax_port"
+                    help="numpy = numpy_mlp, torch = torch_cnn, jax = jax_port"
                          + (f" (default: {default})" if default else ""))
     return ap
 

@@ -79,15 +79,20 @@ def curves_svg(history: list[dict]) -> str:
     return "".join(parts)
 
 
+def given_file(value: str, flag: str, name: str) -> Path:
+    """A flag naming ``name`` or the folder holding it -> the file, or a one-line error."""
+    p = Path(value)
+    p = p / name if p.is_dir() else p
+    if not p.is_file():
+        raise UserError(f"{flag} {value}: no {name} there")
+    return p
+
+
 def find_bench_table(bench: str | None) -> Path | None:
     """--bench (a table.txt or a folder holding one), else the newest bench output under
     the current folder; None when there is none."""
     if bench:
-        p = Path(bench)
-        p = p / "table.txt" if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"--bench {bench}: no bench table there (expected table.txt)")
-        return p
+        return given_file(bench, "--bench", "table.txt")
     found = sorted(glob.glob(os.path.join("results", "bench", "*", "table.txt")))
     return Path(found[-1]) if found else None
 
@@ -214,11 +219,7 @@ def find_realworld(realworld: str | None, run_dir: Path) -> Path | None:
     """--realworld (a bench.realworld realworld.json or its folder), else the run's own
     ``realworld.json`` if ``bench.realworld --out RUN`` wrote one; None when there is none."""
     if realworld:
-        p = Path(realworld)
-        p = p / "realworld.json" if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"--realworld {realworld}: no realworld.json there")
-        return p
+        return given_file(realworld, "--realworld", "realworld.json")
     p = run_dir / "realworld.json"
     return p if p.is_file() else None
 

@@ -32,23 +32,19 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
-
-    An OS failure (disk full mid-run, folder removed, quota) becomes a one-line
-    UserError: the temp file is removed and the previous ``path`` is untouched, so a
-    run can continue with --resume once the cause is fixed.
-    """
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path, mode: str, if_failed: str, newline: str | None = None):
+    """A file object on a temp file beside ``path`` (mode 0666 minus the umask, as a plain
+    open() would give), fsynced and renamed onto ``path`` when the block completes. Any
+    failure removes the temp file and leaves the previous ``path`` untouched; an OS error
+    becomes one UserError line ending in ``if_failed``."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        # mkstemp creates 0600; a plain open() would give 0666 minus the umask, which is
-        # what the user (a group sharing runs) expects of the renamed file
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            maybe_fault(path, f, data)
-            f.write(data)
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+        with os.fdopen(fd, mode, **text) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,42 +55,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             except OSError:
                 pass
         if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or e}); files already saved "
-                            f"there are intact (fix the cause, then continue with --resume)") \
-                from None
+            raise UserError(f"cannot write {path} ({e.strerror or e}); {if_failed}") from None
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
+
+    An OS failure (disk full mid-run, folder removed, quota) becomes a one-line
+    UserError: the temp file is removed and the previous ``path`` is untouched, so a
+    run can continue with --resume once the cause is fixed.
+    """
+    path = Path(path)
+    with _replacing(path, "wb", "files already saved there are intact (fix the cause, "
+                                "then continue with --resume)") as f:
+        maybe_fault(path, f, data)
+        f.write(data)
 
 
 @contextlib.contextmanager
 def atomic_text_writer(path: str | os.PathLike, newline: str | None = None):
     """A text file written as it goes (so its size need not fit in memory) that appears
-    at ``path`` only when the ``with`` block completes: temp file in the same folder,
-    fsync, rename, as ``atomic_write_bytes``. An exception or Ctrl-C inside the block
-    removes the temp file and leaves any previous ``path`` untouched. The temp file is
-    created on entry, so an unwritable folder is refused before any work is done."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or e}); nothing was written "
-                            f"there") from None
-        raise
-    fsync_dir(path.parent)
+    at ``path`` only when the ``with`` block completes, as ``atomic_write_bytes``. An
+    exception or Ctrl-C inside the block leaves any previous ``path`` untouched. The temp
+    file is created on entry, so an unwritable folder is refused before any work is done."""
+    with _replacing(Path(path), "w", "nothing was written there", newline) as f:
+        yield f
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

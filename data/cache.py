@@ -24,7 +24,6 @@ concurrent builders wait for each other and the second one finds the cache ready
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json

@@ -22,7 +22,6 @@ import numpy as np
 
 from .batching import init_rng
 from .catalog import CNN_MODELS
-from .catalog import CNN_MODELS
 
 INIT_SCHEME = "numpy/1"  # recorded in each run's config; a resume refuses another scheme
 

@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-
-SIZE = 32  # CIFAKE's images are 32x32
+from .images import SIZE
 
 # Pillow's resampling filters by the names the study and its tables use. Pillow's
 # bilinear/bicubic/lanczos widen their support by the scale factor when shrinking

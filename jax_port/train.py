@@ -18,6 +18,7 @@ CNN: as torch_cnn: ``model.<name>`` weights + ``adam.{exp_avg,exp_avg_sq,step}.<
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import numpy as np
 

@@ -25,7 +25,7 @@ from data.init import mlp_init
 from data.errors import UserError
 
 from .layers import (bce_cost, bce_grad, linear_backward, linear_forward, relu_backward,
-                     relu_forward, sigmoid)
+                     relu_forward)
 
 N_IN = 32 * 32 * 3  # input units: one per pixel channel
 MODELS = MLP_MODELS

@@ -23,7 +23,8 @@ from data.predict import DetectorBase, normalize_device, predict_cli
 from data.rundir import read_json
 
 from . import checkpoint
-from .model import forward, images_to_X, sigmoid
+from .layers import sigmoid
+from .model import forward, images_to_X
 
 PROG = "python -m numpy_mlp.predict"
 
