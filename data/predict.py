@@ -36,13 +36,13 @@ from .images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes,
     load_image_for_model, resize_to_model
 from .atomic import atomic_text_writer
 from .photo import is_out_of_distribution
+from . import flags
 from .flags import ArgumentParser, positive_int
 # What a folder scan picks up (compared case-insensitively): the formats Pillow decodes
 # that people keep photos and generated images in. A file named explicitly is always
 # tried, whatever its extension.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_THRESHOLD = 0.5
-DEVICES = ("auto", "cpu", "gpu")
 OUTPUT_FORMATS = (".csv", ".jsonl")
 CSV_FIELDS = ("index", "path", "p_fake", "label", "resized", "original_width",
               "original_height", "out_of_distribution", "ood_reason", "error")
@@ -159,12 +159,9 @@ def check_threshold(t) -> float:
 
 
 def normalize_device(device: str) -> str:
-    """'auto' | 'cpu' | 'gpu' ('cuda' is the same as 'gpu', case-insensitive)."""
-    d = str(device).strip().lower()
-    d = "gpu" if d == "cuda" else d
-    if d not in DEVICES:
-        raise UserError(f"device {device!r}: choose auto, cpu or gpu (cuda = gpu)")
-    return d
+    """'auto' | 'cpu' | 'gpu' ('cuda' is the same as 'gpu', case-insensitive): the train
+    commands' vocabulary (``data.flags.device``)."""
+    return flags.device(device)
 
 
 # ------------------------------------------------------------------ detector
