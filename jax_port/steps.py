@@ -183,22 +183,35 @@ class Trainer:
         bs = slices[0].stop - slices[0].start
         n_full = n // bs
         key = self.dropout_key(key_epoch)
+        # The epoch's indices and draws travel once; each chunk is a device-side slice.
+        # A chunk's losses are read back only after the next chunk is dispatched, so the
+        # device never waits for the host (progress and the NaN check lag one chunk).
+        full = slice(0, n_full * bs)
+        ep = [jnp.asarray(a[full].reshape(n_full, bs))
+              for a in (order, draws.dy, draws.dx, draws.flip)]
+        steps_dev = jnp.arange(n_full, dtype=jnp.int32)
         losses, correct = [], 0
+        pending = None
+
+        def collect(p):
+            nonlocal correct
+            c1_, l_, nc_ = p
+            l_ = np.asarray(l_)
+            _check_finite(l_.tolist(), epoch, len(losses))
+            losses.extend(l_.tolist())
+            correct += int(np.asarray(nc_).sum())
+            if on_chunk:
+                on_chunk(c1_ * bs, float(l_[-1]), correct)
+
         for c0 in range(0, n_full, self.chunk_batches):
             c1 = min(c0 + self.chunk_batches, n_full)
-            sl = slice(c0 * bs, c1 * bs)
-            shape = (c1 - c0, bs)
-            state, l, nc = self._scan_jit(
-                state, images_dev, labels_dev, jnp.asarray(order[sl].reshape(shape)),
-                jnp.asarray(draws.dy[sl].reshape(shape)), jnp.asarray(draws.dx[sl].reshape(shape)),
-                jnp.asarray(draws.flip[sl].reshape(shape)),
-                jnp.arange(c0, c1, dtype=jnp.int32), key, lr)
-            l = np.asarray(l)
-            _check_finite(l.tolist(), epoch, len(losses))
-            losses.extend(l.tolist())
-            correct += int(np.asarray(nc).sum())
-            if on_chunk:
-                on_chunk(c1 * bs, float(l[-1]), correct)
+            state, l, nc = self._scan_jit(state, images_dev, labels_dev,
+                                          *(a[c0:c1] for a in ep), steps_dev[c0:c1], key, lr)
+            if pending is not None:
+                collect(pending)
+            pending = (c1, l, nc)
+        if pending is not None:
+            collect(pending)
         if n_full * bs < n:  # last partial batch: a second compiled (non-scan) step
             sl = slice(n_full * bs, n)
             idx = jnp.asarray(order[sl])
