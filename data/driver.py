@@ -17,7 +17,10 @@ driver does the rest the same way for all three:
   kill between any two writes resumes consistently: --resume takes the epoch from
   state.safetensors and the first that-many entries of the history;
 - Ctrl-C and SIGTERM (``data.errors.run_cli`` turns both into KeyboardInterrupt) stop
-  after the last completed epoch with the command that resumes the run.
+  after the last completed epoch with the command that resumes the run;
+- several processes (``Stack.processes``: torchrun's ranks, JAX's hosts): every process
+  trains, only process 0 locks and writes the run directory and prints; the others read
+  it (``--resume``), so it must be on a file system every process sees.
 """
 from __future__ import annotations
 
@@ -68,6 +71,12 @@ class Stack:
 
     def add_flags(self, ap: argparse.ArgumentParser) -> None:
         """Add the stack's own flags, with their defaults (the shared ones are the driver's)."""
+
+    def processes(self) -> tuple[int, int]:
+        """(this process's index, the number of processes) of the training: (0, 1) unless
+        the stack was started as one of several (torchrun, several JAX hosts). Called once,
+        before the run directory is touched; it may start the stack's distributed runtime."""
+        return 0, 1
 
     def configure(self, cfg: dict) -> None:
         """Derive and check what follows from the configuration (layer sizes, ...)."""
@@ -281,8 +290,16 @@ def configure(stack: Stack, argv: list[str] | None) -> tuple[dict | None, Path, 
 def train(stack: Stack, argv: list[str] | None = None) -> int:
     """Run ``python -m <stack>.train`` with ``argv``; returns the exit status."""
     cfg, out, resume, bars, given = configure(stack, argv)
+    rank, world = stack.processes()
+    primary = rank == 0  # the one process that locks, writes and prints
+    bars = bars and primary
     if resume:
-        out = prepare(out, resume=True)
+        if primary:
+            out = prepare(out, resume=True)
+        elif not (out / "config.json").is_file():
+            raise UserError(f"--resume: process {rank} of {world} does not see "
+                            f"{out / 'config.json'}; the run directory must be on a file "
+                            f"system every process sees")
         cfg = resume_config(stack, given, out)
     ds = load_cifake(cfg["data"], cfg["cache_dir"], subset=cfg["subset"], verbose=bars)
     if resume:
@@ -291,14 +308,16 @@ def train(stack: Stack, argv: list[str] | None = None) -> int:
                 raise UserError(f"--resume: {cfg['data']} now gives {n:,} images for "
                                 f"{key[2:]}, the run was trained on {cfg[key]}")
     else:
-        out = prepare(out, resume=False)
+        if primary:
+            out = prepare(out, resume=False)
         # the dataset actually used (resolved from --data / $CIFAKE_PATH / download)
         cfg["data"] = ds.manifest.get("source", {}).get("path", cfg["data"])
         cfg["n_train"], cfg["n_test"] = len(ds.train), len(ds.test)
     try:
-        return _run(stack, cfg, ds, out, resume, bars, bool(given.get("tensorboard")))
+        return _run(stack, cfg, ds, out, resume, bars, bool(given.get("tensorboard")), primary)
     finally:
-        unlock(out)
+        if primary:
+            unlock(out)
 
 
 def _resume_point(stack: Stack, out: Path) -> tuple[int, list[dict], float]:
@@ -321,19 +340,21 @@ TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr",
 
 
 def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
-         tensorboard: bool = False) -> int:
+         tensorboard: bool = False, primary: bool = True) -> int:
     cfg.update(stack.build(cfg, ds))
     start, history, wall_before = _resume_point(stack, out) if resume else (0, [], 0.0)
     epochs = cfg["epochs"]
     if start > epochs:
         raise UserError(f"--resume: {out} already completed {start} epochs, more than "
                         f"--epochs {epochs}")
-    atomic_write_json(out / "config.json", cfg)
-    # metrics.jsonl: one line per epoch, appended as training goes (for pandas and plotting
-    # tools); rewritten whole here so a resumed run's log holds exactly its kept epochs
-    atomic_write_bytes(out / "metrics.jsonl",
-                       "".join(json.dumps(r, allow_nan=False) + "\n" for r in history).encode())
-    if start:
+    if primary:
+        atomic_write_json(out / "config.json", cfg)
+        # metrics.jsonl: one line per epoch, appended as training goes (for pandas and
+        # plotting tools); rewritten whole here so a resumed run's log holds exactly its
+        # kept epochs
+        atomic_write_bytes(out / "metrics.jsonl",
+                           "".join(json.dumps(r, allow_nan=False) + "\n" for r in history).encode())
+    if start and primary:
         print(f"resuming {out} after epoch {start}", file=sys.stderr)
     t_start = time.time()
 
@@ -345,14 +366,16 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
                                                  "complete": final is not None,
                                                  "wall_seconds": wall()})
     writer = None
-    if tensorboard:  # a viewer's copy of the history: metrics.json stays the record
+    if tensorboard and primary:  # a viewer's copy of the history: metrics.json stays the record
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(out / "tensorboard"))
     epoch = start
     try:
         for epoch in range(start, epochs):
-            row = _train_epoch(stack, cfg, ds, out, epoch, bars)
+            row = _train_epoch(stack, cfg, ds, out, epoch, bars, primary)
             history.append(row)
+            if not primary:
+                continue
             write_metrics()
             append_line(out / "metrics.jsonl", json.dumps(row, allow_nan=False))
             if writer is not None:
@@ -366,6 +389,8 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
                 "epoch_completed": epoch + 1, "epochs": epochs, "model": cfg["model"],
                 "seed": cfg["seed"], "wall_seconds": wall()})
     except KeyboardInterrupt:
+        if not primary:
+            return EXIT_INTERRUPTED
         print(f"interrupted during epoch {epoch + 1}; epoch {len(history)} is saved in {out}; "
               f"resume with: python -m {stack.name}.train --out {out} --resume",
               file=sys.stderr)
@@ -373,7 +398,9 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     finally:
         if writer is not None:
             writer.close()
-    final = final_report(stack.logits, ds)
+    final = final_report(stack.logits, ds)  # every process: evaluation may be shared
+    if not primary:
+        return 0
     write_metrics(final)
     auc = "n/a" if final["test_auc"] is None else f"{final['test_auc']:.4f}"
     print(f"done: train {final['train_acc']:.2f}% test {final['test_acc']:.2f}% "
@@ -382,7 +409,8 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     return 0
 
 
-def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool) -> dict:
+def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool,
+                 primary: bool = True) -> dict:
     from tqdm import tqdm
     epochs, n = cfg["epochs"], len(ds.train)
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, disable=not bars,
@@ -408,8 +436,9 @@ def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool)
     if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == epochs:
         rep = classification_report(stack.logits(ds.test), ds.test.labels)
         row["test_loss"], row["test_acc"] = rep["loss"], rep["accuracy"]
-        print(f"epoch {epoch + 1}/{epochs}: lr {row['lr']:.4g} train loss "
-              f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}% | test loss "
-              f"{rep['loss']:.4f} acc {rep['accuracy']:.2f}% | {row['images_per_s']:.0f} img/s",
-              file=sys.stderr)
+        if primary:
+            print(f"epoch {epoch + 1}/{epochs}: lr {row['lr']:.4g} train loss "
+                  f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}% | test loss "
+                  f"{rep['loss']:.4f} acc {rep['accuracy']:.2f}% | "
+                  f"{row['images_per_s']:.0f} img/s", file=sys.stderr)
     return row

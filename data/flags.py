@@ -19,6 +19,7 @@ MAX_SUBSET = 10_000_000
 MAX_HIDDEN = 65_536         # units per MLP hidden layer (3072 x 65536 float64 = 1.6 GB)
 MAX_THREADS = 4_096
 MAX_WORKERS = 256
+MAX_DEVICES = 65_536        # devices of one data-parallel training (a large pod)
 
 
 def project_version() -> str:
@@ -103,6 +104,7 @@ lr = number("--lr", strictly_positive=True)
 decay = number("--decay")
 threads = integer("--threads", 1, MAX_THREADS)
 workers = integer("--workers", 0, MAX_WORKERS)
+devices = integer("--devices", 1, MAX_DEVICES)
 _batch = integer("--batch-size", 1, MAX_BATCH)
 
 

@@ -9,6 +9,16 @@
   once per shape and reused for every epoch.
 - ``logits``: eval-mode logits for a whole split, in fixed-size padded batches (one compile).
 
+Several devices (``Trainer(..., mesh=make_mesh(devices))``): the same functions, jitted
+with ``jax.sharding`` (data parallelism by the compiler, not ``pmap``). The state and the
+uint8 dataset are replicated on every device of a one-axis Mesh; each global batch (the
+preset's size, the same images, draws and dropout masks as on one device) is split along
+that axis by a sharding constraint, so every reduction over the batch -- the loss, the
+weight gradients, BatchNorm's statistics -- is over the global batch and the compiler adds
+the all-reduces. Only the order of the float32 sums differs from one device. Evaluation is
+split over the devices the same way. With one device (``mesh=None``) nothing here is
+sharded: the computation is exactly the single-device one.
+
 The optimisers are the specs': plain gradient descent for the MLPs (no state: the
 learning rate lr0 / (1 + decay * epoch) is a traced argument, so changing it each epoch
 does not recompile) and ``optax.adam`` for the CNNs. torch's Adam divides by
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -27,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from data.batching import (PAD, AugDraws, augment_draws, batch_slices, dropout_rng, epoch_order,
                            identity_draws)
@@ -37,7 +49,23 @@ ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
 EVAL_CHUNK = 125       # images per forward pass inside a compiled eval call (lax.map)
 EVAL_BLOCK = 40        # chunks per compiled eval call: 5,000 images per dispatch
 CHUNK_BATCHES = 50     # batches per compiled scan call: progress/Ctrl-C granularity
-_COMPILED: dict = {}   # (spec, lr, augment, conv_impl, dtype) -> jitted (step, scan, eval)
+BATCH_AXIS = "batch"   # the Mesh axis a global batch is split along
+_COMPILED: dict = {}   # (spec, lr, augment, conv_impl, dtype, mesh) -> jitted (step, scan, eval)
+
+
+def make_mesh(devices) -> Mesh | None:
+    """A one-axis Mesh over ``devices`` for data parallelism; None for a single device
+    (the unsharded path, numerically the single-device computation)."""
+    devices = list(devices)
+    if len(devices) < 2:
+        return None
+    # Auto axes: the compiler propagates the batch sharding from the constraints below
+    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def mesh_size(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else int(mesh.size)
 
 
 def augment_device(x_u8, dy, dx, flip, pad: int = PAD):
@@ -60,7 +88,8 @@ class Trainer:
     def __init__(self, spec: M.ModelSpec, *, lr: float, batch_size: int | None,
                  decay: float = 0.0, augment: bool = False, seed: int = 0,
                  conv_impl: str | None = None, dtype=jnp.float32,
-                 chunk_batches: int = CHUNK_BATCHES, rng_epoch_offset: int = 0):
+                 chunk_batches: int = CHUNK_BATCHES, rng_epoch_offset: int = 0,
+                 mesh: Mesh | None = None):
         self.spec, self.lr0, self.decay = spec, float(lr), float(decay)
         self.batch_size, self.augment, self.seed = batch_size, bool(augment), int(seed)
         self.conv_impl = conv_impl or M.default_conv_impl()
@@ -72,20 +101,61 @@ class Trainer:
         self.rng_epoch_offset = int(rng_epoch_offset)
         # MLP: plain GD (lr passed per call); CNN: Adam with torch's defaults, constant lr.
         self.tx = None if spec.family == "mlp" else optax.adam(lr, ADAM_B1, ADAM_B2, ADAM_EPS)
+        self.mesh = mesh if mesh_size(mesh) > 1 else None
+        self.n_devices = mesh_size(self.mesh)
+        if batch_size is not None and batch_size % self.n_devices:
+            raise ValueError(f"a batch of {batch_size} images does not split evenly over "
+                             f"{self.n_devices} devices")
         # Compile once, reuse: the jitted functions depend only on this key (not on the seed,
         # decay, batch size or chunking, which are arguments or shapes), so Trainers that
         # share it (a resumed run, bench repeats, tests) share the compiled code.
         key = (spec, None if self.tx is None else self.lr0, self.augment, self.conv_impl,
-               jnp.dtype(dtype).name)
+               jnp.dtype(dtype).name, self.mesh)
         if key not in _COMPILED:
-            _COMPILED[key] = (jax.jit(self._step), jax.jit(self._scan), jax.jit(self._eval_logits))
+            if self.mesh is None:
+                _COMPILED[key] = (jax.jit(self._step), jax.jit(self._scan),
+                                  jax.jit(self._eval_logits))
+            else:
+                # results (the state, losses, logits) replicated: every device, and every
+                # host, holds all of them
+                rep = NamedSharding(self.mesh, P())
+                _COMPILED[key] = (jax.jit(self._step, out_shardings=rep),
+                                  jax.jit(self._scan, out_shardings=rep),
+                                  jax.jit(self._eval_logits, out_shardings=rep))
         self._step_jit, self._scan_jit, self._eval_jit = _COMPILED[key]
+
+    # ------------------------------------------------------------ placement
+    def put(self, a, spec: P = P()):
+        """``a`` (host data, the same on every process) as an array on this trainer's
+        devices: on the default device without a mesh; with one, laid out by ``spec``
+        (default replicated). ``make_array_from_callback`` lets each host supply its own
+        devices' parts, so this also works when the mesh spans several hosts."""
+        if self.mesh is None:
+            return jnp.asarray(a)
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, spec),
+                                            lambda idx: a[idx])
+
+    def place(self, tree):
+        """A pytree (a state, variables) replicated on the mesh; unchanged without one."""
+        if self.mesh is None:
+            return tree
+        return jax.tree_util.tree_map(lambda a: self.put(np.asarray(a)), tree)
+
+    def _split(self, a, axis: int = 0):
+        """Inside jit: lay ``a`` out with ``axis`` split over the devices when it divides
+        evenly, else replicated (a last partial batch of an odd size: every device computes
+        it whole; the same function either way). No-op without a mesh."""
+        if self.mesh is None or a is None:
+            return a
+        spec = P(*([None] * axis), BATCH_AXIS) if a.shape[axis] % self.n_devices == 0 else P()
+        return lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec))
 
     # ------------------------------------------------------------ state
     def init_state(self, variables: dict) -> dict:
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
         opt = () if self.tx is None else self.tx.init(variables["params"])
-        return {"variables": variables, "opt": opt}
+        return self.place({"variables": variables, "opt": opt})
 
     def lr_at(self, epoch: int) -> float:
         """lr0 / (1 + decay * epoch), epoch 0-based (numpy_mlp.model.lr_at); CNNs: constant."""
@@ -104,6 +174,7 @@ class Trainer:
 
     def _step(self, state, x_u8, y, dy, dx, flip, mask, lr):
         """One training step on one batch. Returns (new_state, (loss, n_correct))."""
+        x_u8, y, dy, dx, flip, mask = (self._split(a) for a in (x_u8, y, dy, dx, flip, mask))
         x = self._inputs(x_u8, dy, dx, flip)
         v = state["variables"]
         (loss, (logits, new_stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
@@ -131,10 +202,10 @@ class Trainer:
         if self.spec.dropout and mask is None:
             raise ValueError(f"{self.spec.name} has dropout: pass its keep-mask (B, 512)")
         lr = self.lr0 if lr is None else lr
-        return self._step_jit(state, jnp.asarray(x_u8), jnp.asarray(y), jnp.asarray(draws.dy),
-                              jnp.asarray(draws.dx), jnp.asarray(draws.flip),
-                              None if mask is None else jnp.asarray(mask),
-                              jnp.asarray(lr, self.dtype))
+        return self._step_jit(state, self.put(x_u8), self.put(y), self.put(draws.dy),
+                              self.put(draws.dx), self.put(draws.flip),
+                              None if mask is None else self.put(mask),
+                              self.put(np.asarray(lr, self.dtype)))
 
     # ------------------------------------------------------------ a chunk of batches (scan)
     def _scan(self, state, images, labels, idx, dy, dx, flip, steps, key, lr):
@@ -163,7 +234,7 @@ class Trainer:
         t0 = time.perf_counter()
         n = int(labels_dev.shape[0])
         key_epoch = epoch + self.rng_epoch_offset
-        lr = jnp.asarray(self.lr_at(epoch), self.dtype)
+        lr = self._scalar(self.lr_at(epoch))
         if self.batch_size is None and not self.augment and not self.spec.dropout:
             # full batch: one step over the split in its stored order (as numpy_mlp: the
             # full-batch gradient is a sum over all images; a shuffle changes only rounding)
@@ -182,14 +253,15 @@ class Trainer:
         slices = batch_slices(n, self.batch_size)
         bs = slices[0].stop - slices[0].start
         n_full = n // bs
-        key = self.dropout_key(key_epoch)
+        key = self.put(self.dropout_key(key_epoch))
         # The epoch's indices and draws travel once; each chunk is a device-side slice.
         # A chunk's losses are read back only after the next chunk is dispatched, so the
         # device never waits for the host (progress and the NaN check lag one chunk).
         full = slice(0, n_full * bs)
-        ep = [jnp.asarray(a[full].reshape(n_full, bs))
+        # (several devices: each batch's images, draws and positions split over them)
+        ep = [self.put(a[full].reshape(n_full, bs), P(None, BATCH_AXIS))
               for a in (order, draws.dy, draws.dx, draws.flip)]
-        steps_dev = jnp.arange(n_full, dtype=jnp.int32)
+        steps_dev = self.put(np.arange(n_full, dtype=np.int32))
         losses, correct = [], 0
         pending = None
 
@@ -214,12 +286,12 @@ class Trainer:
             collect(pending)
         if n_full * bs < n:  # last partial batch: a second compiled (non-scan) step
             sl = slice(n_full * bs, n)
-            idx = jnp.asarray(order[sl])
+            idx = self.put(order[sl])
             mask = M.dropout_mask(jax.random.fold_in(key, n_full), n - n_full * bs) \
                 if self.spec.dropout else None
             state, (l, nc) = self._step_jit(state, images_dev[idx], labels_dev[idx],
-                                            jnp.asarray(draws.dy[sl]), jnp.asarray(draws.dx[sl]),
-                                            jnp.asarray(draws.flip[sl]), mask, lr)
+                                            self.put(draws.dy[sl]), self.put(draws.dx[sl]),
+                                            self.put(draws.flip[sl]), mask, lr)
             _check_finite([float(l)], epoch, len(losses))
             losses.append(float(l))
             correct += int(nc)
@@ -233,7 +305,12 @@ class Trainer:
 
     def _no_draws(self, n):
         d = identity_draws(n)
-        return jnp.asarray(d.dy), jnp.asarray(d.dx), jnp.asarray(d.flip)
+        return self.put(d.dy), self.put(d.dx), self.put(d.flip)
+
+    def _scalar(self, v):
+        if self.mesh is None:
+            return jnp.asarray(v, self.dtype)
+        return self.put(np.asarray(v, jnp.dtype(self.dtype)))
 
     # ------------------------------------------------------------ evaluation
     def _eval_logits(self, variables, x_u8):
@@ -247,11 +324,24 @@ class Trainer:
         of buffers, which measured faster than one big batch."""
         spec, variables = M.fold_batchnorm(self.spec, variables)
         impl = "xla" if self.conv_impl == "hybrid" else self.conv_impl
+        x_u8 = self._split(x_u8, axis=1)  # several devices: each chunk's images split
 
         def chunk(x):
             x = x.astype(self.dtype) / jnp.asarray(255, self.dtype)
             return M.apply(spec, variables, x, train=False, conv_impl=impl)[0]
         return lax.map(chunk, x_u8).reshape(-1)
+
+    def eval_set(self, images_u8, chunk: int = EVAL_CHUNK) -> "EvalSet":
+        """uint8 NHWC images laid out once for sharded evaluation: zero-padded to whole
+        chunks of ``chunk`` images per device, each chunk split over the devices."""
+        images = np.asarray(images_u8)
+        n, nd = int(images.shape[0]), self.n_devices
+        c = max(1, min(chunk, -(-n // nd))) * nd
+        k = -(-n // c)
+        padded = np.zeros((k * c,) + images.shape[1:], images.dtype)
+        padded[:n] = images
+        return EvalSet(self.put(padded.reshape((k, c) + images.shape[1:]), P(None, BATCH_AXIS)),
+                       n)
 
     def logits(self, variables, images_u8, chunk: int = EVAL_CHUNK,
                block: int = EVAL_BLOCK) -> np.ndarray:
@@ -260,7 +350,14 @@ class Trainer:
         Whole blocks of ``block * chunk`` images per compiled call, dispatched without
         waiting (one host copy at the end); the rest in one call padded to whole chunks.
         So a split costs at most two compilations (the block shape and its remainder's),
-        and fewer than ``chunk`` images (prediction) run unpadded."""
+        and fewer than ``chunk`` images (prediction) run unpadded. With several devices
+        the images go through ``eval_set`` (pass its result to lay a split out once)."""
+        if isinstance(images_u8, EvalSet) or self.mesh is not None:
+            es = images_u8 if isinstance(images_u8, EvalSet) else self.eval_set(images_u8, chunk)
+            k = int(es.chunks.shape[0])
+            out = [self._eval_jit(variables, es.chunks[s:s + block]) for s in range(0, k, block)]
+            return np.concatenate([np.asarray(z) for z in out])[:es.n] if out else \
+                np.zeros((0,), np.float32)
         n = int(images_u8.shape[0])
         if n == 0:
             return np.zeros((0,), np.float32)
@@ -277,6 +374,15 @@ class Trainer:
             z = self._eval_jit(variables, part.reshape((-1, chunk) + part.shape[1:]))
             out.append(z[:k])
         return np.asarray(jnp.concatenate(out))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A split laid out for sharded evaluation (``Trainer.eval_set``): ``chunks`` (k, c,
+    32, 32, 3) uint8 on the devices, each chunk's c images split over them; the first
+    ``n`` images are the split's, the rest zero padding."""
+    chunks: jax.Array
+    n: int
 
 
 class NonFiniteLoss(Exception):

@@ -1,7 +1,17 @@
 """Train any of the five models with JAX: ``python -m jax_port.train --model mlp2|mlp4|baseline|dropout|v3``.
 
-The shared flags and the run directory are ``data.driver``'s; the port's own flag is
-``--conv-impl``. Runs on CPU, or on a GPU when JAX sees one, with no code change.
+The shared flags and the run directory are ``data.driver``'s; the port's own flags are
+``--conv-impl`` and ``--devices``. Runs on CPU, or on a GPU when JAX sees one, with no code
+change.
+
+Several devices: with more than one device of the chosen kind visible (or ``--devices
+N``), training is data-parallel over a ``jax.sharding`` Mesh of them (``steps.py``): the
+same global batches of the preset's size, split along the batch axis; ``--devices 1`` is
+the single-device computation. Several hosts: set ``JAX_COORDINATOR_ADDRESS``
+(host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on each host (or
+start under SLURM / Open MPI, which JAX reads by itself) and run the same command on
+every host; ``jax.distributed.initialize`` joins them and the Mesh spans every host's
+devices. Process 0 alone writes the run directory.
 
 Each family follows its spec's trajectory: the same batches (``epoch_order``), the same
 augmentation draws (v3), the same learning-rate schedule. The spec stacks key their
@@ -30,6 +40,8 @@ from data.flags import check_fits_memory
 from data.tensors import load_safetensors, save_safetensors
 
 CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
+# what starts a multi-host run (jax.distributed.initialize reads the first itself)
+MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def versions() -> dict:
@@ -109,13 +121,37 @@ class JaxPort(Stack):
     name = "jax_port"
     description = "Train a CIFAKE detector with JAX (MLP or CNN)."
     models = MODELS
-    checks = {"conv_impl": flags.choice("--conv-impl", CONV_IMPLS)}
+    checks = {"conv_impl": flags.choice("--conv-impl", CONV_IMPLS),
+              "devices": flags.optional(flags.devices)}
+    # how many devices is where, not what (float rounding apart): a run may continue on
+    # another number
+    resume_flags = frozenset({"devices"})
 
     def add_flags(self, ap):
         ap.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
                         help="CNN convolution formulation: hybrid (CPU default: fast XLA:CPU "
                              "kernels, hand-written backward), im2col+matmul, or XLA's "
                              "convolution (GPU default)")
+        ap.add_argument("--devices", type=flags.devices,
+                        help="train data-parallel on the first N devices of the --device kind "
+                             "(default: all JAX sees, as many as split the batch evenly; "
+                             "the batch size must be divisible by N)")
+
+    def processes(self):
+        import os
+        if not any(os.environ.get(k) for k in MULTIHOST_ENV):
+            return 0, 1
+        import jax
+        num = os.environ.get("JAX_NUM_PROCESSES")
+        pid = os.environ.get("JAX_PROCESS_ID")
+        try:
+            jax.distributed.initialize(
+                num_processes=None if num is None else int(num),
+                process_id=None if pid is None else int(pid))
+        except ValueError as e:  # a missing or malformed variable
+            raise UserError(f"jax.distributed.initialize: {e} (set JAX_COORDINATOR_ADDRESS, "
+                            f"JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
+        return jax.process_index(), jax.process_count()
 
     def configure(self, cfg):
         from .model import MLP_HIDDEN, layer_dims_for
@@ -144,14 +180,18 @@ class JaxPort(Stack):
         from .model import default_conv_impl, get_spec
         from .steps import Trainer
         self.cfg = cfg
+        from .steps import make_mesh
         kind = flags.device(cfg["device"])
         try:
-            dev = jax.devices()[0] if kind == "auto" else jax.devices(kind)[0]
+            devs = jax.devices() if kind == "auto" else jax.devices(kind)
         except RuntimeError:
             raise UserError(f"--device {kind}: JAX sees no {kind.upper()} here (backend "
                             f"{jax.default_backend()}); install jax with GPU support or use "
                             f"--device cpu") from None
-        jax.config.update("jax_default_device", dev)  # every array and computation goes there
+        devs = devs[:self._device_count(cfg, len(devs), devs[0].platform)]
+        # this process's first device (on several hosts the Mesh's first may be another's)
+        dev = next(d for d in devs if d.process_index == jax.process_index())
+        jax.config.update("jax_default_device", dev)  # every unsharded array goes there
         self.spec = spec = get_spec(cfg["model"], cfg.get("hidden"))
         dtype = jnp.float64 if cfg["dtype"] == "float64" else jnp.float32
         conv_impl = (default_conv_impl(dev.platform) if cfg["conv_impl"] == "auto"
@@ -159,17 +199,54 @@ class JaxPort(Stack):
         self.trainer = Trainer(spec, lr=cfg["lr"], batch_size=cfg["batch_size"],
                                decay=cfg["decay"], augment=cfg["augment"], seed=cfg["seed"],
                                conv_impl=conv_impl, dtype=dtype,
-                               rng_epoch_offset=0 if spec.family == "mlp" else 1)
+                               rng_epoch_offset=0 if spec.family == "mlp" else 1,
+                               mesh=make_mesh(devs))
         self.state = self.trainer.init_state(_init(spec, cfg["seed"], dtype))
-        # the dataset lives on the device as uint8 for the whole run
-        self.train_x, self.train_y = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
-        self.on_device = {id(ds.train): self.train_x, id(ds.test): jax.device_put(ds.test.images)}
+        # the dataset lives on the device(s) as uint8 for the whole run
+        if self.trainer.mesh is None:
+            self.train_x = jax.device_put(ds.train.images)
+            self.train_y = jax.device_put(ds.train.labels)
+            self.on_device = {id(ds.train): self.train_x,
+                              id(ds.test): jax.device_put(ds.test.images)}
+        else:  # a copy on every device; evaluation splits each split over them
+            self.train_x = self.trainer.put(ds.train.images)
+            self.train_y = self.trainer.put(ds.train.labels)
+            self.on_device = {id(s): self.trainer.eval_set(s.images) for s in (ds.train, ds.test)}
         return {"device": f"{dev.platform}:{dev.id}", "device_kind": dev.device_kind,
+                "n_devices": len(devs), "processes": jax.process_count(),
                 "conv_impl_used": conv_impl if spec.family == "cnn" else None,
                 "versions": versions()}
 
+    def _device_count(self, cfg, visible: int, platform: str) -> int:
+        """How many of the ``visible`` devices to train on: ``--devices N`` (refused when
+        more than are visible, or when N does not divide the batch), else all of them, or
+        the most that split the batch evenly."""
+        import sys
+
+        import jax
+        bs, want = cfg["batch_size"], cfg.get("devices")
+        if want is not None:
+            if want > visible:
+                raise UserError(f"--devices {want}: JAX sees {visible} {platform} device(s) "
+                                f"here")
+            if bs is not None and bs % want:
+                raise UserError(f"--devices {want}: the batch of {bs} images does not split "
+                                f"evenly over {want} devices; choose --devices dividing {bs} "
+                                f"or a --batch-size divisible by {want}")
+            n = want
+        else:
+            n = visible if bs is None else max(k for k in range(1, visible + 1) if bs % k == 0)
+        if jax.process_count() > 1 and n != visible:
+            raise UserError(f"--devices {n}: a run over {jax.process_count()} hosts trains on "
+                            f"all {visible} devices they see; leave --devices out")
+        if want is None and n < visible and jax.process_index() == 0:
+            print(f"training on {n} of the {visible} {platform} devices JAX sees (a batch of "
+                  f"{bs} images splits evenly over {n}; --devices chooses)", file=sys.stderr)
+        return n
+
     def load(self, path):
-        self.state, epoch = load_state(self.trainer, path, self.spec)
+        state, epoch = load_state(self.trainer, path, self.spec)
+        self.state = self.trainer.place(state)
         return epoch
 
     def train_epoch(self, epoch, progress):
