@@ -10,6 +10,8 @@ Conventions:
 - batches are consecutive slices of that order; the last partial batch is
   kept (``drop_last=False``) unless asked otherwise; ``batch_size=None`` is
   full-batch mode: one batch holding the whole split (in the permuted order);
+- data parallelism splits each of those (global) batches into contiguous parts, one
+  per process (``rank_rows``): the batches, and so the function trained, stay the same;
 - augmentation draws are per *position in the epoch order*: the k-th image of
   the epoch gets crop offsets ``dy[k], dx[k]`` in ``[0, 2 * pad]`` and flip flag
   ``flip[k]``; slice them exactly as you slice the order;
@@ -56,6 +58,19 @@ def batch_slices(n: int, batch_size: int | None, drop_last: bool = False) -> lis
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
     return [slice(i * batch_size, min((i + 1) * batch_size, n))
             for i in range(num_batches(n, batch_size, drop_last))]
+
+
+def rank_rows(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a global batch of ``total`` images that process ``rank`` of
+    ``world`` trains on (data parallelism): contiguous parts in rank order whose sizes
+    differ by at most one (the first ``total % world`` ranks take one more), so the parts
+    tile the batch, nothing is padded or repeated, and the same positions index its
+    augmentation draws."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of a world of {world}")
+    q, r = divmod(total, world)
+    start = rank * q + min(rank, r)
+    return start, start + q + (1 if rank < r else 0)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ both end in ``to_input``: uint8 NHWC -> float (B, 3, 32, 32) pixels / 255.
    augmentation uses the data layer's shared draws ``augment_draws(seed, epoch, n)``
    (sliced like the order) and ``augment_torch``, which equals the NumPy
    reference ``data.batching.augment`` bit for bit; then ``to_input``.
+
+Data parallelism (``part=(rank, world)``, torch_cnn/distributed.py): both pipelines
+then yield only this rank's rows of each global batch (``data.batching.rank_rows``),
+with ``(start, stop, total)`` of those rows, so the ranks together see exactly the
+one-process batches and draws.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.batching import PAD, augment_draws, batch_slices, epoch_order, rng
+from data.batching import PAD, augment_draws, batch_slices, epoch_order, rank_rows, rng
 
 _STREAM_TV_AUG = 11  # rng(seed, 11, epoch): torchvision pipeline's per-epoch transform seed
 
@@ -76,8 +81,10 @@ class DevicePipeline:
         self.labels = torch.from_numpy(split.labels.astype(np.float32)).to(self.device)
 
     def batches(self, seed: int, epoch: int, batch_size: int | None,
-                augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x float (B, 3, 32, 32), y float (B,)) on the device for one epoch."""
+                augment: bool, part: tuple[int, int] | None = None) -> Iterator[tuple]:
+        """Yield (x float (B, 3, 32, 32), y float (B,)) on the device for one epoch; with
+        ``part=(rank, world)``, (x, y, (start, stop, total)) of this rank's rows of each
+        global batch."""
         order = torch.from_numpy(epoch_order(seed, epoch, self.n)).to(self.device)
         draws = augment_draws(seed, epoch, self.n) if augment else None
         if draws is not None:
@@ -85,11 +92,17 @@ class DevicePipeline:
             dx = torch.from_numpy(draws.dx).to(self.device)
             flip = torch.from_numpy(draws.flip).to(self.device)
         for s in batch_slices(self.n, batch_size):
+            rows = None
+            if part is not None:
+                total = s.stop - s.start
+                lo, hi = rank_rows(total, *part)
+                rows, s = (lo, hi, total), slice(s.start + lo, s.start + hi)
             idx = order[s]
             imgs = self.images.index_select(0, idx)
             if draws is not None:
                 imgs = augment_torch(imgs, dy[s], dx[s], flip[s])
-            yield to_input(imgs, self.channels_last), self.labels.index_select(0, idx)
+            x, y = to_input(imgs, self.channels_last), self.labels.index_select(0, idx)
+            yield (x, y) if rows is None else (x, y, rows)
 
 
 # ------------------------------------------------------------------ torchvision pipeline
@@ -131,6 +144,8 @@ class _OrderSampler(torch.utils.data.Sampler):
 
 
 def _collate(batch):
+    if not batch:  # a rank's empty part of a last batch smaller than the world
+        return torch.zeros((0, 3, 32, 32), dtype=torch.uint8), torch.zeros(0)
     imgs = torch.stack([b[0] for b in batch])                      # (B, 3, 32, 32) uint8
     labels = torch.tensor([b[1] for b in batch], dtype=torch.float32)
     return imgs, labels
@@ -138,9 +153,11 @@ def _collate(batch):
 
 def torchvision_loader(split, seed: int, epoch: int, batch_size: int | None, augment: bool,
                        num_workers: int = 0, device: str | torch.device = "cpu",
-                       channels_last: bool = False
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x float (B, 3, 32, 32), y float (B,)) for one epoch, on ``device``.
+                       channels_last: bool = False, part: tuple[int, int] | None = None
+                       ) -> Iterator[tuple]:
+    """Yield (x float (B, 3, 32, 32), y float (B,)) for one epoch, on ``device``; with
+    ``part=(rank, world)``, (x, y, (start, stop, total)) of this rank's rows of each
+    global batch (as ``DevicePipeline.batches``).
 
     ``num_workers``: DataLoader worker processes (0 = in the main process; on
     this project's 2-core machines 0 measured faster, see the README/report).
@@ -149,15 +166,29 @@ def torchvision_loader(split, seed: int, epoch: int, batch_size: int | None, aug
     order = epoch_order(seed, epoch, n)
     epoch_seed = int(rng(seed, _STREAM_TV_AUG, epoch).integers(0, 2**62))
     ds = _TorchvisionDataset(split.images, split.labels, augment, epoch_seed)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=n if batch_size is None else batch_size, sampler=_OrderSampler(order),
-        drop_last=False, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
+    pin = torch.device(device).type == "cuda"
+    if part is None:
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=n if batch_size is None else batch_size,
+            sampler=_OrderSampler(order), drop_last=False, num_workers=num_workers,
+            collate_fn=_collate, pin_memory=pin, persistent_workers=False)
+        rows = [None] * len(loader)
+    else:
+        rows, index_lists = [], []
+        for s in batch_slices(n, batch_size):
+            total = s.stop - s.start
+            lo, hi = rank_rows(total, *part)
+            rows.append((lo, hi, total))
+            index_lists.append(order[s.start + lo:s.start + hi].tolist())
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=index_lists, num_workers=num_workers, collate_fn=_collate,
+            pin_memory=pin, persistent_workers=False)
     dev = torch.device(device)
-    for imgs_chw, y in loader:
+    for (imgs_chw, y), r in zip(loader, rows):
         imgs_nhwc = imgs_chw.permute(0, 2, 3, 1)  # back to the layout to_input takes
-        yield (to_input(imgs_nhwc.to(dev, non_blocking=True), channels_last),
-               y.to(dev, non_blocking=True))
+        x, y = (to_input(imgs_nhwc.to(dev, non_blocking=True), channels_last),
+                y.to(dev, non_blocking=True))
+        yield (x, y) if r is None else (x, y, r)
 
 
 __all__ = ["to_input", "augment_torch", "DevicePipeline", "torchvision_loader"]

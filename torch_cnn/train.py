@@ -15,6 +15,11 @@ Epochs are numbered from 1 in the history and in the RNG keys.
 
 Resume state (state.safetensors): the weights as "model.<name>" + Adam tensors
 "adam.{exp_avg,exp_avg_sq,step}.<name>", metadata epoch_completed.
+
+Several processes: ``torchrun --nproc-per-node N -m torch_cnn.train ...`` trains with
+DistributedDataParallel (gloo on the CPU, NCCL on CUDA: one GPU per process), each rank
+on its part of the same global batches (distributed.py); rank 0 alone writes the run
+directory. One process (no torchrun, or a world of 1) is the computation above, unchanged.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from data.errors import UserError, run_cli
 from data.tensors import load_safetensors, save_safetensors
 
 from . import checkpoint
+from . import distributed as ddp
 from .model import init_model
 from .pipeline import DevicePipeline, to_input, torchvision_loader
 
@@ -168,19 +174,38 @@ class TorchCNN(Stack):
         cfg.update(augment=cfg["model"] in AUGMENTED_MODELS, optimizer="adam",
                    adam_betas=list(ADAM_BETAS), adam_eps=ADAM_EPS)
 
+    def processes(self):
+        self.rank, self.world, self.local_rank = ddp.world()
+        return self.rank, self.world
+
     def build(self, cfg, ds):
         self.cfg, self.seed, self.ds = cfg, cfg["seed"], ds
         self.device = resolve_device(cfg["device"])
+        world = getattr(self, "world", 1)
+        if world > 1:
+            if cfg["batch_size"] % world:
+                raise UserError(f"--batch-size {cfg['batch_size']} does not split evenly over "
+                                f"{world} processes; choose a batch size divisible by {world} "
+                                f"or a --nproc-per-node dividing {cfg['batch_size']}")
+            self.device = ddp.start(self.device, self.local_rank)
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         self.model = init_model(cfg["model"], self.seed).to(self.device)
         if cfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.ddp = None
+        if world > 1:  # global-batch BatchNorm and dropout, before the optimizer sees them
+            ddp.prepare_model(self.model, self.device)
         self.optimizer = make_optimizer(self.model, cfg["lr"])
+        if world > 1:
+            self.ddp = ddp.wrap(self.model, self.device)
         if cfg["pipeline"] == "device":
             self.pipe = DevicePipeline(ds.train, self.device, channels_last=cfg["channels_last"])
-        return {"device": str(self.device), "threads": torch.get_num_threads(),
-                "eval_batch_size": EVAL_BATCH, "versions": versions()}
+        facts = {"device": str(self.device), "threads": torch.get_num_threads(),
+                 "eval_batch_size": EVAL_BATCH, "versions": versions()}
+        if world > 1:
+            facts.update(world_size=world, ddp_backend=torch.distributed.get_backend())
+        return facts
 
     def load(self, path):
         name = self.cfg["model"]
@@ -200,19 +225,29 @@ class TorchCNN(Stack):
         cfg, epoch = self.cfg, epoch + 1  # the torch stack keys its random streams 1-based
         # dropout masks of this epoch (manual_seed seeds the CPU and every CUDA generator)
         torch.manual_seed(int(dropout_rng(self.seed, epoch).integers(0, 2**63 - 1)))
+        part = None if self.ddp is None else (self.rank, self.world)
         if cfg["pipeline"] == "device":
-            batches = self.pipe.batches(self.seed, epoch, cfg["batch_size"], cfg["augment"])
+            batches = self.pipe.batches(self.seed, epoch, cfg["batch_size"], cfg["augment"],
+                                        part=part)
         else:
             batches = torchvision_loader(self.ds.train, self.seed, epoch, cfg["batch_size"],
                                          cfg["augment"], num_workers=cfg["workers"],
-                                         device=self.device, channels_last=cfg["channels_last"])
+                                         device=self.device, channels_last=cfg["channels_last"],
+                                         part=part)
         loss_sum, correct, seen, n_steps = 0.0, 0, 0, 0
-        for step, (x, y) in enumerate(batches, 1):
-            loss, nc = train_step(self.model, self.optimizer, x, y)
+        for step, batch in enumerate(batches, 1):
+            if self.ddp is None:
+                x, y = batch
+                loss, nc = train_step(self.model, self.optimizer, x, y)
+                n = len(y)
+            else:  # the global batch's loss and count, the same on every rank
+                x, y, rows = batch
+                loss, nc = ddp.train_step(self.ddp, self.model, self.optimizer, x, y, rows)
+                n = rows[2]
             lv = loss.item()  # host sync; also the non-finite check below
             if not math.isfinite(lv):
                 raise NonFiniteLoss(step, lv)
-            loss_sum, correct, seen, n_steps = loss_sum + lv, correct + int(nc), seen + len(y), step
+            loss_sum, correct, seen, n_steps = loss_sum + lv, correct + int(nc), seen + n, step
             progress(seen, lv)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -220,7 +255,12 @@ class TorchCNN(Stack):
                 "train_acc": 100.0 * correct / max(seen, 1)}
 
     def logits(self, split):
-        return evaluate(self.model, split, self.device, channels_last=self.cfg["channels_last"])
+        def run(part):
+            return evaluate(self.model, part, self.device,
+                            channels_last=self.cfg["channels_last"])
+        if self.ddp is None:
+            return run(split)
+        return ddp.gather_logits(run, split, self.device)  # each rank scores a part
 
     def save_state(self, path, epoch):
         tensors = {f"model.{k}": v for k, v in checkpoint.state_to_numpy(self.model).items()}
