@@ -2,7 +2,7 @@
 
 A backend trains and evaluates ONE model on ONE device:
 
-    b = make_backend(name, model, device)      # imports its stack lazily
+    b = make_backend(name, model, device, seed, n_devices)  # imports its stack lazily
     h = b.put(split)                           # the split as this backend feeds it
     b.init(seed, weights=None)                 # fresh weights + optimizer state; ``weights``:
                                                # canonical tensors (the spec's init) to start from
@@ -17,6 +17,11 @@ the clock right after them.
 Hyperparameters are the specs' presets, identical for every backend of a family:
 MLPs the mini-batch preset of numpy_mlp (``<model>-mini``: lr0, decay, batch size),
 CNNs torch_cnn's preset of the model (Adam lr, batch size; augmentation for v3).
+
+Several devices (``n_devices`` > 1, backends with ``parallel``): the JAX backends train
+data-parallel over a Mesh of the first N devices (jax_port.steps); torch-device with
+DistributedDataParallel, one process per GPU, so its worker runs under torchrun
+(torch_cnn.distributed). The batches, hyperparameters and function are the 1-device ones.
 
 This module imports neither torch nor jax at import time: ``compare`` validates names
 against ``BACKENDS`` without paying for them.
@@ -41,6 +46,7 @@ class BackendInfo:
     description: str
     gpu: str | None      # which library must see a GPU for device "gpu" ("torch" | "jax" | None)
     jit: bool = False    # the first pass compiles (reported as compile_s, not warmup_s)
+    parallel: bool = False  # can train data-parallel on several devices of a kind
 
 
 BACKENDS = {
@@ -48,13 +54,13 @@ BACKENDS = {
                              "NumPy MLP (the MLP spec): hand-written backprop, float32, BLAS", None),
     "jax-mlp": BackendInfo("jax-mlp", "mlp", "jax_port",
                            "JAX MLP: jit-compiled lax.scan epochs, data resident on the device", "jax",
-                           jit=True),
+                           jit=True, parallel=True),
     "torch-torchvision": BackendInfo("torch-torchvision", "cnn", "torch_cnn",
                                      "torch CNN (the CNN spec) fed by the original torchvision "
                                      "DataLoader pipeline (PIL + per-sample transforms)", "torch"),
     "torch-device": BackendInfo("torch-device", "cnn", "torch_cnn",
                                 "torch CNN fed by the device pipeline (uint8 on the device, "
-                                "batched and augmented there)", "torch"),
+                                "batched and augmented there)", "torch", parallel=True),
     # torch as a user tuning it for speed would run it (the spec keeps NCHW and
     # foreach=False Adam for its arithmetic guarantees): the device pipeline plus
     "torch-device-cl": BackendInfo("torch-device-cl", "cnn", "torch_cnn",
@@ -67,7 +73,8 @@ BACKENDS = {
                                  "(inductor; first pass = compilation)", "torch", jit=True),
     "jax-cnn": BackendInfo("jax-cnn", "cnn", "jax_port",
                            "JAX CNN: jit-compiled lax.scan epochs; on CPU hybrid convs "
-                           "(lax.conv forward, hand-written backward)", "jax", jit=True),
+                           "(lax.conv forward, hand-written backward)", "jax", jit=True,
+                           parallel=True),
 }
 # The reference each ratio is taken against, per family (measured in the same run).
 REFERENCE = {"mlp": "numpy-mlp", "cnn": "torch-torchvision"}
@@ -95,9 +102,12 @@ def hyperparameters(model: str) -> dict:
 class Backend:
     name = ""
     jit = False  # set from BackendInfo.jit by make_backend
+    parallel = False  # the class trains on several devices (``n_devices`` > 1)
 
-    def __init__(self, model: str, device: str, seed: int = 0):
-        self.model, self.device, self.seed = model, device, seed
+    def __init__(self, model: str, device: str, seed: int = 0, n_devices: int = 1):
+        if n_devices > 1 and not self.parallel:
+            raise ValueError(f"{type(self).__name__} trains on one device")
+        self.model, self.device, self.seed, self.n_devices = model, device, seed, n_devices
         self.hp = hyperparameters(model)
 
     def device_name(self) -> str:
@@ -127,8 +137,8 @@ def spec_init_weights(model: str, seed: int) -> dict[str, np.ndarray]:
 class NumpyMLP(Backend):
     name = "numpy-mlp"
 
-    def __init__(self, model, device, seed=0):
-        super().__init__(model, device, seed)
+    def __init__(self, model, device, seed=0, n_devices=1):
+        super().__init__(model, device, seed, n_devices)
         if device != "cpu":
             raise ValueError("numpy-mlp runs on the CPU only")
         from numpy_mlp import model as nm
@@ -160,8 +170,8 @@ class NumpyMLP(Backend):
 class TorchCNN(Backend):
     pipeline = ""
 
-    def __init__(self, model, device, seed=0):
-        super().__init__(model, device, seed)
+    def __init__(self, model, device, seed=0, n_devices=1):
+        super().__init__(model, device, seed, n_devices)
         import torch
         from torch_cnn import model as tm
         from torch_cnn import train as tt
@@ -169,11 +179,19 @@ class TorchCNN(Backend):
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("torch sees no CUDA device")
         self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+        self.rank, self.world, self.ddp = 0, 1, None
+        if n_devices > 1:  # one process per device, started by torchrun
+            from torch_cnn import distributed
+            self.dist = distributed
+            self.rank, self.world, local = distributed.world()
+            if self.world != n_devices:
+                raise RuntimeError(f"{n_devices} devices need {n_devices} processes (torchrun "
+                                   f"--nproc-per-node {n_devices}); this is one of {self.world}")
+            self.dev = distributed.start(self.dev, local)
 
     def device_name(self):
-        if self.dev.type == "cuda":
-            return self.torch.cuda.get_device_name(self.dev)
-        return "cpu"
+        name = self.torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu"
+        return name if self.world == 1 else f"{self.world} x {name}"
 
     def sync(self):
         if self.dev.type == "cuda":
@@ -190,8 +208,12 @@ class TorchCNN(Backend):
             net.load_state_dict({k: self.torch.from_numpy(np.array(v)) for k, v in
                                  weights.items()})
         self.net = net.to(self.dev)
+        if self.world > 1:
+            self.dist.prepare_model(self.net, self.dev)
         self.opt = self.tt.make_optimizer(self.net, self.hp["lr"])
         self.fwd = self.net  # what the steps call (a torch.compile wrapper in torch-compile)
+        if self.world > 1:
+            self.ddp = self.dist.wrap(self.net, self.dev)
 
     def batches(self, h, epoch):
         raise NotImplementedError
@@ -201,15 +223,24 @@ class TorchCNN(Backend):
         # dropout masks: torch's global RNG, seeded per epoch as torch_cnn.train does
         torch.manual_seed(int(rng(self.seed, 3, epoch).integers(0, 2**63 - 1)))
         losses, correct, n = [], 0, 0
-        for x, y in self.batches(h, epoch):
-            loss, nc = self.tt.train_step(self.fwd, self.opt, x, y)
+        for batch in self.batches(h, epoch):
+            if self.ddp is None:
+                x, y = batch
+                loss, nc = self.tt.train_step(self.fwd, self.opt, x, y)
+                n += len(y)
+            else:  # this rank's rows; the global batch's loss and count
+                x, y, rows = batch
+                loss, nc = self.dist.train_step(self.ddp, self.net, self.opt, x, y, rows)
+                n += rows[2]
             losses.append(loss)
             correct += nc  # device tensor: no host sync inside the loop
-            n += len(y)
         self.sync()
         return {"loss": float(torch.stack(losses).mean()), "acc": 100.0 * float(correct) / n}
 
     def logits(self, h):
+        if self.ddp is not None:  # each rank scores a part
+            return self.dist.gather_logits(lambda part: self.tt.evaluate(self.net, part, self.dev),
+                                           self.split_of(h), self.dev)
         out = self.tt.evaluate(self.net, self.split_of(h), self.dev)  # host copy = synchronised
         self.sync()
         return out
@@ -240,6 +271,7 @@ class TorchTorchvision(TorchCNN):
 class TorchDevice(TorchCNN):
     name = "torch-device"
     pipeline = "device"
+    parallel = True
 
     def put(self, split):
         from torch_cnn.pipeline import DevicePipeline
@@ -249,7 +281,8 @@ class TorchDevice(TorchCNN):
         return h[1]
 
     def batches(self, h, epoch):
-        return h[0].batches(self.seed, epoch, self.hp["batch_size"], self.hp["augment"])
+        return h[0].batches(self.seed, epoch, self.hp["batch_size"], self.hp["augment"],
+                            part=None if self.ddp is None else (self.rank, self.world))
 
 
 class TorchDeviceTuned(TorchDevice):
@@ -259,6 +292,7 @@ class TorchDeviceTuned(TorchDevice):
     channels_last = True
     adam = "foreach"      # "foreach" (torch's default) | "fused"
     compiled = False
+    parallel = False
 
     def put(self, split):
         from torch_cnn.pipeline import DevicePipeline
@@ -301,22 +335,29 @@ class TorchCompile(TorchDeviceTuned):
 
 # ------------------------------------------------------------------ JAX (both families)
 class JaxBackend(Backend):
-    def __init__(self, model, device, seed=0):
-        super().__init__(model, device, seed)
+    parallel = True
+
+    def __init__(self, model, device, seed=0, n_devices=1):
+        super().__init__(model, device, seed, n_devices)
         import jax
         from jax_port import model as jm
         from jax_port import steps as js
         self.jax, self.jm, self.js = jax, jm, js
         try:
-            self.dev = jax.devices("gpu" if device == "gpu" else "cpu")[0]
+            devs = jax.devices("gpu" if device == "gpu" else "cpu")
         except RuntimeError as e:
             raise RuntimeError(f"JAX sees no {device} device ({e})") from None
+        if n_devices > len(devs):
+            raise RuntimeError(f"JAX sees {len(devs)} {device} device(s), not {n_devices}")
+        self.dev = devs[0]
         self.spec = jm.get_spec(model)
         self.trainer = js.Trainer(self.spec, lr=self.hp["lr"], batch_size=self.hp["batch_size"],
-                                  decay=self.hp["decay"], augment=self.hp["augment"], seed=seed)
+                                  decay=self.hp["decay"], augment=self.hp["augment"], seed=seed,
+                                  mesh=js.make_mesh(devs[:n_devices]))
 
     def device_name(self):
-        return f"{self.dev.platform}:{getattr(self.dev, 'device_kind', '')}"
+        name = f"{self.dev.platform}:{getattr(self.dev, 'device_kind', '')}"
+        return name if self.n_devices == 1 else f"{self.n_devices} x {name}"
 
     def peak_device_bytes(self):
         if self.dev.platform == "cpu":
@@ -326,7 +367,11 @@ class JaxBackend(Backend):
 
     def put(self, split):
         # uint8 images resident on the device (4x smaller than float); only each epoch's
-        # indices and augmentation draws travel per call.
+        # indices and augmentation draws travel per call. Several devices: a copy on each
+        # for training, and the split laid out over them once for evaluation.
+        if self.trainer.mesh is not None:
+            tr = self.trainer
+            return tr.put(split.images), tr.put(split.labels), tr.eval_set(split.images)
         return (self.jax.device_put(split.images, self.dev),
                 self.jax.device_put(split.labels, self.dev))
 
@@ -337,6 +382,9 @@ class JaxBackend(Backend):
         else:
             from jax_port import convert
             variables = convert.from_canonical(weights)
+        if self.trainer.mesh is not None:  # replicated over the devices
+            self.state = self.trainer.init_state(variables)
+            return
         with self.jax.default_device(self.dev):
             self.state = self.trainer.init_state(variables)
         self.state = self.jax.device_put(self.state, self.dev)
@@ -347,7 +395,7 @@ class JaxBackend(Backend):
         return {"loss": m["train_loss"], "acc": m["train_acc"]}
 
     def logits(self, h):
-        return self.trainer.logits(self.state["variables"], h[0])  # np.asarray: synchronised
+        return self.trainer.logits(self.state["variables"], h[-1] if len(h) > 2 else h[0])
 
     def notes(self):
         if self.spec.family == "cnn":
@@ -361,11 +409,14 @@ _CLASSES = {"numpy-mlp": NumpyMLP, "torch-torchvision": TorchTorchvision,
             "jax-mlp": JaxBackend, "jax-cnn": JaxBackend}
 
 
-def make_backend(name: str, model: str, device: str, seed: int = 0) -> Backend:
+def make_backend(name: str, model: str, device: str, seed: int = 0,
+                 n_devices: int = 1) -> Backend:
     info = BACKENDS[name]
     if family_of_model(model) != info.family:
         raise ValueError(f"backend {name} runs {info.family.upper()} models, not {model}")
-    b = _CLASSES[name](model, device, seed)
+    if n_devices > 1 and not info.parallel:
+        raise ValueError(f"backend {name} trains on one device")
+    b = _CLASSES[name](model, device, seed, n_devices)
     b.name = name
     b.jit = info.jit
     return b

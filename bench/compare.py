@@ -26,6 +26,13 @@ Devices: ``--devices auto`` (default) = the CPU, plus the GPU when torch or JAX 
 (a backend whose library sees no GPU is skipped with a note). Asking explicitly for
 ``gpu`` when neither library sees one is an error (exit 2): the user asked for a
 measurement that cannot be made. Unknown backends/models/devices: one line, exit 2.
+
+Several devices of a kind: where a library sees more than one (several GPUs; JAX with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` on the CPU), each backend that can
+(jax-mlp, jax-cnn over a Mesh; torch-device with DDP under torchrun, GPUs only) also runs
+on all N of them, the same batches, and its row reports the scaling efficiency: training
+images/s on N devices / (N x images/s on one), 1.0 = perfect scaling (``--no-scaling``
+skips these rows). Every row says its device count.
 """
 from __future__ import annotations
 
@@ -122,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of init, batch order, augmentation")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     ap.add_argument("--no-chart", action="store_true", help="skip bench.png")
+    ap.add_argument("--no-scaling", action="store_true",
+                    help="no rows on several devices even where a library sees several")
     ap.add_argument("--worker-timeout", type=positive_int("--worker-timeout"), default=900,
                     help="seconds before a backend's worker is killed (default 900)")
     return ap
@@ -156,6 +165,16 @@ def _pump(stream, sink: list[str], echo: bool) -> None:
         if echo:  # the worker's progress lines, live
             sys.stderr.write(line)
             sys.stderr.flush()
+
+
+def worker_argv(backend: str, spec: dict) -> list[str]:
+    """``python -m`` arguments of one row's worker: torch on several devices is one
+    process per device, started by torchrun (on this one host)."""
+    n = spec.get("n_devices", 1)
+    if n > 1 and BACKENDS[backend].stack == "torch_cnn":
+        return ["torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                "-m", "bench.worker", json.dumps(spec)]
+    return ["bench.worker", json.dumps(spec)]
 
 
 def run_worker(argv: list[str], env: dict, timeout: float) -> tuple[dict | None, str]:
@@ -218,8 +237,19 @@ def git_commit() -> dict:
 
 
 # ------------------------------------------------------------------ plan
-def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """-> ([(backend, device, model)], notes about what was skipped)."""
+def visible_devices(probe: dict, lib: str | None, device: str) -> int:
+    """How many devices of ``device``'s kind ``lib`` sees (torch: one CPU)."""
+    if lib == "jax":
+        return int(probe.get(f"jax_{device}_count") or 1)
+    if lib == "torch" and device == "gpu":
+        return int(probe.get("torch_gpu_count") or 1)
+    return 1
+
+
+def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str, int]], list[str]]:
+    """-> ([(backend, device, model, device count)], notes about what was skipped). Every
+    row runs on one device; a backend that can also runs on all the devices of the kind
+    its library sees, when that is more than one."""
     gpu_seen = {"torch": bool(probe.get("torch_cuda")), "jax": bool(probe.get("jax_gpu"))}
     explicit_gpu = "gpu" in args.devices
     if "auto" in args.devices:
@@ -250,7 +280,10 @@ def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str]], list[str]]
                                  + ("CPU-only backend" if lib is None else f"{lib} sees no GPU")
                                  + ")")
                     continue
-                runs.append((b, d, model))
+                runs.append((b, d, model, 1))
+                n = visible_devices(probe, lib, d)
+                if n > 1 and BACKENDS[b].parallel and not getattr(args, "no_scaling", False):
+                    runs.append((b, d, model, n))
     return runs, notes
 
 
@@ -265,7 +298,7 @@ def _med(r: dict, key: str) -> float | None:
 def add_ratios(rows: list[dict]) -> None:
     """ratio_* = this row's median / the family reference's median, same model (and same
     device where the reference runs there; numpy-mlp is CPU-only)."""
-    ok = {(r["backend"], r["device"], r["model"]): r for r in rows if r.get("ok")}
+    ok = _one_device(rows)
     for r in rows:
         if not r.get("ok"):
             continue
@@ -279,6 +312,28 @@ def add_ratios(rows: list[dict]) -> None:
                                               if ref else None)
 
 
+def _one_device(rows: list[dict]) -> dict:
+    """(backend, device, model) -> its successful 1-device row (ratios and goals are
+    between those)."""
+    return {(r["backend"], r["device"], r["model"]): r for r in rows
+            if r.get("ok") and r.get("n_devices", 1) == 1}
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """scaling_efficiency of every row on N > 1 devices: its median images/s / (N x the
+    1-device row's), training and evaluation; 1.0 is perfect scaling."""
+    one = _one_device(rows)
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        n = r.get("n_devices", 1)
+        base = one.get((r["backend"], r["device"], r["model"]))
+        for key in ("train", "eval"):
+            a, b = _med(r, key), _med(base, key) if base else None
+            r[key]["scaling_efficiency"] = (None if n == 1 or a is None or not b
+                                            else a / (n * b))
+
+
 def _goal(name: str, value, target: str, passed, how: str, extra: dict | None = None) -> dict:
     status = "n/a" if passed is None else ("PASS" if passed else "MISS")
     return {"goal": name, "target": target, "value": value, "status": status, "how": how,
@@ -286,7 +341,7 @@ def _goal(name: str, value, target: str, passed, how: str, extra: dict | None = 
 
 
 def evaluate_goals(rows: list[dict], models: list[str]) -> list[dict]:
-    ok = {(r["backend"], r["device"], r["model"]): r for r in rows if r.get("ok")}
+    ok = _one_device(rows)
     cnn = "v3" if "v3" in models else next((m for m in models if m in CNN_MODELS), None)
     mlp = "mlp4" if "mlp4" in models else next((m for m in models if m in MLP_MODELS), None)
     goals = []
@@ -385,15 +440,16 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 def render_table(doc: dict) -> str:
     rows = doc["rows"]
-    head = ["backend", "dev", "model", "train img/s median [min-max]", "x ref",
+    head = ["backend", "dev", "n", "model", "train img/s median [min-max]", "x ref", "scaling",
             "eval img/s median [min-max]", "epoch s", "compile s", "peak RSS MiB",
             "budget acc %", "parity"]
     lines = []
     body = []
     for r in rows:
+        n = r.get("n_devices", 1)
         if not r.get("ok"):
-            body.append([r["backend"], r["device"], r["model"], "FAILED: " + r.get("error", "")]
-                        + [""] * 7)
+            body.append([r["backend"], r["device"], n, r["model"],
+                         "FAILED: " + r.get("error", "")] + [""] * 8)
             continue
         t, e, ep = r["train"], r["eval"], r["epoch"]
         epoch_s = f"{ep['seconds']:.2f}" + (" (est.)" if ep["how"] == "estimated" else "")
@@ -402,9 +458,10 @@ def render_table(doc: dict) -> str:
         mem = f"{r['memory']['peak_rss_mib']:,.0f}"
         if r["memory"]["peak_device_mib"] is not None:
             mem += f" (dev {r['memory']['peak_device_mib']:,.0f})"
-        body.append([r["backend"], r["device"], r["model"], _fmt_ips(t["images_per_s"]),
+        body.append([r["backend"], r["device"], n, r["model"], _fmt_ips(t["images_per_s"]),
                      _fmt(t.get("ratio_vs_reference"), ".2f") + ("x" if t.get(
                          "ratio_vs_reference") is not None else ""),
+                     _fmt(t.get("scaling_efficiency"), ".2f"),
                      _fmt_ips(e["images_per_s"]), epoch_s, _fmt(comp, ".1f"), mem, acc,
                      r["parity"]["status"]])
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
@@ -430,6 +487,8 @@ def render_table(doc: dict) -> str:
                  f"and warm-up excluded (compile s = first call incl. compilation, JIT backends); "
                  f"x ref = vs {REFERENCE['mlp']} (MLP) / {REFERENCE['cnn']} (CNN); "
                  f"epoch s (est.) = n_train / median train img/s")
+    lines.append("n = devices the row trains on; scaling = train img/s on n devices / "
+                 "(n x img/s on one), 1.00 = perfect")
     lines.append("")
     lines.append("speed goals:")
     for g in doc["goals"]:
@@ -444,12 +503,17 @@ def render_table(doc: dict) -> str:
 
 
 # ------------------------------------------------------------------ chart
+def _times(r: dict) -> str:
+    n = r.get("n_devices", 1)
+    return f" x{n}" if n > 1 else ""
+
+
 def render_chart(doc: dict) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in doc["rows"] if r.get("ok")]
-    labels = [f"{r['backend']}\n{r['device']} {r['model']}" for r in rows]
+    labels = [f"{r['backend']}\n{r['device']}{_times(r)} {r['model']}" for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4.8))
     if rows:
         med = [r["train"]["images_per_s"]["median"] for r in rows]
@@ -466,7 +530,8 @@ def render_chart(doc: dict) -> bytes:
         a2.bar(range(len(acc_rows)), [r["budget"]["test_accuracy"] for r in acc_rows],
                color=["tab:blue" if r["family"] == "mlp" else "tab:orange" for r in acc_rows])
         a2.set_xticks(range(len(acc_rows)),
-                      [f"{r['backend']}\n{r['device']} {r['model']}" for r in acc_rows], fontsize=7)
+                      [f"{r['backend']}\n{r['device']}{_times(r)} {r['model']}"
+                       for r in acc_rows], fontsize=7)
         a2.set_ylim(0, 100)
         a2.set_ylabel("test accuracy % (fixed budget)")
         c = doc["config"]
@@ -537,27 +602,32 @@ def main(argv: list[str] | None = None) -> int:
                 init_files[m] = str(path)
 
     rows = []
-    for i, (b, d, m) in enumerate(runs, 1):
-        print(f"[bench] ({i}/{len(runs)}) {b} on {d}, model {m}", file=sys.stderr, flush=True)
-        spec = {"backend": b, "device": d, "model": m, "data": data_path,
+    for i, (b, d, m, n) in enumerate(runs, 1):
+        on = f"{n} x {d}" if n > 1 else d
+        print(f"[bench] ({i}/{len(runs)}) {b} on {on}, model {m}", file=sys.stderr, flush=True)
+        spec = {"backend": b, "device": d, "model": m, "n_devices": n, "data": data_path,
                 "cache_dir": args.cache_dir, **{k: cfg[k] for k in base},
                 "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"],
                 "init_weights": init_files.get(m)}
-        res, err = run_worker(["bench.worker", json.dumps(spec)], worker_env(b, d),
-                              args.worker_timeout)
+        res, err = run_worker(worker_argv(b, spec), worker_env(b, d), args.worker_timeout)
         if res is None:
             res = {"ok": False, "backend": b, "device": d, "model": m, "error": err}
         res.setdefault("family", BACKENDS[b].family)
+        res.setdefault("n_devices", n)
         rows.append(res)
     tmp.cleanup()
+    if any(n > 1 and d == "cpu" for _, d, _, n in runs):
+        notes.append("the CPU rows on several devices are JAX's forced host devices: they "
+                     "share this machine's cores with each other, so their scaling says "
+                     "how the split costs, not what more hardware gives")
 
     parity = None
     if not args.no_parity:
-        want = sorted({m for (b, _, m) in runs if b.startswith("jax")})
+        want = sorted({m for (b, _, m, _) in runs if b.startswith("jax")})
         # the port uses lax.conv on a GPU: check that formulation too (computed on the CPU)
-        want += sorted({f"{m}:xla" for (b, d, m) in runs if b == "jax-cnn" and d == "gpu"})
-        checks = want + (["torch-device"] if any(b in TORCH_DEVICE_PIPELINE for b, _, _ in runs)
-                         else [])
+        want += sorted({f"{m}:xla" for (b, d, m, _) in runs if b == "jax-cnn" and d == "gpu"})
+        checks = want + (["torch-device"] if any(b in TORCH_DEVICE_PIPELINE
+                                                 for b, _, _, _ in runs) else [])
         if checks:
             print(f"[bench] parity checks: {', '.join(checks)}", file=sys.stderr, flush=True)
             parity, err = run_worker(["bench.parity", "--json", "--checks", ",".join(checks)],
@@ -568,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("ok"):
             r["parity"] = parity_for(r["backend"], r["device"], r["model"], parity)
     add_ratios(rows)
+    add_scaling(rows)
     goals = evaluate_goals(rows, args.models)
     notes += sorted({n for r in rows if r.get("ok") for n in r.get("notes", [])})
     notes.append("the machine may be shared: throughput is what it was during this run "
@@ -603,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
                       "training images per class with the spec preset's hyperparameters, "
                       "test accuracy on the whole test split",
             "ratio_vs_reference": "median / the reference backend's median, same model, same run",
+            "n_devices": "devices the row trains on, data-parallel when more than one (JAX: "
+                         "a jax.sharding Mesh; torch: DistributedDataParallel, one process "
+                         "per GPU under torchrun); the global batch is the preset's",
+            "scaling_efficiency": "images/s on n devices / (n x images/s of the same "
+                                  "backend's 1-device row), training and evaluation",
             "parity": "bench.parity: JAX vs spec on one small batch from converted weights"},
         "rows": rows,
         "parity": parity,

@@ -3,6 +3,9 @@
 Run by ``bench.compare`` in a fresh subprocess per backend, so the peak memory
 (``ru_maxrss``) and the thread pools are this backend's alone. Progress goes to
 stderr, one line per phase; the result is ONE line on stdout, prefixed ``RESULT_TAG``.
+A row on several devices (``n_devices``) trains data-parallel; for torch that is one
+process per device under torchrun, every one measuring, rank 0 alone reporting (the
+clock is the same for all: every step waits for every rank).
 ``python -m bench.worker --probe [torch] [jax]`` instead prints the environment (versions,
 threads, the GPUs those libraries see) as that line.
 
@@ -39,9 +42,16 @@ import numpy as np
 RESULT_TAG = "BENCH_RESULT "
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 logs and reports."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def log(spec: dict, msg: str) -> None:
-    print(f"[bench] {spec['backend']}/{spec['device']}/{spec['model']}: {msg}",
-          file=sys.stderr, flush=True)
+    if rank() == 0:
+        n = spec.get("n_devices", 1)
+        print(f"[bench] {spec['backend']}/{spec['device']}{f' x{n}' if n > 1 else ''}/"
+              f"{spec['model']}: {msg}", file=sys.stderr, flush=True)
 
 
 def rss_peak_mib() -> float:
@@ -98,10 +108,12 @@ def run(spec: dict) -> dict:
     family = family_of_model(model)
     log(spec, "importing and loading data")
     train, test = load_splits(spec)
-    b = make_backend(spec["backend"], model, spec["device"], seed)
+    n_devices = spec.get("n_devices", 1)
+    b = make_backend(spec["backend"], model, spec["device"], seed, n_devices)
     setup_s = time.perf_counter() - t_start
     rss_setup = rss_peak_mib()
     res = {"backend": spec["backend"], "device": spec["device"], "model": model,
+           "n_devices": n_devices,
            "family": family, "device_name": b.device_name(), "hyperparameters": b.hp,
            "notes": b.notes(), "setup_s": setup_s, "n_train": len(train), "n_test": len(test),
            "threads": thread_info()}
@@ -217,7 +229,8 @@ def run(spec: dict) -> dict:
         log(spec, f"budget: test accuracy {rep['accuracy']:.2f}%")
 
     res["memory"] = {"peak_rss_mib": rss_peak_mib(), "rss_after_setup_mib": rss_setup,
-                     "how": "ru_maxrss of this worker process (imports + data + training)"}
+                     "how": "ru_maxrss of this worker process (imports + data + training)"
+                            + ("; torch: rank 0's process" if n_devices > 1 else "")}
     dev = b.peak_device_bytes()
     res["memory"]["peak_device_mib"] = None if dev is None else dev / 2**20
     res["wall_s"] = time.perf_counter() - t_start
@@ -264,6 +277,7 @@ def _probe_torch() -> dict:
         info["torch"] = torch.__version__
         info["torch_cuda"] = torch.cuda.is_available()
         info["torch_gpu"] = torch.cuda.get_device_name(0) if info["torch_cuda"] else None
+        info["torch_gpu_count"] = torch.cuda.device_count() if info["torch_cuda"] else 0
         info["torch_threads"] = torch.get_num_threads()
         import torchvision
         info["torchvision"] = torchvision.__version__
@@ -286,6 +300,8 @@ def _probe_jax() -> dict:
         except RuntimeError:
             gpus = []
         info["jax_gpu"] = gpus[0].device_kind if gpus else None
+        info["jax_gpu_count"] = len(gpus)
+        info["jax_cpu_count"] = len(jax.devices("cpu"))  # >1 with forced host devices
     except Exception as e:  # noqa: BLE001
         info["jax_error"] = f"{type(e).__name__}: {e}"
     return info
@@ -308,8 +324,10 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 -- one failed backend must not sink the bench
         traceback.print_exc(file=sys.stderr)
         out = {"ok": False, "backend": spec["backend"], "device": spec["device"],
-               "model": spec["model"], "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    print(RESULT_TAG + json.dumps(out), flush=True)
+               "model": spec["model"], "n_devices": spec.get("n_devices", 1),
+               "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    if rank() == 0:
+        print(RESULT_TAG + json.dumps(out), flush=True)
     return 0 if out["ok"] else 1
 
 

@@ -16,6 +16,7 @@ from bench import compare
 from bench.backends import BACKENDS
 from data.errors import run_cli
 from tests.helpers import REPO, make_archive
+from tests.helpers import env as helpers_env
 
 SMALL = ["--quick", "--repeats", "1", "--steps", "1", "--eval-images", "6", "--budget-epochs", "1",
          "--budget-subset", "6"]
@@ -46,11 +47,14 @@ def validate_bench(doc: dict, expect_rows: set[tuple[str, str, str]], accuracy: 
         assert env.get(k) is not None, f"environment.{k} missing"
     assert "commit" in env["git"]
     assert isinstance(doc["data"]["synthetic"], bool) and doc["data"]["synthetic"] != accuracy
-    got = {(r["backend"], r["device"], r["model"]) for r in doc["rows"]}
+    got = {(r["backend"], r["device"], r["model"]) for r in doc["rows"] if r["n_devices"] == 1}
     assert got == expect_rows, f"rows {sorted(got)} != requested {sorted(expect_rows)}"
     for r in doc["rows"]:
         w = f"{r['backend']}/{r['device']}/{r['model']}"
         assert r["ok"] is True, f"{w} failed: {r.get('error')}"
+        assert isinstance(r["n_devices"], int) and r["n_devices"] >= 1, w
+        eff = r["train"]["scaling_efficiency"]
+        assert (eff is None) == (r["n_devices"] == 1) and (eff is None or _num(eff)), w
         assert r["family"] == BACKENDS[r["backend"]].family
         _check_spread(r["train"]["images_per_s"], f"{w}.train.images_per_s")
         _check_spread(r["eval"]["images_per_s"], f"{w}.eval.images_per_s")
@@ -239,3 +243,73 @@ def test_missing_backends_make_goals_not_applicable_and_ratios_absent():
     assert rows[0]["train"]["ratio_vs_reference"] is None and rows[0]["reference"] is None
     st = [x["status"] for x in compare.evaluate_goals(rows, ["v3"])]
     assert st == ["n/a", "PASS", "n/a"]
+
+
+# ------------------------------------------------------------------ several devices
+def test_rows_on_several_devices_are_planned_where_a_library_sees_several():
+    ap = compare.build_parser()
+    args = ap.parse_args(["--backends", "jax-cnn,torch-device,torch-device-cl,jax-mlp",
+                          "--models", "mlp2,v3", "--devices", "cpu,gpu"])
+    probe = {"torch_cuda": True, "torch_gpu_count": 8, "jax_gpu": "H100", "jax_gpu_count": 8,
+             "jax_cpu_count": 2}
+    runs, _ = compare.plan_runs(args, probe)
+    assert ("jax-mlp", "cpu", "mlp2", 2) in runs and ("jax-cnn", "gpu", "v3", 8) in runs
+    assert ("torch-device", "gpu", "v3", 8) in runs
+    assert ("torch-device", "cpu", "v3", 2) not in runs  # torch sees one CPU device
+    assert not any(b == "torch-device-cl" and n > 1 for b, _, _, n in runs)  # 1-device only
+    assert all((b, d, m, 1) in runs for b, d, m, _ in runs)
+    assert compare.worker_argv("torch-device", {"n_devices": 8})[:4] == [
+        "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
+    assert compare.worker_argv("jax-cnn", {"n_devices": 8})[0] == "bench.worker"
+    args = ap.parse_args(["--backends", "jax-cnn", "--models", "v3", "--devices", "cpu",
+                          "--no-scaling"])
+    assert compare.plan_runs(args, probe)[0] == [("jax-cnn", "cpu", "v3", 1)]
+
+
+def test_scaling_efficiency_is_n_device_throughput_over_n_times_one():
+    one, two = _row("jax-cnn", "gpu", "v3", 1000, 1.0), _row("jax-cnn", "gpu", "v3", 1500, 1.0)
+    two["n_devices"] = 2
+    alone = _row("torch-device", "gpu", "v3", 500, 1.0)
+    alone["n_devices"] = 4  # no 1-device row to compare with
+    rows = [one, two, alone]
+    compare.add_scaling(rows)
+    assert one["train"]["scaling_efficiency"] is None
+    assert two["train"]["scaling_efficiency"] == pytest.approx(0.75)
+    assert alone["train"]["scaling_efficiency"] is None
+    # ratios and goals are between 1-device rows: the 2-device row does not replace its twin
+    compare.add_ratios(rows)
+    assert compare._one_device(rows)[("jax-cnn", "gpu", "v3")] is one
+
+
+def test_jax_on_two_forced_host_devices_reports_its_scaling(tmp_path):
+    """XLA_FLAGS must reach the workers before jax is imported: a subprocess."""
+    out = tmp_path / "res"
+    p = subprocess.run([sys.executable, "-m", "bench.compare", *SMALL, "--data", "none",
+                        "--out", str(out), "--backends", "jax-mlp", "--models", "mlp2",
+                        "--no-parity", "--no-chart"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=helpers_env(
+                           XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    validate_bench(doc, {("jax-mlp", "cpu", "mlp2")}, accuracy=False)
+    assert sorted(r["n_devices"] for r in doc["rows"]) == [1, 2]
+    two = next(r for r in doc["rows"] if r["n_devices"] == 2)
+    assert two["device_name"].startswith("2 x cpu")
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("jax-mlp") and "  2  " in ln)
+    assert f"{two['train']['scaling_efficiency']:.2f}" in line
+    assert "forced host devices" in p.stdout
+
+
+def test_torch_device_on_two_processes_reports_one_row(tmp_path):
+    """The bench's DDP worker under torchrun (gloo), as a GPU machine runs it per GPU."""
+    pytest.importorskip("torch")
+    z = make_archive(tmp_path / "tiny.zip", n_train=40, n_test=5)
+    spec = {"backend": "torch-device", "device": "cpu", "model": "v3", "n_devices": 2,
+            "data": str(z), "cache_dir": str(tmp_path / "cache"), "repeats": 1, "steps": 2,
+            "eval_images": 10, "budget_epochs": 1, "budget_subset": 10, "synthetic_train": 0,
+            "synthetic_test": 0, "seed": 0, "measure_cnn_epoch": False, "init_weights": None}
+    res, err = compare.run_worker(compare.worker_argv("torch-device", spec),
+                                  helpers_env(), 300)
+    assert res is not None and res["ok"], err or res
+    assert res["n_devices"] == 2 and res["device_name"] == "2 x cpu"
+    assert res["budget"]["n_train"] == 20 and res["budget"]["n_test"] == 10
