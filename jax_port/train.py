@@ -142,13 +142,17 @@ class JaxPort(Stack):
         if not any(os.environ.get(k) for k in MULTIHOST_ENV):
             return 0, 1
         import jax
-        num = os.environ.get("JAX_NUM_PROCESSES")
-        pid = os.environ.get("JAX_PROCESS_ID")
+
+        def env_int(name):
+            v = os.environ.get(name)
+            try:
+                return None if v is None else int(v)
+            except ValueError:
+                raise UserError(f"{name}={v!r}: not an integer") from None
         try:
-            jax.distributed.initialize(
-                num_processes=None if num is None else int(num),
-                process_id=None if pid is None else int(pid))
-        except ValueError as e:  # a missing or malformed variable
+            jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
+                                       process_id=env_int("JAX_PROCESS_ID"))
+        except ValueError as e:  # a missing or inconsistent variable
             raise UserError(f"jax.distributed.initialize: {e} (set JAX_COORDINATOR_ADDRESS, "
                             f"JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
         return jax.process_index(), jax.process_count()

@@ -217,6 +217,39 @@ def test_jax_on_two_devices_trains_the_one_device_weights(archive, tmp_path, mod
     print(f"jax {model} 2 vs 1 device:", json.dumps(errs))
 
 
+def test_jax_on_two_hosts_trains_the_one_device_weights(archive, tmp_path):
+    """Two processes with one CPU device each, joined by jax.distributed.initialize from
+    the environment (the multi-host start, here on one machine over gloo), beside the
+    1-device run; process 1 writes nothing."""
+    require_modules("jax", "flax", "optax", extra="jax")
+    import socket
+    import subprocess
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    one, hosts = tmp_path / "one", tmp_path / "hosts"
+    cmd = [sys.executable, "-m", "jax_port.train"]
+    procs = [subprocess.Popen(cmd + argv(archive, one, "baseline"), cwd=REPO,
+                              env=env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)]
+    for pid in (0, 1):
+        procs.append(subprocess.Popen(
+            cmd + argv(archive, hosts, "baseline"), cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env=env(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                    JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid)))
+    errs = []
+    for pr in procs:
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0 and "Traceback" not in err, err[-3000:]
+        errs.append(err)
+    assert "done: " in errs[1] and "done: " not in errs[2]  # process 0 alone reports
+    cfg = json.loads((hosts / "config.json").read_text())
+    assert cfg["processes"] == 2 and cfg["n_devices"] == 2
+    print("jax baseline 2 hosts vs 1 device:", json.dumps(assert_same_function(one, hosts,
+                                                                               "baseline")))
+
+
 def torchrun(*args, nproc: int = 2):
     import subprocess
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
