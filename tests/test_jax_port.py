@@ -258,6 +258,8 @@ def test_cnn_cli_resume_bit_identical_and_predict(archive, tmp_path, capsys):
     (["--preset", "v3", "--model", "mlp2"], "contradicts"),
     (["--model", "mlp2", "--lr", "-1"], "--lr"),
     ([], "give --model"),
+    (["--model", "baseline", "--devices", "0"], "--devices must be a positive integer"),
+    (["--model", "baseline", "--devices", "4096"], "--devices 4096: JAX sees"),
 ])
 def test_bad_flags_give_one_line_errors(archive, tmp_path, capsys, argv, needle):
     code, _, err = run_main(T.main, base(archive, tmp_path, "x", *argv), capsys)
