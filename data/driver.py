@@ -33,6 +33,7 @@ from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import load_cifake
 from .catalog import DEFAULTS, MODELS, PRESETS, family_of, presets_for
+from .degrade import check_probability, degrade_split
 from .errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME
 from .metrics import classification_report, final_report
@@ -90,6 +91,11 @@ class Stack:
         """Eval-mode logits of a whole split, in stored order."""
         raise NotImplementedError
 
+    def set_train_images(self, images: np.ndarray) -> None:
+        """Train the coming epochs on ``images`` (same order and labels as the training
+        split; the resize-and-compress augmentation's copy of it)."""
+        raise UserError(f"{self.name} cannot train on augmented copies of the images (--degrade)")
+
     def save_state(self, path: Path, epoch: int) -> None:
         raise NotImplementedError
 
@@ -105,7 +111,7 @@ CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_
           "model": flags.choice("--model", MODELS),
           "preset": flags.choice("--preset", (None, *PRESETS)),
           "dtype": flags.choice("--dtype", ("float32", "float64")),
-          "device": flags.device}
+          "device": flags.device, "degrade": check_probability}
 
 
 def build_parser(stack: Stack) -> argparse.ArgumentParser:
@@ -143,6 +149,11 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=flags.eval_every,
                     help="evaluate the test set every K epochs (default: the preset's, else 1; "
                          "the last epoch is always evaluated)")
+    if any(family_of(m) == "cnn" for m in stack.models):
+        ap.add_argument("--degrade", type=check_probability,
+                        help="CNNs: probability, per training image and epoch, of a random "
+                             "enlarge / shrink / JPEG round trip (data.degrade; default 0, "
+                             "the v3-robust preset's 0.5)")
     ap.add_argument("--subset", type=flags.subset,
                     help="use only the first N images per class of each split (quick runs)")
     ap.add_argument("--resume", action="store_true",
@@ -201,6 +212,8 @@ def check_config(stack: Stack, cfg: dict, where: str = "") -> None:
             raise UserError(f"{where}--decay applies to the MLP models only")
         if cfg.get("dtype", "float32") != "float32":
             raise UserError(f"{where}--dtype float64 applies to the MLP models only")
+    elif cfg.get("degrade"):
+        raise UserError(f"{where}--degrade applies to the CNN models only")
 
 
 def fresh_config(stack: Stack, ap, argv: list[str], given: dict) -> dict:
@@ -388,6 +401,11 @@ def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool)
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, disable=not bars,
                leave=False, dynamic_ncols=True, unit="img", mininterval=0.5)
     t0 = time.perf_counter()
+    if cfg.get("degrade"):
+        # drawn from (seed, 1-based epoch) like the CNNs' other per-epoch streams; its
+        # cost is part of the epoch's training time
+        stack.set_train_images(degrade_split(ds.train.images, cfg["seed"], epoch + 1,
+                                             cfg["degrade"]))
 
     def progress(done: int, loss: float) -> None:
         bar.update(done - bar.n)

@@ -182,6 +182,10 @@ class JaxPort(Stack):
             raise NonFiniteLoss(e.step, e.loss) from None
         return row
 
+    def set_train_images(self, images):
+        import jax
+        self.train_x = jax.device_put(images)  # the split's own copy stays for evaluation
+
     def logits(self, split):
         images = self.on_device.get(id(split), split.images)
         return self.trainer.logits(self.state["variables"], images)

@@ -19,6 +19,7 @@ Resume state (state.safetensors): the weights as "model.<name>" + Adam tensors
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 
@@ -177,6 +178,7 @@ class TorchCNN(Stack):
         if cfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg["lr"])
+        self.train_split = ds.train
         if cfg["pipeline"] == "device":
             self.pipe = DevicePipeline(ds.train, self.device, channels_last=cfg["channels_last"])
         return {"device": str(self.device), "threads": torch.get_num_threads(),
@@ -203,7 +205,7 @@ class TorchCNN(Stack):
         if cfg["pipeline"] == "device":
             batches = self.pipe.batches(self.seed, epoch, cfg["batch_size"], cfg["augment"])
         else:
-            batches = torchvision_loader(self.ds.train, self.seed, epoch, cfg["batch_size"],
+            batches = torchvision_loader(self.train_split, self.seed, epoch, cfg["batch_size"],
                                          cfg["augment"], num_workers=cfg["workers"],
                                          device=self.device, channels_last=cfg["channels_last"])
         loss_sum, correct, seen, n_steps = 0.0, 0, 0, 0
@@ -218,6 +220,13 @@ class TorchCNN(Stack):
             torch.cuda.synchronize()
         return {"lr": cfg["lr"], "train_loss": loss_sum / max(n_steps, 1),
                 "train_acc": 100.0 * correct / max(seen, 1)}
+
+    def set_train_images(self, images):
+        # the split's own images stay for evaluation; only training sees the copy
+        self.train_split = dataclasses.replace(self.ds.train, images=images)
+        if self.cfg["pipeline"] == "device":
+            self.pipe = DevicePipeline(self.train_split, self.device,
+                                       channels_last=self.cfg["channels_last"])
 
     def logits(self, split):
         return evaluate(self.model, split, self.device, channels_last=self.cfg["channels_last"])
