@@ -181,7 +181,9 @@ class TorchCNN(Stack):
         self.train_split = ds.train
         if cfg["pipeline"] == "device":
             self.pipe = DevicePipeline(ds.train, self.device, channels_last=cfg["channels_last"])
-        return {"device": str(self.device), "threads": torch.get_num_threads(),
+        kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"device": str(self.device), "device_kind": kind,
+                "threads": torch.get_num_threads(),
                 "eval_batch_size": EVAL_BATCH, "versions": versions()}
 
     def load(self, path):
