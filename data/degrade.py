@@ -18,15 +18,16 @@ classes apart:
 
 Which images are degraded, and how, is drawn from the run's seed and the epoch alone
 (``degrade_rng``), before any image is touched, so every stack trains on exactly the same
-images and a resumed run continues identically. The work is spread over threads (Pillow
-releases the GIL in resize and JPEG coding); the result does not depend on their number.
+images and a resumed run continues identically. The work is spread over worker processes;
+the result does not depend on their number.
 """
 from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image
@@ -44,7 +45,7 @@ SCALES = (2, 3, 4, 6, 8)           # enlargement factors: sources of 64 to 256 p
 JPEG_P = 0.75                      # share of degraded images that are also JPEG-coded
 JPEG_QUALITY = (40, 95)            # inclusive range of the IJG quality
 SUBSAMPLINGS = (0, 2)              # Pillow's codes: 4:4:4 and 4:2:0
-_CHUNK = 512                       # images per thread task
+_CHUNK = 512                       # images per worker task
 
 
 @dataclass(frozen=True)
@@ -98,27 +99,40 @@ def degrade_image(img: np.ndarray, scale: int, up: int, down: int, quality: int,
     return np.asarray(im, dtype=np.uint8)
 
 
+def _work(task) -> np.ndarray:
+    """Degrade one chunk: (images (k, 32, 32, 3), then the k draws of each kind)."""
+    imgs, *params = task
+    return np.stack([degrade_image(im, *args) for im, *args in zip(imgs, *params)])
+
+
+_POOL: dict = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # Processes, not threads: Pillow's per-image Python overhead holds the GIL. "spawn",
+    # not fork: the parent may be running JAX's or torch's threads, which fork would copy
+    # in an undefined state. One pool per process, reused by every epoch.
+    if workers not in _POOL:
+        _POOL[workers] = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    return _POOL[workers]
+
+
 def degrade_split(images: np.ndarray, seed: int, epoch: int, p: float,
-                  threads: int | None = None) -> np.ndarray:
+                  workers: int | None = None) -> np.ndarray:
     """A copy of ``images`` (N, 32, 32, 3) uint8 with this epoch's draws applied; the
-    input is not modified. ``p`` = 0 returns the input itself."""
+    input is not modified; ``p`` = 0 returns the input itself. ``workers``: processes
+    (default: one per CPU; 1 = in this process); the result does not depend on it."""
     if p <= 0:
         return images
     d = draws(seed, epoch, len(images), p)
     out = images.copy()
-
-    def work(lo: int) -> None:
-        for j in range(lo, min(lo + _CHUNK, len(d.which))):
-            i = d.which[j]
-            out[i] = degrade_image(images[i], d.scale[j], d.up[j], d.down[j], d.quality[j],
-                                   d.subsampling[j])
-
     starts = range(0, len(d.which), _CHUNK)
-    workers = threads or min(8, os.cpu_count() or 1)
-    if workers == 1:
-        for lo in starts:
-            work(lo)
-    else:
-        with ThreadPoolExecutor(workers) as ex:
-            list(ex.map(work, starts))  # list(): re-raise a worker's exception here
+    tasks = [(images[d.which[lo:lo + _CHUNK]], d.scale[lo:lo + _CHUNK], d.up[lo:lo + _CHUNK],
+              d.down[lo:lo + _CHUNK], d.quality[lo:lo + _CHUNK], d.subsampling[lo:lo + _CHUNK])
+             for lo in starts]
+    workers = workers or os.cpu_count() or 1
+    results = map(_work, tasks) if workers == 1 or len(tasks) < 2 else \
+        _pool(workers).map(_work, tasks)
+    for lo, res in zip(starts, results):
+        out[d.which[lo:lo + _CHUNK]] = res
     return out

@@ -20,10 +20,10 @@ def images(n=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
-def test_draws_depend_on_seed_and_epoch_only_and_threads_do_not_matter():
+def test_draws_depend_on_seed_and_epoch_only_and_workers_do_not_matter():
     x = images()
-    a = degrade.degrade_split(x, 3, 1, 0.5, threads=1)
-    b = degrade.degrade_split(x, 3, 1, 0.5, threads=4)
+    a = degrade.degrade_split(x, 3, 1, 0.5, workers=1)
+    b = degrade.degrade_split(x, 3, 1, 0.5, workers=2)
     np.testing.assert_array_equal(a, b)
     changed = (a != x).any(axis=(1, 2, 3))
     d = degrade.draws(3, 1, len(x), 0.5)
