@@ -82,6 +82,8 @@ def run_summary(run_dir: Path, target: float) -> dict:
     return {
         "status": "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)",
         "epochs": len(hist), "device": c.get("device"), "hidden": c.get("hidden"),
+        # the accelerator's name where the stack recorded one ("cpu" / "cuda" otherwise)
+        "device_label": c.get("device_kind") or (c.get("device") or "").split(":")[0] or None,
         "train_acc": f.get("train_acc"), "test_acc": f.get("test_acc"), "gap_pp": f.get("gap_pp"),
         "test_dedup_acc": (f.get("test_dedup") or {}).get("accuracy"),
         "test_auc": f.get("test_auc"), "wall_seconds": m.get("wall_seconds"),
@@ -121,9 +123,9 @@ def _reach(s: dict) -> str:
 
 
 COLUMNS = ["row", "original_test", "original_train", "original_gap",
-           "spec_stack", "spec_status", "spec_train", "spec_test", "spec_gap", "spec_dedup",
+           "spec_stack", "spec_device", "spec_status", "spec_train", "spec_test", "spec_gap", "spec_dedup",
            "spec_auc", "spec_epoch_s", "spec_epoch_to_original", "spec_seconds_to_original",
-           "jax_status", "jax_train", "jax_test", "jax_gap", "jax_dedup", "jax_auc",
+           "jax_device", "jax_status", "jax_train", "jax_test", "jax_gap", "jax_dedup", "jax_auc",
            "jax_epoch_s", "jax_epoch_to_original", "jax_seconds_to_original",
            "jax_minus_spec_test_pp"]
 
@@ -133,7 +135,7 @@ def _flat(r: dict) -> dict:
                              "spec_stack", "jax_minus_spec_test_pp")}
     for side in ("spec", "jax"):
         s = r[side]
-        out.update({f"{side}_status": s.get("status"), f"{side}_train": s.get("train_acc"),
+        out.update({f"{side}_device": s.get("device_label"), f"{side}_status": s.get("status"), f"{side}_train": s.get("train_acc"),
                     f"{side}_test": s.get("test_acc"), f"{side}_gap": s.get("gap_pp"),
                     f"{side}_dedup": s.get("test_dedup_acc"), f"{side}_auc": s.get("test_auc"),
                     f"{side}_epoch_s": s.get("median_epoch_seconds"),
@@ -151,20 +153,22 @@ def write_tables(out: Path, records: list[dict], title: str) -> None:
         w.writerow(["" if flat[k] is None else flat[k] for k in COLUMNS])
     atomic_write_bytes(out / "side_by_side.csv", buf.getvalue().encode())
     lines = [f"# {title}", "",
-             "| row | original test % (train, gap) | stack | status | train % | test % | gap pp "
-             "| dedup test % | ROC-AUC | s/epoch | reached original test | JAX − spec test pp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | original test % (train, gap) | stack | device | status | train % | test % "
+             "| gap pp | dedup test % | ROC-AUC | s/epoch | reached original test "
+             "| JAX − spec test pp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         orig = f"{r['original_test']:.2f} ({r['original_train']:.2f}, {r['original_gap']:.2f})"
         for i, (side, name) in enumerate((("spec", r["spec_stack"]), ("jax", "jax_port"))):
             s = r[side]
             lines.append(
                 f"| {r['description'] if i == 0 else ''} | {orig if i == 0 else ''} | {name} | "
-                f"{s.get('status')} | {_f(s.get('train_acc'))} | {_f(s.get('test_acc'))} | "
+                f"{s.get('device_label') or '—'} | {s.get('status')} | {_f(s.get('train_acc'))} | {_f(s.get('test_acc'))} | "
                 f"{_f(s.get('gap_pp'))} | {_f(s.get('test_dedup_acc'))} | {_f(s.get('test_auc'), 4)} | "
                 f"{_f(s.get('median_epoch_seconds'), 2)} | {_reach(s)} | "
                 f"{_f(r['jax_minus_spec_test_pp']) if i == 1 else ''} |")
-    lines += ["", "s/epoch: median training seconds per epoch (evaluation excluded). Reached "
+    lines += ["", "s/epoch: median training seconds per epoch (evaluation excluded), on the "
+              "row's device: compare speeds only between runs on the same device. Reached "
               "original test: first epoch whose test accuracy ≥ the original row's, with the "
               "training seconds summed up to it.", ""]
     atomic_write_bytes(out / "side_by_side.md", "\n".join(lines).encode())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import load_cifake
 from .catalog import DEFAULTS, MODELS, PRESETS, family_of, presets_for
+from .degrade import check_probability, degrade_split
 from .errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME
 from .metrics import classification_report, final_report
@@ -99,6 +101,11 @@ class Stack:
         """Eval-mode logits of a whole split, in stored order."""
         raise NotImplementedError
 
+    def set_train_images(self, images: np.ndarray) -> None:
+        """Train the coming epochs on ``images`` (same order and labels as the training
+        split; the resize-and-compress augmentation's copy of it)."""
+        raise UserError(f"{self.name} cannot train on augmented copies of the images (--degrade)")
+
     def save_state(self, path: Path, epoch: int) -> None:
         raise NotImplementedError
 
@@ -114,7 +121,7 @@ CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_
           "model": flags.choice("--model", MODELS),
           "preset": flags.choice("--preset", (None, *PRESETS)),
           "dtype": flags.choice("--dtype", ("float32", "float64")),
-          "device": flags.device}
+          "device": flags.device, "degrade": check_probability}
 
 
 def build_parser(stack: Stack) -> argparse.ArgumentParser:
@@ -152,6 +159,11 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=flags.eval_every,
                     help="evaluate the test set every K epochs (default: the preset's, else 1; "
                          "the last epoch is always evaluated)")
+    if any(family_of(m) == "cnn" for m in stack.models):
+        ap.add_argument("--degrade", type=check_probability,
+                        help="CNNs: probability, per training image and epoch, of a random "
+                             "enlarge / shrink / JPEG round trip (data.degrade; default 0, "
+                             "the v3-robust preset's 0.5)")
     ap.add_argument("--subset", type=flags.subset,
                     help="use only the first N images per class of each split (quick runs)")
     ap.add_argument("--resume", action="store_true",
@@ -210,6 +222,8 @@ def check_config(stack: Stack, cfg: dict, where: str = "") -> None:
             raise UserError(f"{where}--decay applies to the MLP models only")
         if cfg.get("dtype", "float32") != "float32":
             raise UserError(f"{where}--dtype float64 applies to the MLP models only")
+    elif cfg.get("degrade"):
+        raise UserError(f"{where}--degrade applies to the CNN models only")
 
 
 def fresh_config(stack: Stack, ap, argv: list[str], given: dict) -> dict:
@@ -409,6 +423,13 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     return 0
 
 
+def _local_processes() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool,
                  primary: bool = True) -> dict:
     from tqdm import tqdm
@@ -416,6 +437,14 @@ def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool,
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, disable=not bars,
                leave=False, dynamic_ncols=True, unit="img", mininterval=0.5)
     t0 = time.perf_counter()
+    if cfg.get("degrade"):
+        # drawn from (seed, 1-based epoch) like the CNNs' other per-epoch streams; its
+        # cost is part of the epoch's training time
+        # every process of a multi-process run makes the same copy; those on one host
+        # share its cores (torchrun says how many processes it started here)
+        workers = max(1, (os.cpu_count() or 1) // _local_processes())
+        stack.set_train_images(degrade_split(ds.train.images, cfg["seed"], epoch + 1,
+                                             cfg["degrade"], workers=workers))
 
     def progress(done: int, loss: float) -> None:
         bar.update(done - bar.n)

@@ -263,6 +263,14 @@ class JaxPort(Stack):
             raise NonFiniteLoss(e.step, e.loss) from None
         return row
 
+    def set_train_images(self, images):
+        # the split's own copy stays for evaluation; several devices: a copy on each
+        if self.trainer.mesh is not None:
+            self.train_x = self.trainer.put(images)
+            return
+        import jax
+        self.train_x = jax.device_put(images)
+
     def logits(self, split):
         images = self.on_device.get(id(split), split.images)
         return self.trainer.logits(self.state["variables"], images)

@@ -24,6 +24,7 @@ directory. One process (no torchrun, or a world of 1) is the computation above, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 
@@ -199,9 +200,12 @@ class TorchCNN(Stack):
         self.optimizer = make_optimizer(self.model, cfg["lr"])
         if world > 1:
             self.ddp = ddp.wrap(self.model, self.device)
+        self.train_split = ds.train
         if cfg["pipeline"] == "device":
             self.pipe = DevicePipeline(ds.train, self.device, channels_last=cfg["channels_last"])
-        facts = {"device": str(self.device), "threads": torch.get_num_threads(),
+        kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        facts = {"device": str(self.device), "device_kind": kind,
+                 "threads": torch.get_num_threads(),
                  "eval_batch_size": EVAL_BATCH, "versions": versions()}
         if world > 1:
             facts.update(world_size=world, ddp_backend=torch.distributed.get_backend())
@@ -230,7 +234,7 @@ class TorchCNN(Stack):
             batches = self.pipe.batches(self.seed, epoch, cfg["batch_size"], cfg["augment"],
                                         part=part)
         else:
-            batches = torchvision_loader(self.ds.train, self.seed, epoch, cfg["batch_size"],
+            batches = torchvision_loader(self.train_split, self.seed, epoch, cfg["batch_size"],
                                          cfg["augment"], num_workers=cfg["workers"],
                                          device=self.device, channels_last=cfg["channels_last"],
                                          part=part)
@@ -253,6 +257,13 @@ class TorchCNN(Stack):
             torch.cuda.synchronize()
         return {"lr": cfg["lr"], "train_loss": loss_sum / max(n_steps, 1),
                 "train_acc": 100.0 * correct / max(seen, 1)}
+
+    def set_train_images(self, images):
+        # the split's own images stay for evaluation; only training sees the copy
+        self.train_split = dataclasses.replace(self.ds.train, images=images)
+        if self.cfg["pipeline"] == "device":
+            self.pipe = DevicePipeline(self.train_split, self.device,
+                                       channels_last=self.cfg["channels_last"])
 
     def logits(self, split):
         def run(part):
