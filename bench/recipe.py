@@ -297,12 +297,7 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rungs": [{"rung": r, "description": d, "settings": s} for r, d, s in rungs()],
         "runs": records, "summary": summary})
-    print((out / "table.md").read_text())
-    if failed:
-        print(f"runs that failed: {', '.join(failed)} (see their logs in {out}); rerun the same "
-              f"command to resume", file=sys.stderr)
-        return 1
-    return 0
+    return reproduce.finish(out, failed, "runs")
 
 
 if __name__ == "__main__":

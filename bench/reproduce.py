@@ -320,10 +320,15 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": [{k: v for k, v in r.items() if k != "history"} for r in records],
         "plots": plots})
+    return finish(out, failed, "rows")
+
+
+def finish(out: Path, failed: list[str], what: str) -> int:
+    """Print ``out``/table.md and which runs failed; the command's exit status."""
     print((out / "table.md").read_text())
     if failed:
-        print(f"rows that failed: {', '.join(failed)} (see their logs in {out}); rerun the same "
-              f"command to resume", file=sys.stderr)
+        print(f"{what} that failed: {', '.join(failed)} (see their logs in {out}); rerun the "
+              f"same command to resume", file=sys.stderr)
         return 1
     return 0
 
