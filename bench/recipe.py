@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.atomic import atomic_write_bytes, atomic_write_json
-from data.catalog import ONECYCLE_KEYS, ORIGINAL, PRESETS, RECIPE_DEFAULTS
+from data.catalog import DEFAULTS, ONECYCLE_KEYS, ORIGINAL, PRESETS
 from data.errors import UserError, run_cli
 from data.flags import ArgumentParser, positive_int, seed as check_seed
 
@@ -59,8 +59,8 @@ INGREDIENTS = (
     ("recipe", "+ flip test-time averaging (= v3-recipe)", ("tta",)),
 )
 # config.json keys that define a run; one made with other values must not stand for a rung
-DEFINING = ("model", "batch_size", "lr", "epochs", "subset", "seed", "schedule",
-            *ONECYCLE_KEYS, "label_smoothing", "ema_decay", "tta")
+DEFINING = ("model", "batch_size", "lr", "epochs", "subset", "seed", "eval_every", "degrade",
+            "schedule", *ONECYCLE_KEYS, "label_smoothing", "ema_decay", "tta")
 
 
 def parse_args(argv):
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     items = plan(args)
     for item in items:  # all before the first run: a stale folder must not cost a run's time
         item["name"] = f"{stack}-{item['rung']}-s{item['seed']}"
-        settings = {**RECIPE_DEFAULTS, **item["settings"]}
+        settings = {**DEFAULTS["cnn"], **item["settings"]}
         want = {k: settings[k] for k in DEFINING if k in settings}
         want.update(epochs=scaled(want["epochs"], args.epochs_scale), subset=args.subset,
                     seed=item["seed"])

@@ -13,7 +13,7 @@ Where the original is silent about the CNNs we chose (documented, configurable):
 (betas 0.9/0.999, eps 1e-8: torch's defaults), lr 1e-3, batch 64, pixels / 255 without
 mean/std normalisation, no weight decay, constant lr.
 
-Beyond the original: ``v3-recipe`` trains the unchanged v3 network with a one-cycle
+Beyond the original (next to ``v3-robust``): ``v3-recipe`` trains the unchanged v3 network with a one-cycle
 learning rate, label smoothing, a moving average of the weights and flip test-time
 averaging (``RECIPE_DEFAULTS`` below; formulas in ``data/recipe.py``; the ablation is
 ``python -m bench.recipe``, docs/results/recipe.md). Its ``lr`` is the one-cycle's peak.
