@@ -22,10 +22,10 @@ as torch_cnn computes it:
   step's lr, an argument of the step (per step inside the scan, computed on the host by
   the shared schedule), so the epoch's program is compiled once;
 - label smoothing: the BCE target is ``data.recipe.smooth_targets(y, eps)``;
-- EMA: ``state["ema"]`` holds the moving average of the variables (params and BatchNorm
-  running statistics; ``num_batches_tracked`` copied), ``ema <- d ema + (1 - d) live``
-  after each step with ``d`` from the schedule; ``final_variables`` is what is evaluated
-  and saved;
+- EMA: ``state["ema"]`` holds variables whose params are the moving average,
+  ``ema <- d ema + (1 - d) live`` after each step with ``d`` from the schedule, and whose
+  batch_stats are the live ones (BatchNorm's running statistics, copied: see
+  torch_cnn.train.ema_update); ``final_variables`` is what is evaluated and saved;
 - flip TTA: the eval logits are ``(f(x) + f(mirror(x))) * 0.5``.
 """
 from __future__ import annotations
@@ -176,10 +176,9 @@ class Trainer:
             new_v["batch_stats"] = new_stats
         new_state = {"variables": new_v, "opt": opt}
         if self.ema:
-            new_state["ema"] = jax.tree_util.tree_map(
-                lambda a, w: (ema_decay.astype(a.dtype) * a
-                              + (1 - ema_decay).astype(a.dtype) * w)
-                if jnp.issubdtype(a.dtype, jnp.floating) else w, state["ema"], new_v)
+            new_state["ema"] = {**new_v, "params": jax.tree_util.tree_map(
+                lambda a, w: ema_decay.astype(a.dtype) * a + (1 - ema_decay).astype(a.dtype) * w,
+                state["ema"]["params"], params)}
         n_correct = jnp.sum((logits > 0) == (y == 1))
         return new_state, (loss, n_correct)
 

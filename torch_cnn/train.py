@@ -17,10 +17,11 @@ Recipe (``--preset v3-recipe`` or the recipe flags; per-step numbers from
 ``data.recipe.StepSchedule``, the same in the JAX port):
   schedule     : --schedule onecycle sets the param group's lr before every step
   label smooth : the BCE target of ``train_step`` is ``data.recipe.smooth_targets(y, eps)``
-  EMA          : a second model holds the moving average of every float tensor of the
-                 state (weights and BatchNorm running statistics), updated after every
-                 step with ``ema <- d_t ema + (1 - d_t) live``; BN's num_batches_tracked
-                 is copied. Evaluation and model.safetensors use it.
+  EMA          : a second model holds the moving average of the parameters (weights and
+                 biases, BatchNorm's scale and shift included), updated after every step
+                 with ``ema <- d_t ema + (1 - d_t) live``; its buffers (BatchNorm's
+                 running statistics, already a moving average of batch statistics) are
+                 the live model's, copied. Evaluation and model.safetensors use it.
   TTA          : ``model.FlipAverage`` around the evaluated model (and predict's, export's)
 
 Resume state (state.safetensors): the weights as "model.<name>" + Adam tensors
@@ -95,24 +96,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def ema_pairs(ema_model: torch.nn.Module, model: torch.nn.Module):
-    """(averaged float tensors, their live counterparts, the integer buffers of both): the
-    state_dict tensors share storage with the modules, so updating them updates the
-    modules."""
+    """(averaged parameters, their live counterparts, (average's buffer, live buffer)
+    pairs): the state_dict tensors share storage with the modules, so updating them
+    updates the modules."""
     avg, live = ema_model.state_dict(), model.state_dict()
-    floats = [k for k, v in live.items() if v.is_floating_point()]
-    ints = [k for k in live if k not in floats]
-    return ([avg[k] for k in floats], [live[k] for k in floats],
-            [(avg[k], live[k]) for k in ints])
+    params = [k for k, _ in model.named_parameters()]
+    buffers = [k for k in live if k not in params]
+    return ([avg[k] for k in params], [live[k] for k in params],
+            [(avg[k], live[k]) for k in buffers])
 
 
 @torch.no_grad()
 def ema_update(pairs, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * live`` for every float tensor of the state (see
-    ``data.recipe.ema_decay_at`` for ``decay``); integer buffers are copied."""
-    avg, live, ints = pairs
+    """``ema <- decay * ema + (1 - decay) * live`` for every parameter (see
+    ``data.recipe.ema_decay_at`` for ``decay``). Buffers are copied: BatchNorm's running
+    statistics are a moving average already, and averaging them again would add their
+    own start (mean 0, var 1) and lag to the average's (on the mini archive that turned
+    an 85% network into a coin toss)."""
+    avg, live, buffers = pairs
     torch._foreach_mul_(avg, decay)
     torch._foreach_add_(avg, live, alpha=1.0 - decay)
-    for a, b in ints:
+    for a, b in buffers:
         a.copy_(b)
 
 
