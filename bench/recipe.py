@@ -42,7 +42,7 @@ from data.errors import UserError, run_cli
 from data.flags import ArgumentParser, positive_int, seed as check_seed
 
 from . import reproduce
-from .files import out_dir
+from .files import out_dir, png_bytes
 from .side_by_side import run_summary
 
 PROG = "python -m bench.recipe"
@@ -257,6 +257,31 @@ def write_tables(out: Path, records: list[dict], summary: dict, label: str) -> N
     atomic_write_bytes(out / "table.md", "\n".join(lines).encode())
 
 
+def write_plot(out: Path, records: list[dict], label: str) -> None:
+    """curves.png: each run's test accuracy against its training seconds, the target line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for r in records:
+        hist = (run_summary(Path(r["run_dir"]), TARGET).get("history") or [])
+        pts, t = [], 0.0
+        for h in hist:
+            t += float(h.get("seconds") or 0.0)
+            if h.get("test_acc") is not None:
+                pts.append((t, h["test_acc"]))
+        if pts:
+            ax.plot(*zip(*pts), lw=1.2, marker=".", ms=3,
+                    label=f"{r['rung']} s{r['seed']}: {r['description']}")
+    ax.axhline(TARGET, color="gray", ls=":", lw=1, label=f"original v3 test ({TARGET}%)")
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], 90))
+    ax.set_xlabel("training seconds (summed epochs)"), ax.set_ylabel("test accuracy %")
+    ax.set_title(label, fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    atomic_write_bytes(out / "curves.png", png_bytes(fig))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     stack = reproduce.STACK_OF[("spec" if args.backend == "torch" else args.backend, "cnn")]
@@ -291,6 +316,8 @@ def main(argv=None) -> int:
         records.append(collect(run_dir, item, status))
     summary = summarise(records, miniature)
     write_tables(out, records, summary, label)
+    if any(r["status"] != "missing" for r in records):
+        write_plot(out, records, label)
     atomic_write_json(out / "recipe.json", {
         "label": label, "miniature": miniature, "stack": stack, "target": TARGET,
         "command": " ".join([PROG] + (argv if argv is not None else sys.argv[1:])),
