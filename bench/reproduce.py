@@ -93,20 +93,16 @@ def is_miniature(args) -> bool:
     return args.epochs_scale != 1.0 or args.subset is not None
 
 
-def row_command(args, row: str, stack: str, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", f"{stack}.train", "--preset", row, "--out", str(run_dir),
-           "--no-progress"]
+def row_flags(args, row: str) -> list[str]:
+    """What a fresh run of ``row`` is started with (besides --out and the shared flags)."""
+    flags_ = ["--preset", row]
     if args.data:
-        cmd += ["--data", args.data]
-    if args.cache_dir:
-        cmd += ["--cache-dir", args.cache_dir]
+        flags_ += ["--data", args.data]
     if args.epochs_scale != 1.0:
-        cmd += ["--epochs", str(scaled_epochs(row, args.epochs_scale))]
+        flags_ += ["--epochs", str(scaled_epochs(row, args.epochs_scale))]
     if args.subset:
-        cmd += ["--subset", str(args.subset)]
-    if args.device and stack != "numpy_mlp":
-        cmd += ["--device", args.device]
-    return cmd
+        flags_ += ["--subset", str(args.subset)]
+    return flags_
 
 
 def _read_json(path: Path) -> dict | None:
@@ -123,51 +119,69 @@ def _read_json(path: Path) -> dict | None:
 _DEFINING = ("model", "batch_size", "lr", "decay", "epochs", "hidden", "subset")
 
 
-def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
-    """UserError if ``run_dir`` holds a run of ``row`` made with different settings than the
-    row's current preset and this command's --epochs-scale / --subset."""
+def check_settings(run_dir: Path, want: dict, what: str) -> None:
+    """UserError if ``run_dir`` holds a run whose config.json differs from ``want`` in a key
+    both have: a run made with other settings must not stand for (or be resumed as)
+    ``what``."""
     cfg = _read_json(run_dir / "config.json")
     if cfg is None:
         return
+    diff = [f"{k} {cfg[k]!r} (now {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
+    if diff:
+        raise UserError(f"{run_dir} was made with other settings than {what} now uses: "
+                        f"{', '.join(diff)}; delete it (or use another --out) to rerun it")
+
+
+def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
+    """UserError if ``run_dir`` holds a run of ``row`` made with different settings than the
+    row's current preset and this command's --epochs-scale / --subset."""
     want = dict(PRESETS[row])
     want["epochs"] = scaled_epochs(row, args.epochs_scale)
     want["subset"] = args.subset
-    diff = [f"{k} {cfg[k]!r} (now {want[k]!r})" for k in _DEFINING
-            if k in want and k in cfg and cfg[k] != want[k]]
-    if diff:
-        raise UserError(f"{run_dir} was made with other settings than row {row} now uses: "
-                        f"{', '.join(diff)}; delete it (or use another --out) to rerun the row")
+    check_settings(run_dir, {k: want[k] for k in _DEFINING if k in want}, f"row {row}")
 
 
-def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
-    """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
-    m = _read_json(run_dir / "metrics.json")
-    if m and m.get("complete"):
-        return "skipped"
-    if (run_dir / "config.json").exists():  # the run's own config.json fixes the rest
-        cmd = [sys.executable, "-m", f"{stack}.train", "--out", str(run_dir), "--resume",
-               "--no-progress"]
-        if args.cache_dir:
-            cmd += ["--cache-dir", args.cache_dir]
-        if args.device and stack != "numpy_mlp":
-            cmd += ["--device", args.device]
-    else:
-        cmd = row_command(args, row, stack, run_dir)
-    print(f"[{row}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    t0 = time.time()
+def launch(cmd: list[str], log: Path) -> int:
+    """Run one training command to its end, its output appended to ``log``; its exit status."""
     with open(log, "a") as lf:
         lf.write(f"\n# {datetime.now(timezone.utc).isoformat()} {' '.join(cmd)}\n")
         lf.flush()
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
         try:
-            rc = proc.wait()
+            return proc.wait()
         except KeyboardInterrupt:
             proc.wait()  # the child got the same SIGINT and saves its last epoch
             raise
+
+
+def run_or_resume(tag: str, stack: str, run_dir: Path, fresh: list[str], log: Path,
+                  cache_dir: str | None = None, device: str | None = None) -> str:
+    """Runs ``python -m <stack>.train`` into ``run_dir``: started with the ``fresh`` flags,
+    or resumed from its last completed epoch when the folder already holds a run (its own
+    config.json fixes the rest). Returns 'done', 'skipped' (already complete) or 'failed'."""
+    m = _read_json(run_dir / "metrics.json")
+    if m and m.get("complete"):
+        return "skipped"
+    resume = (run_dir / "config.json").exists()
+    cmd = [sys.executable, "-m", f"{stack}.train", *(["--resume"] if resume else fresh),
+           "--out", str(run_dir), "--no-progress"]
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
+    if device and stack != "numpy_mlp":
+        cmd += ["--device", device]
+    print(f"[{tag}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    rc = launch(cmd, log)
     status = "done" if rc == 0 else "failed"
-    print(f"[{row}] {status} in {time.time() - t0:.0f} s (log: {log})", file=sys.stderr,
+    print(f"[{tag}] {status} in {time.time() - t0:.0f} s (log: {log})", file=sys.stderr,
           flush=True)
     return status
+
+
+def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
+    """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
+    return run_or_resume(row, stack, run_dir, row_flags(args, row), log, args.cache_dir,
+                         args.device)
 
 
 def collect(args, row: str, stack: str, run_dir: Path, status: str) -> dict:
@@ -306,10 +320,15 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": [{k: v for k, v in r.items() if k != "history"} for r in records],
         "plots": plots})
+    return finish(out, failed, "rows")
+
+
+def finish(out: Path, failed: list[str], what: str) -> int:
+    """Print ``out``/table.md and which runs failed; the command's exit status."""
     print((out / "table.md").read_text())
     if failed:
-        print(f"rows that failed: {', '.join(failed)} (see their logs in {out}); rerun the same "
-              f"command to resume", file=sys.stderr)
+        print(f"{what} that failed: {', '.join(failed)} (see their logs in {out}); rerun the "
+              f"same command to resume", file=sys.stderr)
         return 1
     return 0
 

@@ -9,7 +9,9 @@ driver does the rest the same way for all three:
   the preset to ``parser.set_defaults``; every value checked by ``data.flags``;
 - resume: ``--resume --out RUN`` reloads RUN/config.json; only ``--epochs``, the cache
   and the device/progress flags may be given with it, anything else (``--data``,
-  ``--preset``, ...) or a run of another stack is refused before anything is written;
+  ``--preset``, the recipe's flags, ...) or a run of another stack is refused before
+  anything is written; a one-cycle run's ``--epochs`` cannot change either (its schedule
+  spans the epochs it was started with);
 - the run directory (``data.rundir``): locked for the life of the training; a fresh run
   needs an empty folder;
 - after each epoch, in this order: metrics.json (history so far), state.safetensors (the
@@ -36,11 +38,13 @@ import numpy as np
 from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import load_cifake
-from .catalog import DEFAULTS, MODELS, PRESETS, family_of, presets_for
+from .catalog import (DEFAULTS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS, PRESETS,
+                      RECIPE_DEFAULTS, family_of, presets_for)
 from .degrade import check_probability, degrade_split
 from .errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME
 from .metrics import classification_report, final_report
+from .recipe import SCHEDULES, TTA_MODES, WARMUP_SHAPES
 from .rundir import check_init_scheme, field, prepare, read_history, read_json, unlock
 
 # flags that may be given with --resume: they do not change what the run computes
@@ -121,12 +125,23 @@ CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_
           "model": flags.choice("--model", MODELS),
           "preset": flags.choice("--preset", (None, *PRESETS)),
           "dtype": flags.choice("--dtype", ("float32", "float64")),
-          "device": flags.device, "degrade": check_probability}
+          "device": flags.device, "degrade": check_probability,
+          # the recipe's (None: not set, e.g. an MLP run of a stack that has the flags)
+          "schedule": flags.optional(flags.choice("--schedule", SCHEDULES)),
+          "warmup_frac": flags.optional(flags.number_in("--warmup-frac", 0.0, 1.0)),
+          "warmup_shape": flags.optional(flags.choice("--warmup-shape", WARMUP_SHAPES)),
+          "div_factor": flags.optional(flags.number_in("--div-factor", 1.0, 1e6, True)),
+          "final_div_factor": flags.optional(flags.number_in("--final-div-factor", 1.0, 1e6,
+                                                             True)),
+          "label_smoothing": flags.optional(flags.number_in("--label-smoothing", 0.0, 1.0)),
+          "ema_decay": flags.optional(flags.number_in("--ema-decay", 0.0, 1.0)),
+          "tta": flags.optional(flags.choice("--tta", TTA_MODES))}
 
 
 def build_parser(stack: Stack) -> argparse.ArgumentParser:
     presets = presets_for(stack.models)
     mlp = any(family_of(m) == "mlp" for m in stack.models)
+    cnn = any(family_of(m) == "cnn" for m in stack.models)
     first = next((p for p in ("baseline", "mlp4-mini") if p in presets), sorted(presets)[0])
     ap = flags.ArgumentParser(
         prog=f"python -m {stack.name}.train", description=stack.description,
@@ -138,7 +153,8 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                                         "(default: ~/.cache/cifake-detector)")
     ap.add_argument("--out", help="run directory (default: runs/<stack>-<preset or model>)")
     ap.add_argument("--preset", choices=sorted(presets), help="a configuration of the original "
-                    "project; explicit flags override its values")
+                    "project (or v3-robust, v3-recipe: beyond it); explicit flags override its "
+                    "values")
     ap.add_argument("--model", choices=stack.models,
                     help=f"network (default: the preset's"
                          f"{', else ' + stack.default_model if stack.default_model else ''})")
@@ -148,7 +164,8 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                     help="images per step" + (", or 'full' for full-batch gradient descent "
                                               "(MLPs)" if mlp else ""))
     ap.add_argument("--lr", type=flags.lr,
-                    help="learning rate (lr0 of the decay schedule where there is one)")
+                    help="learning rate (lr0 of the decay schedule where there is one; the "
+                         "peak of --schedule onecycle)")
     if mlp:
         ap.add_argument("--decay", type=flags.decay,
                         help="MLPs: lr = lr0 / (1 + decay * epoch); 0 keeps lr constant")
@@ -156,6 +173,8 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                         "(mlp2: one, e.g. 7; mlp4: three, e.g. 20,7,5)")
         ap.add_argument("--dtype", choices=("float32", "float64"),
                         help="MLP float type (default float32)")
+    if cnn:
+        add_recipe_flags(ap)
     ap.add_argument("--eval-every", type=flags.eval_every,
                     help="evaluate the test set every K epochs (default: the preset's, else 1; "
                          "the last epoch is always evaluated)")
@@ -179,6 +198,37 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                          "(needs the 'tensorboard' extra: tensorboardX)")
     stack.add_flags(ap)
     return ap
+
+
+def add_recipe_flags(ap: argparse.ArgumentParser) -> None:
+    """The recipe's ingredients (CNN models; data/recipe.py has the formulas)."""
+    ap.add_argument("--schedule", choices=SCHEDULES,
+                    help="CNNs: Adam's step size per step, constant (the original) or onecycle "
+                         "(warm-up to --lr, then a cosine down; default: the preset's, else "
+                         "constant)")
+    ap.add_argument("--warmup-frac", type=CHECKS["warmup_frac"],
+                    help=f"onecycle: fraction of the run's steps spent warming up (default "
+                         f"{ONECYCLE_DEFAULTS['warmup_frac']})")
+    ap.add_argument("--warmup-shape", choices=WARMUP_SHAPES,
+                    help=f"onecycle: the warm-up's curve (default "
+                         f"{ONECYCLE_DEFAULTS['warmup_shape']}, as optax.cosine_onecycle_schedule)")
+    ap.add_argument("--div-factor", type=CHECKS["div_factor"],
+                    help=f"onecycle: the first step's lr is --lr / this (default "
+                         f"{ONECYCLE_DEFAULTS['div_factor']:g})")
+    ap.add_argument("--final-div-factor", type=CHECKS["final_div_factor"],
+                    help=f"onecycle: the last lr is --lr / (div-factor * this) (default "
+                         f"{ONECYCLE_DEFAULTS['final_div_factor']:g})")
+    ap.add_argument("--label-smoothing", type=CHECKS["label_smoothing"],
+                    help="CNNs: eps in [0, 1); the training target is y (1 - eps) + eps / 2 "
+                         "(default: the preset's, else 0)")
+    ap.add_argument("--ema-decay", type=CHECKS["ema_decay"],
+                    help="CNNs: decay per step of a moving average of the weights, which is "
+                         "then what is evaluated and saved; 0 = none (default: the preset's, "
+                         "else 0)")
+    ap.add_argument("--tta", choices=TTA_MODES,
+                    help="CNNs: test-time augmentation; flip averages the logits of each image "
+                         "and its mirror image, in evaluation and predict (default: the "
+                         "preset's, else none)")
 
 
 class _Given(argparse.Namespace):
@@ -222,8 +272,28 @@ def check_config(stack: Stack, cfg: dict, where: str = "") -> None:
             raise UserError(f"{where}--decay applies to the MLP models only")
         if cfg.get("dtype", "float32") != "float32":
             raise UserError(f"{where}--dtype float64 applies to the MLP models only")
-    elif cfg.get("degrade"):
-        raise UserError(f"{where}--degrade applies to the CNN models only")
+        _check_recipe(cfg, where)
+    else:
+        if cfg.get("degrade"):
+            raise UserError(f"{where}--degrade applies to the CNN models only")
+        for key, default in RECIPE_DEFAULTS.items():
+            if cfg.get(key) not in (None, default):
+                raise UserError(f"{where}{_flag(key)} applies to the CNN models only")
+            cfg.pop(key, None)
+
+
+def _check_recipe(cfg: dict, where: str) -> None:
+    """A constant schedule takes no one-cycle settings (they would be ignored); a one-cycle
+    one gets ONECYCLE_DEFAULTS for those not set."""
+    if cfg.get("schedule", "constant") == "constant":
+        given = [k for k in ONECYCLE_KEYS if cfg.get(k) is not None]
+        if given:
+            raise UserError(f"{where}{_flag(given[0])} {cfg[given[0]]} applies to "
+                            f"--schedule onecycle only (this run's schedule is constant)")
+        return
+    for key, default in ONECYCLE_DEFAULTS.items():
+        if cfg.get(key) is None:
+            cfg[key] = default
 
 
 def fresh_config(stack: Stack, ap, argv: list[str], given: dict) -> dict:
@@ -255,6 +325,9 @@ def resume_config(stack: Stack, given: dict, out: Path) -> dict:
     for key in REQUIRED:
         field(cfg, key, object, path)
     cfg.setdefault("eval_every", 1)  # runs that predate --eval-every evaluated every epoch
+    if family_of(cfg["model"]) == "cnn":
+        for key, default in RECIPE_DEFAULTS.items():  # runs that predate the recipe had none
+            cfg.setdefault(key, default)
     check_config(stack, cfg, f"{path}: ")
     derived = dict(cfg)
     try:
@@ -265,6 +338,11 @@ def resume_config(stack: Stack, given: dict, out: Path) -> dict:
     if changed:
         raise UserError(f"{path}: '{changed[0]}' is {cfg[changed[0]]!r}, but the rest of the "
                         f"configuration implies {derived[changed[0]]!r}")
+    if cfg.get("schedule", "constant") != "constant" and given.get("epochs", cfg["epochs"]) \
+            != cfg["epochs"]:
+        raise UserError(f"--epochs {given['epochs']}: {path} follows a one-cycle schedule "
+                        f"spread over its {cfg['epochs']} epochs, which a resume cannot change; "
+                        f"start a new run (another --out)")
     for key in given.keys() & (RESUME_FLAGS | stack.resume_flags) - NOT_CONFIG:
         cfg[key] = given[key]
     return cfg

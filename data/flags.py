@@ -96,6 +96,19 @@ def number(name: str, strictly_positive: bool = False):
     return check
 
 
+def number_in(name: str, lo: float, hi: float, hi_inclusive: bool = False):
+    """A finite float in [lo, hi) (lo >= 0), or [lo, hi] with ``hi_inclusive``."""
+    base = number(name)
+
+    def check(v) -> float:
+        v = base(v)
+        if not (lo <= v <= hi if hi_inclusive else lo <= v < hi):
+            raise UserError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_inclusive else ')'}, "
+                            f"got {v:g}")
+        return v
+    return check
+
+
 seed = integer("--seed", 0, SEED_LIMIT - 1)
 epochs = integer("--epochs", 1, MAX_EPOCHS)
 subset = integer("--subset", 1, MAX_SUBSET)

@@ -21,6 +21,7 @@ import numpy as np
 from data import run_cli
 from data.errors import UserError
 from data.predict import DetectorBase, normalize_device, predict_cli
+from data.recipe import tta_of
 from data.rundir import read_json
 
 PROG = "python -m jax_port.predict"
@@ -74,7 +75,8 @@ class Detector(DetectorBase):
         from .steps import Trainer
         spec, variables, _ = checkpoint.load(run / "model.safetensors", cfg.get("model"))
         dtype = np.asarray(variables["params"][next(iter(variables["params"]))]["kernel"]).dtype
-        trainer = Trainer(spec, lr=1.0, batch_size=1, dtype=dtype)
+        trainer = Trainer(spec, lr=1.0, batch_size=1, dtype=dtype,
+                          tta=tta_of(cfg, run / "config.json"))
         return cls(trainer, jax.device_put(variables, dev), run, cfg, dev)
 
     def p_fake_batch(self, images: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Compiled training and evaluation: the jit-compiled core the CLI and bench/ share.
 
-- ``train_step(state, x_u8, y, draws, mask, lr)``: one pure step (augment on the device,
-  pixels / 255, forward, BCE, gradients, update). Parity tests call it directly with
-  explicit augmentation draws and dropout masks.
+- ``train_step(state, x_u8, y, draws, mask, lr, ema_decay)``: one pure step (augment on
+  the device, pixels / 255, forward, BCE, gradients, update, moving average). Parity tests
+  call it directly with explicit augmentation draws and dropout masks.
 - ``run_epoch``: the whole epoch as a few compiled ``lax.scan`` calls over chunks of
   batches (the dataset stays on the device as uint8; only the epoch's indices and
   augmentation draws travel), plus one plain step for a last partial batch. Compiled
@@ -25,6 +25,18 @@ does not recompile) and ``optax.adam`` for the CNNs. torch's Adam divides by
 ``sqrt(v_hat) + eps`` (eps outside the square root) with bias correction, which is
 exactly ``optax.adam``'s formula (eps_root=0); tests/test_parity_cnn.py checks it
 numerically.
+
+The recipe (``schedule``: a ``data.recipe.StepSchedule``; ``label_smoothing``; ``tta``),
+as torch_cnn computes it:
+- a one-cycle schedule: ``optax.scale_by_adam`` followed by ``-lr * update`` with this
+  step's lr, an argument of the step (per step inside the scan, computed on the host by
+  the shared schedule), so the epoch's program is compiled once;
+- label smoothing: the BCE target is ``data.recipe.smooth_targets(y, eps)``;
+- EMA: ``state["ema"]`` holds variables whose params are the moving average,
+  ``ema <- d ema + (1 - d) live`` after each step with ``d`` from the schedule, and whose
+  batch_stats are the live ones (BatchNorm's running statistics, copied: see
+  torch_cnn.train.ema_update); ``final_variables`` is what is evaluated and saved;
+- flip TTA: the eval logits are ``(f(x) + f(mirror(x))) * 0.5``.
 """
 from __future__ import annotations
 
@@ -42,6 +54,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from data.batching import (PAD, AugDraws, augment_draws, batch_slices, dropout_rng, epoch_order,
                            identity_draws)
+from data.recipe import TTA_MODES, StepSchedule, smooth_targets
 
 from . import model as M
 
@@ -50,7 +63,7 @@ EVAL_CHUNK = 125       # images per forward pass inside a compiled eval call (la
 EVAL_BLOCK = 40        # chunks per compiled eval call: 5,000 images per dispatch
 CHUNK_BATCHES = 50     # batches per compiled scan call: progress/Ctrl-C granularity
 BATCH_AXIS = "batch"   # the Mesh axis a global batch is split along
-_COMPILED: dict = {}   # (spec, lr, augment, conv_impl, dtype, mesh) -> jitted (step, scan, eval)
+_COMPILED: dict = {}   # Trainer._compile_key -> jitted (step, scan, eval)
 
 
 def make_mesh(devices) -> Mesh | None:
@@ -89,8 +102,22 @@ class Trainer:
                  decay: float = 0.0, augment: bool = False, seed: int = 0,
                  conv_impl: str | None = None, dtype=jnp.float32,
                  chunk_batches: int = CHUNK_BATCHES, rng_epoch_offset: int = 0,
-                 mesh: Mesh | None = None):
+                 schedule: StepSchedule | None = None, label_smoothing: float = 0.0,
+                 tta: str = "none", mesh: Mesh | None = None):
         self.spec, self.lr0, self.decay = spec, float(lr), float(decay)
+        # the recipe (CNNs): None = constant lr and no moving average, as the original
+        self.schedule = schedule if schedule is not None else StepSchedule(lr0=self.lr0)
+        if self.schedule.lr0 != self.lr0:
+            raise ValueError(f"schedule's lr {self.schedule.lr0} != lr {self.lr0}")
+        self.per_step_lr = self.schedule.varies
+        self.ema = bool(self.schedule.ema)
+        self.label_smoothing = float(label_smoothing)
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}")
+        self.tta = tta
+        if spec.family == "mlp" and (self.per_step_lr or self.ema or self.label_smoothing
+                                     or tta != "none"):
+            raise ValueError("the recipe (schedule, EMA, label smoothing, TTA) is for CNNs")
         self.batch_size, self.augment, self.seed = batch_size, bool(augment), int(seed)
         self.conv_impl = conv_impl or M.default_conv_impl()
         self.dtype = dtype
@@ -99,18 +126,26 @@ class Trainer:
         # epoch, torch_cnn by the 1-based one. rng key = epoch (0-based) + this offset, so the
         # port visits exactly the batches (and augmentation draws) of its spec.
         self.rng_epoch_offset = int(rng_epoch_offset)
-        # MLP: plain GD (lr passed per call); CNN: Adam with torch's defaults, constant lr.
-        self.tx = None if spec.family == "mlp" else optax.adam(lr, ADAM_B1, ADAM_B2, ADAM_EPS)
+        # MLP: plain GD (lr passed per call); CNN: Adam with torch's defaults, constant lr
+        # (or Adam's direction times the step's lr for a per-step schedule).
+        if spec.family == "mlp":
+            self.tx = None
+        elif self.per_step_lr:
+            self.tx = optax.chain(optax.scale_by_adam(ADAM_B1, ADAM_B2, ADAM_EPS))
+        else:
+            self.tx = optax.adam(lr, ADAM_B1, ADAM_B2, ADAM_EPS)
         self.mesh = mesh if mesh_size(mesh) > 1 else None
         self.n_devices = mesh_size(self.mesh)
         if batch_size is not None and batch_size % self.n_devices:
             raise ValueError(f"a batch of {batch_size} images does not split evenly over "
                              f"{self.n_devices} devices")
         # Compile once, reuse: the jitted functions depend only on this key (not on the seed,
-        # decay, batch size or chunking, which are arguments or shapes), so Trainers that
-        # share it (a resumed run, bench repeats, tests) share the compiled code.
-        key = (spec, None if self.tx is None else self.lr0, self.augment, self.conv_impl,
-               jnp.dtype(dtype).name, self.mesh)
+        # decay, batch size, chunking or the schedule's values, which are arguments or
+        # shapes), so Trainers that share it (a resumed run, bench repeats, tests) share the
+        # compiled code.
+        key = (spec, None if self.tx is None or self.per_step_lr else self.lr0, self.augment,
+               self.conv_impl, jnp.dtype(dtype).name, self.per_step_lr, self.ema,
+               self.label_smoothing, self.tta, self.mesh)
         if key not in _COMPILED:
             if self.mesh is None:
                 _COMPILED[key] = (jax.jit(self._step), jax.jit(self._scan),
@@ -155,11 +190,27 @@ class Trainer:
     def init_state(self, variables: dict) -> dict:
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
         opt = () if self.tx is None else self.tx.init(variables["params"])
-        return self.place({"variables": variables, "opt": opt})
+        state = {"variables": variables, "opt": opt}
+        if self.ema:  # the first step's decay is 0: this start value is never averaged in
+            state["ema"] = jax.tree_util.tree_map(jnp.copy, variables)
+        return self.place(state)
+
+    @staticmethod
+    def final_variables(state) -> dict:
+        """What is evaluated and saved: the moving average when there is one."""
+        return state.get("ema", state["variables"])
 
     def lr_at(self, epoch: int) -> float:
-        """lr0 / (1 + decay * epoch), epoch 0-based (numpy_mlp.model.lr_at); CNNs: constant."""
+        """lr0 / (1 + decay * epoch), epoch 0-based (numpy_mlp.model.lr_at); CNNs: constant
+        (a per-step schedule's values come from ``step_hypers``)."""
         return self.lr0 / (1.0 + self.decay * epoch) if self.tx is None else self.lr0
+
+    def step_hypers(self, first: int, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lr, EMA decay) of global steps first .. first + n_steps - 1, in the trainer's
+        dtype. Without a per-step schedule every lr is the epoch's (set by the caller)."""
+        steps = np.arange(first, first + n_steps)
+        return (np.asarray(self.schedule.lr(steps), self.dtype),
+                np.asarray(self.schedule.ema_decay(steps), self.dtype))
 
     # ------------------------------------------------------------ one step (pure)
     def _inputs(self, x_u8, dy, dx, flip):
@@ -170,9 +221,11 @@ class Trainer:
     def _loss(self, params, stats, x, y, mask):
         logits, new_stats = M.apply(self.spec, {"params": params, "batch_stats": stats}, x,
                                     train=True, mask=mask, conv_impl=self.conv_impl)
-        return M.bce_with_logits(logits, y), (logits, new_stats)
+        target = smooth_targets(y.astype(logits.dtype), self.label_smoothing) \
+            if self.label_smoothing else y
+        return M.bce_with_logits(logits, target), (logits, new_stats)
 
-    def _step(self, state, x_u8, y, dy, dx, flip, mask, lr):
+    def _step(self, state, x_u8, y, dy, dx, flip, mask, lr, ema_decay):
         """One training step on one batch. Returns (new_state, (loss, n_correct))."""
         x_u8, y, dy, dx, flip, mask = (self._split(a) for a in (x_u8, y, dy, dx, flip, mask))
         x = self._inputs(x_u8, dy, dx, flip)
@@ -185,39 +238,54 @@ class Trainer:
             opt = state["opt"]
         else:
             updates, opt = self.tx.update(grads, state["opt"], v["params"])
+            if self.per_step_lr:
+                updates = jax.tree_util.tree_map(lambda u: -lr.astype(u.dtype) * u, updates)
             params = optax.apply_updates(v["params"], updates)
         new_v = {"params": params}
         if "batch_stats" in v:
             new_v["batch_stats"] = new_stats
+        new_state = {"variables": new_v, "opt": opt}
+        if self.ema:
+            new_state["ema"] = {**new_v, "params": jax.tree_util.tree_map(
+                lambda a, w: ema_decay.astype(a.dtype) * a + (1 - ema_decay).astype(a.dtype) * w,
+                state["ema"]["params"], params)}
         n_correct = jnp.sum((logits > 0) == (y == 1))
-        return {"variables": new_v, "opt": opt}, (loss, n_correct)
+        return new_state, (loss, n_correct)
 
-    def train_step(self, state, x_u8, y, draws: AugDraws | None = None, mask=None, lr=None):
+    def train_step(self, state, x_u8, y, draws: AugDraws | None = None, mask=None, lr=None,
+                   ema_decay=None):
         """Public single step (compiled). ``draws`` are used when the trainer augments
         (identity when None); ``mask``: the dropout keep-mask (B, 512) bool, required for
         dropout models (the caller owns that randomness; ``run_epoch`` draws its own);
-        ``lr`` defaults to this trainer's lr for epoch 0."""
+        ``lr`` and ``ema_decay`` default to the schedule's for the step the state is at
+        (Adam's count), or this trainer's lr for epoch 0."""
         b = len(y)
         draws = draws if draws is not None else identity_draws(b)
         if self.spec.dropout and mask is None:
             raise ValueError(f"{self.spec.name} has dropout: pass its keep-mask (B, 512)")
-        lr = self.lr0 if lr is None else lr
+        if lr is None or ema_decay is None:
+            step = int(state["opt"][0].count) if self.tx is not None else 0
+            lrs, emas = self.step_hypers(step, 1)
+            lr = (lrs[0] if self.per_step_lr else self.lr0) if lr is None else lr
+            ema_decay = emas[0] if ema_decay is None else ema_decay
         return self._step_jit(state, self.put(x_u8), self.put(y), self.put(draws.dy),
                               self.put(draws.dx), self.put(draws.flip),
                               None if mask is None else self.put(mask),
-                              self.put(np.asarray(lr, self.dtype)))
+                              self._scalar(lr), self._scalar(ema_decay))
 
     # ------------------------------------------------------------ a chunk of batches (scan)
-    def _scan(self, state, images, labels, idx, dy, dx, flip, steps, key, lr):
+    def _scan(self, state, images, labels, idx, dy, dx, flip, steps, lrs, ema_decays, key):
         """``idx``/``dy``/``dx``/``flip``: (k, B) for k full batches; ``steps`` (k,) their
-        step numbers in the epoch (dropout masks = fold_in(key, step))."""
+        step numbers in the epoch (dropout masks = fold_in(key, step)); ``lrs`` and
+        ``ema_decays`` (k,) each step's learning rate and EMA decay."""
         def body(st, xs):
-            i, a, b_, f, s = xs
+            i, a, b_, f, s, lr, ed = xs
             mask = M.dropout_mask(jax.random.fold_in(key, s), i.shape[0]) \
                 if self.spec.dropout else None
-            st, (loss, nc) = self._step(st, images[i], labels[i], a, b_, f, mask, lr)
+            st, (loss, nc) = self._step(st, images[i], labels[i], a, b_, f, mask, lr, ed)
             return st, (loss, nc)
-        state, (losses, ncs) = lax.scan(body, state, (idx, dy, dx, flip, steps))
+        state, (losses, ncs) = lax.scan(body, state, (idx, dy, dx, flip, steps, lrs,
+                                                      ema_decays))
         return state, losses, ncs
 
     def dropout_key(self, epoch: int):
@@ -239,7 +307,8 @@ class Trainer:
             # full batch: one step over the split in its stored order (as numpy_mlp: the
             # full-batch gradient is a sum over all images; a shuffle changes only rounding)
             state, (l, nc) = self._step_jit(state, images_dev, labels_dev,
-                                            *self._no_draws(n), None, lr)
+                                            *self._no_draws(n), None, lr,
+                                            self._scalar(0.0))
             losses, correct = [float(l)], int(nc)
             _check_finite(losses, epoch, 0)
             if on_chunk:
@@ -254,14 +323,19 @@ class Trainer:
         bs = slices[0].stop - slices[0].start
         n_full = n // bs
         key = self.put(self.dropout_key(key_epoch))
-        # The epoch's indices and draws travel once; each chunk is a device-side slice.
-        # A chunk's losses are read back only after the next chunk is dispatched, so the
-        # device never waits for the host (progress and the NaN check lag one chunk).
+        lrs, ema_decays = self.step_hypers(epoch * len(slices), len(slices))
+        if not self.per_step_lr:
+            lrs[:] = self.lr_at(epoch)
+        # The epoch's indices, draws and per-step numbers travel once; each chunk is a
+        # device-side slice. A chunk's losses are read back only after the next chunk is
+        # dispatched, so the device never waits for the host (progress and the NaN check
+        # lag one chunk).
         full = slice(0, n_full * bs)
         # (several devices: each batch's images, draws and positions split over them)
         ep = [self.put(a[full].reshape(n_full, bs), P(None, BATCH_AXIS))
               for a in (order, draws.dy, draws.dx, draws.flip)]
         steps_dev = self.put(np.arange(n_full, dtype=np.int32))
+        hyper = [self.put(a[:n_full]) for a in (lrs, ema_decays)]
         losses, correct = [], 0
         pending = None
 
@@ -278,7 +352,8 @@ class Trainer:
         for c0 in range(0, n_full, self.chunk_batches):
             c1 = min(c0 + self.chunk_batches, n_full)
             state, l, nc = self._scan_jit(state, images_dev, labels_dev,
-                                          *(a[c0:c1] for a in ep), steps_dev[c0:c1], key, lr)
+                                          *(a[c0:c1] for a in ep), steps_dev[c0:c1],
+                                          *(a[c0:c1] for a in hyper), key)
             if pending is not None:
                 collect(pending)
             pending = (c1, l, nc)
@@ -291,7 +366,9 @@ class Trainer:
                 if self.spec.dropout else None
             state, (l, nc) = self._step_jit(state, images_dev[idx], labels_dev[idx],
                                             self.put(draws.dy[sl]), self.put(draws.dx[sl]),
-                                            self.put(draws.flip[sl]), mask, lr)
+                                            self.put(draws.flip[sl]), mask,
+                                            self._scalar(lrs[n_full]),
+                                            self._scalar(ema_decays[n_full]))
             _check_finite([float(l)], epoch, len(losses))
             losses.append(float(l))
             correct += int(nc)
@@ -299,7 +376,7 @@ class Trainer:
                 on_chunk(n, float(l), correct)
         jax.block_until_ready(state)
         secs = time.perf_counter() - t0
-        return state, {"lr": self.lr_at(epoch), "train_loss": float(np.mean(losses)),
+        return state, {"lr": float(lrs[0]), "train_loss": float(np.mean(losses)),
                        "train_acc": 100.0 * correct / n, "seconds": secs,
                        "images_per_s": n / secs}
 
@@ -328,7 +405,11 @@ class Trainer:
 
         def chunk(x):
             x = x.astype(self.dtype) / jnp.asarray(255, self.dtype)
-            return M.apply(spec, variables, x, train=False, conv_impl=impl)[0]
+            z = M.apply(spec, variables, x, train=False, conv_impl=impl)[0]
+            if self.tta == "flip":  # NHWC: axis 2 is the width
+                z = (z + M.apply(spec, variables, x[:, :, ::-1, :], train=False,
+                                 conv_impl=impl)[0]) * 0.5
+            return z
         return lax.map(chunk, x_u8).reshape(-1)
 
     def eval_set(self, images_u8, chunk: int = EVAL_CHUNK) -> "EvalSet":

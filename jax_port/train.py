@@ -20,10 +20,15 @@ per-epoch random streams differently -- numpy_mlp by the 0-based epoch, torch_cn
 from JAX's RNG keyed by ``data.batching.dropout_rng`` (torch's own RNG cannot be
 reproduced).
 
+The recipe's ingredients (``--preset v3-recipe``, or ``--schedule``, ``--label-smoothing``,
+``--ema-decay``, ``--tta``) follow torch_cnn's computation from the same per-step numbers
+(``data.recipe.StepSchedule``); ``steps.py`` says how.
+
 Resume state (``state.safetensors``, one atomic file, metadata ``epoch_completed``):
 MLP: the weights under canonical names (as numpy_mlp; plain GD has no optimizer state).
 CNN: as torch_cnn: ``model.<name>`` weights + ``adam.{exp_avg,exp_avg_sq,step}.<name>``
-(optax's mu / nu / count, in torch layout), so the formats agree across the family.
+(optax's mu / nu / count, in torch layout) + ``ema.<name>`` (the moving average, when the
+run keeps one), so the formats agree across the family.
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ def state_tensors(trainer, state) -> dict[str, np.ndarray]:
     if trainer.tx is None:
         return convert.to_canonical(v)
     out = {f"model.{k}": a for k, a in convert.to_canonical(v).items()}
+    if "ema" in state:
+        out.update({f"ema.{k}": a
+                    for k, a in convert.to_canonical(jax_to_numpy(state["ema"])).items()})
     adam = jax_to_numpy(state["opt"][0])
     step = np.asarray(adam.count, np.float32)  # torch keeps Adam's step as a float32 tensor
     for key, tree in (("exp_avg", adam.mu), ("exp_avg_sq", adam.nu)):
@@ -98,7 +106,10 @@ def load_state(trainer, path: Path, spec) -> tuple[dict, int]:
             adam = adam._replace(count=jnp.asarray(count, adam.count.dtype),
                                  mu=jax.tree_util.tree_map(jnp.asarray, mu),
                                  nu=jax.tree_util.tree_map(jnp.asarray, nu))
-            state = {"variables": state["variables"], "opt": (adam,) + tuple(state["opt"][1:])}
+            state = {**state, "opt": (adam,) + tuple(state["opt"][1:])}
+            if trainer.ema:
+                state["ema"] = jax.tree_util.tree_map(jnp.asarray, convert.cnn_from_canonical(
+                    {k[len("ema."):]: a for k, a in tensors.items() if k.startswith("ema.")}))
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} missing (not a {spec.name} run?)") from None
     # shapes must match a fresh model's
@@ -181,10 +192,12 @@ class JaxPort(Stack):
             jax.config.update("jax_enable_x64", True)  # before any array exists
         import jax.numpy as jnp
 
+        from data.batching import num_batches
+        from data.recipe import StepSchedule
+
         from .model import default_conv_impl, get_spec
-        from .steps import Trainer
+        from .steps import Trainer, make_mesh
         self.cfg = cfg
-        from .steps import make_mesh
         kind = flags.device(cfg["device"])
         try:
             devs = jax.devices() if kind == "auto" else jax.devices(kind)
@@ -200,11 +213,15 @@ class JaxPort(Stack):
         dtype = jnp.float64 if cfg["dtype"] == "float64" else jnp.float32
         conv_impl = (default_conv_impl(dev.platform) if cfg["conv_impl"] == "auto"
                      else cfg["conv_impl"])
+        cnn = spec.family == "cnn"
+        schedule = StepSchedule.from_config(cfg, num_batches(len(ds.train), cfg["batch_size"])) \
+            if cnn else None
         self.trainer = Trainer(spec, lr=cfg["lr"], batch_size=cfg["batch_size"],
                                decay=cfg["decay"], augment=cfg["augment"], seed=cfg["seed"],
                                conv_impl=conv_impl, dtype=dtype,
-                               rng_epoch_offset=0 if spec.family == "mlp" else 1,
-                               mesh=make_mesh(devs))
+                               rng_epoch_offset=1 if cnn else 0, schedule=schedule,
+                               label_smoothing=cfg.get("label_smoothing") or 0.0,
+                               tta=cfg.get("tta") or "none", mesh=make_mesh(devs))
         self.state = self.trainer.init_state(_init(spec, cfg["seed"], dtype))
         # the dataset lives on the device(s) as uint8 for the whole run
         if self.trainer.mesh is None:
@@ -273,7 +290,7 @@ class JaxPort(Stack):
 
     def logits(self, split):
         images = self.on_device.get(id(split), split.images)
-        return self.trainer.logits(self.state["variables"], images)
+        return self.trainer.logits(self.trainer.final_variables(self.state), images)
 
     def save_state(self, path, epoch):
         from . import checkpoint
@@ -286,7 +303,7 @@ class JaxPort(Stack):
 
     def save_model(self, path):
         from . import checkpoint
-        checkpoint.save(path, self.spec, self.state["variables"])
+        checkpoint.save(path, self.spec, self.trainer.final_variables(self.state))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,12 @@ def v3_run(tmp_path):
     return d
 
 
-def test_onnx_logits_match_torch(v3_run, tmp_path, capsys):
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_onnx_logits_match_torch(tta, v3_run, tmp_path, capsys):
+    """A run with flip test-time averaging exports it: the graph averages the logits of each
+    image and its mirror image, as predict does."""
     require_modules("onnx", "onnxscript", "onnxruntime", extra="export")
+    (v3_run / "config.json").write_text(json.dumps({"model": "v3", "family": "cnn", "tta": tta}))
     from data.errors import run_cli
     from torch_cnn import export
     from torch_cnn.pipeline import to_input
@@ -53,7 +57,11 @@ def test_onnx_logits_match_torch(v3_run, tmp_path, capsys):
     np.testing.assert_allclose(logit, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(p_fake, 1 / (1 + np.exp(want)), rtol=0, atol=1e-6)
     meta = sess.get_modelmeta().custom_metadata_map
-    assert meta["model"] == "v3" and meta["family"] == "cnn"
+    assert meta["model"] == "v3" and meta["family"] == "cnn" and meta["tta"] == tta
+    if tta == "flip":  # the mirror image's half is really in the graph
+        with torch.inference_mode():
+            plain = model.model(to_input(torch.from_numpy(imgs))).reshape(-1).numpy()
+        assert np.abs(logit - plain).max() > 1e-4
     assert not list(tmp_path.glob(".detector.onnx*"))  # written via temp + rename
 
 

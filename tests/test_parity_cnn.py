@@ -13,14 +13,16 @@ import torch
 from torch.nn import functional as F
 
 from data.batching import AugDraws, augment_draws, dropout_rng, epoch_order, identity_draws
+from data.recipe import StepSchedule, smooth_targets
 from jax_port import convert
 from jax_port import model as JM
 from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, Trainer
 from tests.helpers import assert_close_tree
 from torch_cnn.checkpoint import state_to_numpy
-from torch_cnn.model import DROPOUT_P, init_model
+from torch_cnn.model import DROPOUT_P, FlipAverage, init_model
 from torch_cnn.pipeline import DevicePipeline, augment_torch, to_input
-from torch_cnn.train import make_optimizer, train_step
+from torch_cnn.train import (ema_pairs, ema_update, evaluate, make_optimizer, new_ema_model,
+                             set_lr, train_step)
 
 # eval-mode logits, absolute: float32 has ~6e-8 relative precision; a logit sums ~4e4
 # products of O(1e-2) terms through 4 layers, and the engines order the sums differently
@@ -42,6 +44,9 @@ TRAIN32_FRO = 5e-2
 # the compiled epoch (baseline, 3 steps) against torch's DevicePipeline, relative to each
 # tensor's max |value|: 3 steps leave no time for the drift described above.
 EPOCH_RTOL = 1e-3
+# two compiled recipe epochs (6 steps) of each stack against the other, per tensor, relative
+# Frobenius norm: measured up to 2.7e-5 (conv2.weight, live weights)
+RECIPE_EPOCH_FRO = 1e-3
 ADAM_STEPS = 20
 ADAM_STEPS_64 = 10  # float64 torch convolutions are slow on CPU; 10 steps already show it
 BATCH = 8
@@ -236,18 +241,36 @@ def test_trainer_logits_match_torch_eval(name, conv_impl):
     assert abs(float(one[0]) - float(want[0])) < EVAL_ATOL
 
 
-def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col"):
+def _recipe(steps):
+    """The recipe's ingredients squeezed into ``steps`` steps: a one-cycle that rises and
+    falls within them, an EMA whose decay (0.9) makes the average differ visibly from the
+    live weights after a few steps; label smoothing RECIPE_EPS goes with it."""
+    return StepSchedule(lr0=2 * LR, schedule="onecycle", total_steps=steps, warmup_frac=0.3,
+                        warmup_shape="cosine", div_factor=10.0, final_div_factor=100.0,
+                        ema=0.9)
+
+
+RECIPE_EPS = 0.1
+
+
+def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col", recipe=None, eps=0.0):
     """ADAM_STEPS steps of torch_cnn.train.train_step and Trainer.train_step on identical
     batches, identical augmentation draws (v3) and identical dropout masks, from the same
-    weights. Returns (jax canonical tensors, torch canonical tensors, jax state)."""
+    weights; with ``recipe`` (a StepSchedule) and label smoothing ``eps``, each step's lr and
+    EMA decay from it, as both stacks' epochs take them. Returns (jax canonical tensors,
+    torch canonical tensors, jax state, and the same two for the EMA: None without one)."""
     model = _torch_model(name)
     if dtype == np.float64:
         model = model.double()
-    opt = make_optimizer(model, LR)
+    lr0 = LR if recipe is None else recipe.lr0
+    opt = make_optimizer(model, lr0)
+    ema_model = new_ema_model(model) if recipe is not None and recipe.ema else None
+    pairs = ema_pairs(ema_model, model) if ema_model is not None else None
     spec = JM.get_spec(name)
     augment = name == "v3"
-    tr = Trainer(spec, lr=LR, batch_size=BATCH, augment=augment, seed=SEED, conv_impl=conv_impl,
-                 dtype=jnp.float64 if dtype == np.float64 else jnp.float32)
+    tr = Trainer(spec, lr=lr0, batch_size=BATCH, augment=augment, seed=SEED, conv_impl=conv_impl,
+                 dtype=jnp.float64 if dtype == np.float64 else jnp.float32, schedule=recipe,
+                 label_smoothing=eps)
     state = tr.init_state(convert.cnn_from_canonical(state_to_numpy(model)))
     images, labels = _data(64)
     n = len(labels)
@@ -266,7 +289,11 @@ def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col"):
                                torch.from_numpy(draws.flip))
         # float64: pixels / 255 computed in float64, as the port does (to_input is float32)
         x_in = to_input(xt) if dtype == np.float32 else xt.permute(0, 3, 1, 2).double() / 255
-        loss_t, _ = train_step(model, opt, x_in, torch.from_numpy(y.astype(dtype)))
+        if recipe is not None and recipe.varies:
+            set_lr(opt, recipe.lr(step))
+        loss_t, _ = train_step(model, opt, x_in, torch.from_numpy(y.astype(dtype)), eps)
+        if pairs is not None:
+            ema_update(pairs, recipe.ema_decay(step))
         state, (loss_j, _) = tr.train_step(state, x_u8, y, draws, mask)
     got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["variables"]))
     want = state_to_numpy(model)
@@ -276,7 +303,16 @@ def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col"):
             assert int(want[f"{k}.num_batches_tracked"]) == steps
     assert int(state["opt"][0].count) == steps
     drop = lambda d: {k: v for k, v in d.items() if "num_batches" not in k}  # noqa: E731
-    return drop(got), drop(want), state
+    if ema_model is None:
+        return drop(got), drop(want), state, None, None
+    got_ema = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["ema"]))
+    want_ema = state_to_numpy(ema_model)
+    for tree in (got, want):  # BN's buffers are copied from the live model, not averaged
+        ema = got_ema if tree is got else want_ema
+        for k in tree:
+            if "running" in k or "num_batches" in k:
+                np.testing.assert_array_equal(ema[k], tree[k], err_msg=k)
+    return drop(got), drop(want), state, drop(got_ema), drop(want_ema)
 
 
 @pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
@@ -286,7 +322,7 @@ def test_adam_trajectory_matches_torch_in_float64(name, conv_impl):
     so Adam's normalisation cannot amplify them: the trajectories must agree closely,
     conv biases under BatchNorm (whose true gradient is zero) included."""
     with jax.enable_x64(True):
-        got, want, _ = _adam_trajectories(name, np.float64, ADAM_STEPS_64, conv_impl)
+        got, want = _adam_trajectories(name, np.float64, ADAM_STEPS_64, conv_impl)[:2]
     assert_close_tree(got, want, TRAIN64_RTOL, f"{name} after {ADAM_STEPS_64} float64 Adam steps")
 
 
@@ -299,7 +335,14 @@ def test_adam_trajectory_matches_torch_in_float32(name, conv_impl):
     zero) turns that rounding difference into a step difference of up to lr, kept alive
     by the momentum. So single weights can drift apart by O(lr) over the run while the
     tensors as a whole stay close: compared per tensor by relative Frobenius norm."""
-    got, want, _ = _adam_trajectories(name, np.float32, conv_impl=conv_impl)
+    got, want = _adam_trajectories(name, np.float32, conv_impl=conv_impl)[:2]
+    _assert_float32_trajectory(got, want, name, ADAM_STEPS * LR,
+                               f"{name} after {ADAM_STEPS} float32 Adam steps")
+
+
+def _assert_float32_trajectory(got, want, name, lr_sum, what):
+    """The float32 comparison of test_adam_trajectory_matches_torch_in_float32; ``lr_sum``:
+    the learning rates of the steps taken, summed (the walk's bound)."""
     bad = {}
     for k in want:
         if k in ("conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean") \
@@ -307,13 +350,143 @@ def test_adam_trajectory_matches_torch_in_float32(name, conv_impl):
             # biases before BN do a random walk on rounding noise in BOTH engines (zero true
             # gradient, Adam normalises noise to ~lr steps); running_mean carries them. They
             # do not change the network's function (BN subtracts them): bound the walk.
-            assert np.max(np.abs(got[k] - want[k])) <= 2 * ADAM_STEPS * LR, k
+            assert np.max(np.abs(got[k] - want[k])) <= 2 * lr_sum, k
             continue
         err = np.linalg.norm(got[k].astype(np.float64) - want[k]) / np.linalg.norm(want[k])
         if err > TRAIN32_FRO:
             bad[k] = err
-    assert not bad, f"{name} after {ADAM_STEPS} float32 Adam steps, relative Frobenius error " \
-                    f"> {TRAIN32_FRO}: " + ", ".join(f"{k}: {e:.2e}" for k, e in bad.items())
+    assert not bad, f"{what}, relative Frobenius error > {TRAIN32_FRO}: " + \
+        ", ".join(f"{k}: {e:.2e}" for k, e in bad.items())
+
+
+# ------------------------------------------------------------------ the recipe (v3-recipe)
+@pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
+def test_label_smoothed_loss_and_gradients_match_torch(conv_impl):
+    """BCE against y (1 - eps) + eps / 2 (data.recipe.smooth_targets) in both engines: the
+    loss and every gradient of v3 in train mode, with a shared dropout mask."""
+    model = _torch_model("v3")
+    v = convert.cnn_from_canonical(state_to_numpy(model))
+    spec = JM.get_spec("v3")
+    images, labels = _data(BATCH)
+    mask = _mask(0)
+    model.train()
+    model.dropout.mask = torch.from_numpy(mask)
+    model.zero_grad()
+    y_t = smooth_targets(torch.from_numpy(labels.astype(np.float32)), RECIPE_EPS)
+    np.testing.assert_allclose(y_t.numpy(), np.where(labels == 1, 0.95, 0.05), rtol=1e-6)
+    loss_t = F.binary_cross_entropy_with_logits(model(to_input(torch.from_numpy(images))), y_t)
+    loss_t.backward()
+    tr = Trainer(spec, lr=LR, batch_size=BATCH, conv_impl=conv_impl, label_smoothing=RECIPE_EPS)
+    x_j = jnp.asarray(images, jnp.float32) / 255.0
+    (loss_j, _), g = jax.value_and_grad(tr._loss, has_aux=True)(
+        v["params"], v["batch_stats"], x_j, jnp.asarray(labels), jnp.asarray(mask))
+    assert abs(float(loss_j) - loss_t.item()) < EVAL_ATOL
+    plain, _ = Trainer(spec, lr=LR, batch_size=BATCH, conv_impl=conv_impl)._loss(
+        v["params"], v["batch_stats"], x_j, jnp.asarray(labels), jnp.asarray(mask))
+    assert abs(float(plain) - float(loss_j)) > 1e-3  # the smoothing is really applied
+    g_j, g_t = convert.cnn_params_to_canonical(g), _torch_grads(model)
+    top = max(float(np.abs(a).max()) for a in g_t.values())
+    for k in ("conv1.bias", "conv2.bias"):  # zero true gradient under BN: noise in both
+        assert np.abs(g_j.pop(k)).max() < 1e-5 * top and np.abs(g_t.pop(k)).max() < 1e-5 * top
+    assert_close_tree(g_j, g_t, GRAD_RTOL, f"v3/{conv_impl} label-smoothed gradients")
+
+
+@pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
+def test_recipe_trajectory_matches_torch_in_float64(conv_impl):
+    """One-cycle lr set per step, label smoothing and the EMA of the parameters over
+    ADAM_STEPS_64 v3 steps in float64: the live weights and the moving averages agree as
+    closely as the plain Adam trajectory does."""
+    recipe = _recipe(ADAM_STEPS_64)
+    with jax.enable_x64(True):
+        got, want, _, got_ema, want_ema = _adam_trajectories(
+            "v3", np.float64, ADAM_STEPS_64, conv_impl, recipe=recipe, eps=RECIPE_EPS)
+    assert_close_tree(got, want, TRAIN64_RTOL, f"v3 after {ADAM_STEPS_64} float64 recipe steps")
+    assert_close_tree(got_ema, want_ema, TRAIN64_RTOL, "v3 EMA after float64 recipe steps")
+    # the average is not the live model (the comparison above could fail)
+    assert np.abs(got_ema["fc1.weight"] - got["fc1.weight"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_recipe_trajectory_matches_torch_in_float32(name):
+    """The same in float32 on every CNN, compared as the plain float32 trajectory is."""
+    recipe = _recipe(ADAM_STEPS)
+    got, want, _, got_ema, want_ema = _adam_trajectories(name, np.float32, recipe=recipe,
+                                                         eps=RECIPE_EPS)
+    lr_sum = float(np.sum(recipe.lr(np.arange(ADAM_STEPS))))
+    _assert_float32_trajectory(got, want, name, lr_sum, f"{name} after float32 recipe steps")
+    _assert_float32_trajectory(got_ema, want_ema, name, lr_sum, f"{name} EMA, float32 recipe")
+
+
+@pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
+def test_flip_tta_logits_match_torch(conv_impl):
+    """Trainer(tta="flip").logits (folded BN, chunks, padding) against torch's
+    FlipAverage(model) in eval mode, and it is not the plain forward."""
+    model = _torch_model("v3")
+    with torch.no_grad():
+        model.bn1.running_var.uniform_(0.5, 2.0)
+        model.bn2.running_mean.uniform_(-0.3, 0.3)
+    images, _ = _data(50, seed=9)
+    tta = FlipAverage(model).eval()
+    with torch.no_grad():
+        want = tta(to_input(torch.from_numpy(images))).numpy()
+        plain = model(to_input(torch.from_numpy(images))).numpy()
+    v = convert.cnn_from_canonical(state_to_numpy(model))
+    got = Trainer(JM.get_spec("v3"), lr=LR, batch_size=BATCH, conv_impl=conv_impl,
+                  tta="flip").logits(v, images, chunk=7, block=3)
+    assert_close_tree({"logits": got}, {"logits": want}, EVAL_ATOL, f"v3/{conv_impl} flip TTA",
+                      relative=False)
+    assert np.abs(want - plain).max() > 1e-3
+    # torch's evaluate() with the wrapper (what the stack evaluates) is the same function
+    from data.cache import Split
+    split = Split(images, np.zeros(50, np.uint8), np.zeros(50, np.uint8), np.zeros(50, "S20"),
+                  np.zeros(50, "U1"))
+    np.testing.assert_array_equal(evaluate(tta, split, "cpu", batch_size=50), want)
+
+
+def test_recipe_epochs_of_both_stacks_agree():
+    """Two whole epochs of each stack's own train_epoch (torch_cnn.train.TorchCNN and
+    jax_port.train.JaxPort: the per-step schedule indexed over the run, the partial last
+    batch, the EMA, label smoothing) from one configuration, then each stack's evaluation
+    (EMA weights, flip TTA). Baseline (no dropout), so the trajectory is fully determined:
+    40 images in batches of 16 = 3 steps per epoch."""
+    from types import SimpleNamespace
+
+    from data.cache import Split
+    from data.catalog import ONECYCLE_DEFAULTS
+    from jax_port.train import JaxPort
+    from torch_cnn.train import TorchCNN
+    images, labels = _data(40, seed=3)
+    split = Split(images, labels, np.zeros(40, np.uint8), np.zeros(40, "S20"), np.zeros(40, "U1"))
+    ds = SimpleNamespace(train=split, test=split)
+    cfg = {"model": "baseline", "seed": SEED, "device": "cpu", "lr": 2 * LR, "batch_size": 16,
+           "epochs": 2, "augment": False, "decay": 0.0, "dtype": "float32", "hidden": None,
+           "schedule": "onecycle", **ONECYCLE_DEFAULTS, "warmup_frac": 0.3,
+           "label_smoothing": RECIPE_EPS, "ema_decay": 0.5, "tta": "flip",
+           # each stack's own
+           "threads": None, "channels_last": False, "pipeline": "device", "workers": 0,
+           "conv_impl": "im2col"}
+    ts, js = TorchCNN(), JaxPort()
+    ts.build(dict(cfg), ds)
+    js.build(dict(cfg), ds)
+    for epoch in (0, 1):
+        rt = ts.train_epoch(epoch, lambda *a: None)
+        rj = js.train_epoch(epoch, lambda *a: None)
+        assert rt["lr"] == pytest.approx(rj["lr"], rel=1e-6)
+        assert abs(rt["train_loss"] - rj["train_loss"]) < 1e-4
+    assert rt["lr"] == ts.schedule.lr(3) and ts.schedule.total_steps == 6
+    assert ts.optimizer.param_groups[0]["lr"] == ts.schedule.lr(5)  # the last step's
+    # Six Adam steps on noise images let single rarely-used weights drift apart by rounding
+    # (see test_adam_trajectory_matches_torch_in_float32), so whole tensors are compared, by
+    # relative Frobenius norm: a schedule off by one step moves them by ~1e-2.
+    for what, jtree, tmodel in (("live", js.state["variables"], ts.model),
+                                ("EMA", js.state["ema"], ts.ema_model)):
+        got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, jtree))
+        want = state_to_numpy(tmodel)
+        for k in want:
+            err = np.linalg.norm(got[k].astype(np.float64) - want[k]) / np.linalg.norm(want[k])
+            assert err < RECIPE_EPOCH_FRO, (what, k, err)
+    z_t, z_j = ts.logits(split), js.logits(split)
+    assert_close_tree({"z": z_j}, {"z": z_t}, 1e-4, "recipe eval logits", relative=False)
 
 
 def test_compiled_epoch_follows_torch_device_pipeline():

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from data.batching import rank_rows
 from data.errors import UserError
+from data.recipe import smooth_targets
 
 
 def world() -> tuple[int, int, int]:
@@ -184,11 +185,12 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
 # ------------------------------------------------------------------ a step
 def train_step(ddp: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor, rows: tuple[int, int, int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Adam step on this rank's rows ``(start, stop, total)`` of a global batch.
-    Returns (the global batch's mean BCE loss, its number correct), the same on every
-    rank, as device tensors."""
+               x: torch.Tensor, y: torch.Tensor, rows: tuple[int, int, int],
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step on this rank's rows ``(start, stop, total)`` of a global batch
+    (``torch_cnn.train.train_step``'s, split). Returns (the global batch's mean BCE loss
+    against the (smoothed) targets, its number correct), the same on every rank, as
+    device tensors."""
     start, stop, total = rows
     ddp.train()
     optimizer.zero_grad(set_to_none=True)
@@ -196,7 +198,8 @@ def train_step(ddp: nn.Module, model: nn.Module, optimizer: torch.optim.Optimize
     if isinstance(drop, GlobalBatchDropout):
         drop.rows = rows
     logits = ddp(x)
-    loss_sum = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+    loss_sum = F.binary_cross_entropy_with_logits(logits, smooth_targets(y, label_smoothing),
+                                                  reduction="sum")
     (loss_sum * (dist.get_world_size() / total)).backward()
     optimizer.step()
     stats = torch.stack([loss_sum.detach(), ((logits.detach() > 0) == (y > 0.5)).sum().to(

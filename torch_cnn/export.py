@@ -4,7 +4,9 @@ The ONNX model takes what the detector takes -- ``images``: uint8 (batch, 32, 32
 RGB, any batch size -- and does the scaling itself (pixels / 255, NCHW), so another
 runtime needs no preprocessing code beyond bringing an image to 32x32 RGB. Outputs:
 ``logit`` (batch,), the log-odds that the image is REAL, exactly the PyTorch model's
-output, and ``p_fake`` (batch,) = 1 - sigmoid(logit). Exported with ``torch.onnx.export``
+output, and ``p_fake`` (batch,) = 1 - sigmoid(logit). A run trained with flip test-time
+augmentation (``--tta flip``) is exported with it: the graph averages the logits of each
+image and its mirror image, as predict does. Exported with ``torch.onnx.export``
 (its dynamo exporter: needs the ``export`` extra, ``pip install -e ".[export]"``). When
 onnxruntime is installed the command runs the exported file on a few images and reports
 its largest difference from PyTorch.
@@ -41,7 +43,7 @@ class WithPreprocessing(torch.nn.Module):
         return logit, torch.sigmoid(-logit)
 
 
-def export_onnx(model: torch.nn.Module, model_name: str) -> bytes:
+def export_onnx(model: torch.nn.Module, model_name: str, tta: str = "none") -> bytes:
     """The ONNX file (bytes) of an eval-mode CNN, batch dimension dynamic."""
     try:
         import onnx  # noqa: F401  (torch.onnx needs it; a clear message beats its ImportError)
@@ -58,7 +60,7 @@ def export_onnx(model: torch.nn.Module, model_name: str) -> bytes:
             output_names=["logit", "p_fake"], dynamic_shapes={"images": {0: batch}},
             external_data=False, verbose=False)
     proto = program.model_proto
-    meta = {"format": FORMAT, "family": "cnn", "model": model_name,
+    meta = {"format": FORMAT, "family": "cnn", "model": model_name, "tta": tta,
             "input": "images: uint8 (batch, 32, 32, 3) RGB",
             "outputs": "logit: log-odds REAL; p_fake: 1 - sigmoid(logit)"}
     for k, v in meta.items():
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     model = load_run(run)
-    name = read_json(run / "config.json")["model"]  # load_run checked it
-    atomic_write_bytes(out, export_onnx(model, name))
+    cfg = read_json(run / "config.json")  # load_run checked its model and tta
+    atomic_write_bytes(out, export_onnx(model, cfg["model"], cfg.get("tta", "none")))
     print(f"wrote {out} ({out.stat().st_size:,} bytes): input 'images' uint8 (batch, 32, 32, 3), "
           f"outputs 'logit' (log-odds REAL) and 'p_fake'")
     try:

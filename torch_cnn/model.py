@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from data.catalog import CNN_MODELS
 from data.init import cnn_init
+from data.recipe import TTA_MODES
 
 MODELS = CNN_MODELS
 DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in the original
@@ -69,6 +70,26 @@ class CifakeCNN(nn.Module):
         return self.fc2(x).squeeze(1)  # (B, 1) -> (B,)
 
 
+class FlipAverage(nn.Module):
+    """Flip test-time augmentation around a CNN: the mean of the logits of each image and
+    of its mirror image (flipped left to right), ``(f(x) + f(flip(x))) * 0.5``; the JAX
+    port's ``Trainer(tta="flip")`` computes the same. Holds no state of its own."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(torch.flip(x, dims=(3,)))) * 0.5
+
+
+def with_tta(model: nn.Module, tta: str) -> nn.Module:
+    """``model`` as a run with test-time augmentation ``tta`` ("none" | "flip") evaluates it."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}")
+    return FlipAverage(model) if tta == "flip" else model
+
+
 def build_model(name: str) -> nn.Module:
     """An untrained model ("baseline" | "dropout" | "v3") with PyTorch's default init
     drawn from torch's global RNG (use ``init_model`` for a seeded one)."""
@@ -91,4 +112,5 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "DROPOUT_P", "CifakeCNN", "build_model", "init_model", "param_count"]
+__all__ = ["MODELS", "DROPOUT_P", "CifakeCNN", "FlipAverage", "with_tta", "build_model",
+           "init_model", "param_count"]

@@ -20,10 +20,11 @@ import torch
 
 from data.errors import UserError, run_cli
 from data.predict import DetectorBase, normalize_device, predict_cli
+from data.recipe import tta_of
 from data.rundir import read_json
 
 from . import checkpoint
-from .model import MODELS, build_model
+from .model import MODELS, build_model, with_tta
 from .pipeline import to_input
 
 PROG = "python -m torch_cnn.predict"
@@ -41,7 +42,8 @@ def torch_device(device: str) -> torch.device:
 
 
 def load_run(run_dir: str | Path) -> torch.nn.Module:
-    """The model of a run directory, in eval mode on the CPU."""
+    """The model of a run directory, in eval mode on the CPU, with the run's test-time
+    augmentation (config.json's "tta"; runs without the key had none)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"--run {run}: not a directory")
@@ -50,9 +52,10 @@ def load_run(run_dir: str | Path) -> torch.nn.Module:
     if cfg.get("family", "cnn") != "cnn" or name not in MODELS:
         raise UserError(f"{run / 'config.json'}: model {name!r} is not a CNN of this family "
                         f"({', '.join(MODELS)})")
+    tta = tta_of(cfg, run / "config.json")
     model = build_model(name)
     checkpoint.load_into(run / "model.safetensors", model)
-    return model.eval()
+    return with_tta(model, tta).eval()
 
 
 def p_fake(model: torch.nn.Module, images_u8_nhwc: np.ndarray) -> np.ndarray:

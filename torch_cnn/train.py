@@ -13,8 +13,20 @@ Randomness, all derived from (seed, epoch) so --resume needs no saved RNG state:
                  data.batching.dropout_rng(seed, epoch)
 Epochs are numbered from 1 in the history and in the RNG keys.
 
+Recipe (``--preset v3-recipe`` or the recipe flags; per-step numbers from
+``data.recipe.StepSchedule``, the same in the JAX port):
+  schedule     : --schedule onecycle sets the param group's lr before every step
+  label smooth : the BCE target of ``train_step`` is ``data.recipe.smooth_targets(y, eps)``
+  EMA          : a second model holds the moving average of the parameters (weights and
+                 biases, BatchNorm's scale and shift included), updated after every step
+                 with ``ema <- d_t ema + (1 - d_t) live``; its buffers (BatchNorm's
+                 running statistics, already a moving average of batch statistics) are
+                 the live model's, copied. Evaluation and model.safetensors use it.
+  TTA          : ``model.FlipAverage`` around the evaluated model (and predict's, export's)
+
 Resume state (state.safetensors): the weights as "model.<name>" + Adam tensors
-"adam.{exp_avg,exp_avg_sq,step}.<name>", metadata epoch_completed.
+"adam.{exp_avg,exp_avg_sq,step}.<name>" (+ "ema.<name>" for every state_dict tensor of
+the moving average when there is one), metadata epoch_completed.
 
 Several processes: ``torchrun --nproc-per-node N -m torch_cnn.train ...`` trains with
 DistributedDataParallel (gloo on the CPU, NCCL on CUDA: one GPU per process), each rank
@@ -24,6 +36,7 @@ directory. One process (no torchrun, or a world of 1) is the computation above, 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import platform
@@ -33,15 +46,16 @@ import torch
 from torch.nn import functional as F
 
 from data import flags
-from data.batching import dropout_rng
+from data.batching import dropout_rng, num_batches
 from data.catalog import AUGMENTED_MODELS, CNN_MODELS
 from data.driver import NonFiniteLoss, Stack, train
 from data.errors import UserError, run_cli
+from data.recipe import StepSchedule, smooth_targets
 from data.tensors import load_safetensors, save_safetensors
 
 from . import checkpoint
 from . import distributed as ddp
-from .model import init_model
+from .model import init_model, with_tta
 from .pipeline import DevicePipeline, to_input, torchvision_loader
 
 EVAL_BATCH = 1000        # images per forward pass in evaluation (memory only, not results)
@@ -52,13 +66,14 @@ PIPELINES = ("device", "torchvision")
 
 # ------------------------------------------------------------------ reusable pieces
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Adam step on a batch. Returns (mean BCE loss, number correct), both as
-    detached device tensors (no host sync here)."""
+               y: torch.Tensor, label_smoothing: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step on a batch. Returns (mean BCE loss against the (smoothed) targets,
+    number correct), both as detached device tensors (no host sync here)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     logits = model(x)
-    loss = F.binary_cross_entropy_with_logits(logits, y)
+    loss = F.binary_cross_entropy_with_logits(logits, smooth_targets(y, label_smoothing))
     loss.backward()
     optimizer.step()
     n_correct = ((logits.detach() > 0) == (y > 0.5)).sum()
@@ -79,6 +94,43 @@ def evaluate(model: torch.nn.Module, split, device, batch_size: int = EVAL_BATCH
         out.append(model(to_input(imgs, channels_last)).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def ema_pairs(ema_model: torch.nn.Module, model: torch.nn.Module):
+    """(averaged parameters, their live counterparts, (average's buffer, live buffer)
+    pairs): the state_dict tensors share storage with the modules, so updating them
+    updates the modules."""
+    avg, live = ema_model.state_dict(), model.state_dict()
+    params = [k for k, _ in model.named_parameters()]
+    buffers = [k for k in live if k not in params]
+    return ([avg[k] for k in params], [live[k] for k in params],
+            [(avg[k], live[k]) for k in buffers])
+
+
+@torch.no_grad()
+def ema_update(pairs, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * live`` for every parameter (see
+    ``data.recipe.ema_decay_at`` for ``decay``). Buffers are copied: BatchNorm's running
+    statistics are a moving average already, and averaging them again would add their
+    own start (mean 0, var 1) and lag to the average's (on the mini archive that turned
+    an 85% network into a coin toss)."""
+    avg, live, buffers = pairs
+    torch._foreach_mul_(avg, decay)
+    torch._foreach_add_(avg, live, alpha=1.0 - decay)
+    for a, b in buffers:
+        a.copy_(b)
+
+
+def new_ema_model(model: torch.nn.Module) -> torch.nn.Module:
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,9 +161,12 @@ def optimizer_tensors(model, optimizer) -> dict[str, np.ndarray]:
     return out
 
 
-def state_shapes(model, name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Expected contents of state.safetensors: weights + Adam tensors per parameter."""
+def state_shapes(model, name: str, ema: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Expected contents of state.safetensors: weights + Adam tensors per parameter (+ the
+    moving average's state_dict when ``ema``)."""
     out = {f"model.{k}": v for k, v in checkpoint.expected_shapes(name).items()}
+    if ema:
+        out.update({f"ema.{k}": v for k, v in checkpoint.expected_shapes(name).items()})
     for pname, p in model.named_parameters():
         shape = tuple(p.shape)
         out.update({f"adam.exp_avg.{pname}": (shape, "float32"),
@@ -198,9 +253,13 @@ class TorchCNN(Stack):
         if world > 1:  # global-batch BatchNorm and dropout, before the optimizer sees them
             ddp.prepare_model(self.model, self.device)
         self.optimizer = make_optimizer(self.model, cfg["lr"])
-        if world > 1:
-            self.ddp = ddp.wrap(self.model, self.device)
         self.train_split = ds.train
+        self.steps_per_epoch = num_batches(len(ds.train), cfg["batch_size"])
+        self.schedule = StepSchedule.from_config(cfg, self.steps_per_epoch)
+        self.ema_model = new_ema_model(self.model) if self.schedule.ema else None
+        self.ema_pairs = ema_pairs(self.ema_model, self.model) if self.ema_model else None
+        if world > 1:  # (the moving average copies the model as it is, without DDP's hooks)
+            self.ddp = ddp.wrap(self.model, self.device)
         if cfg["pipeline"] == "device":
             self.pipe = DevicePipeline(ds.train, self.device, channels_last=cfg["channels_last"])
         kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -213,12 +272,15 @@ class TorchCNN(Stack):
 
     def load(self, path):
         name = self.cfg["model"]
-        tensors, meta = load_safetensors(path, state_shapes(self.model, name))
+        tensors, meta = load_safetensors(path, state_shapes(self.model, name,
+                                                            self.ema_model is not None))
         if meta.get("model") != name:
             raise UserError(f"{path}: holds model {meta.get('model')!r}, the run's config "
                             f"says {name!r}")
-        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        for prefix, module in (("model.", self.model), ("ema.", self.ema_model)):
+            if module is not None:
+                module.load_state_dict({k[len(prefix):]: torch.from_numpy(np.array(v))
+                                        for k, v in tensors.items() if k.startswith(prefix)})
         load_optimizer_tensors(self.model, self.optimizer, tensors, path)
         try:
             return int(meta.get("epoch_completed", ""))
@@ -239,15 +301,21 @@ class TorchCNN(Stack):
                                          device=self.device, channels_last=cfg["channels_last"],
                                          part=part)
         loss_sum, correct, seen, n_steps = 0.0, 0, 0, 0
+        sched, eps = self.schedule, cfg["label_smoothing"]
+        first = (epoch - 1) * self.steps_per_epoch  # global index of this epoch's first step
         for step, batch in enumerate(batches, 1):
+            if sched.varies:
+                set_lr(self.optimizer, sched.lr(first + step - 1))
             if self.ddp is None:
                 x, y = batch
-                loss, nc = train_step(self.model, self.optimizer, x, y)
+                loss, nc = train_step(self.model, self.optimizer, x, y, eps)
                 n = len(y)
             else:  # the global batch's loss and count, the same on every rank
                 x, y, rows = batch
-                loss, nc = ddp.train_step(self.ddp, self.model, self.optimizer, x, y, rows)
+                loss, nc = ddp.train_step(self.ddp, self.model, self.optimizer, x, y, rows, eps)
                 n = rows[2]
+            if self.ema_pairs is not None:
+                ema_update(self.ema_pairs, sched.ema_decay(first + step - 1))
             lv = loss.item()  # host sync; also the non-finite check below
             if not math.isfinite(lv):
                 raise NonFiniteLoss(step, lv)
@@ -255,7 +323,7 @@ class TorchCNN(Stack):
             progress(seen, lv)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return {"lr": cfg["lr"], "train_loss": loss_sum / max(n_steps, 1),
+        return {"lr": sched.lr(first), "train_loss": loss_sum / max(n_steps, 1),
                 "train_acc": 100.0 * correct / max(seen, 1)}
 
     def set_train_images(self, images):
@@ -265,9 +333,14 @@ class TorchCNN(Stack):
             self.pipe = DevicePipeline(self.train_split, self.device,
                                        channels_last=self.cfg["channels_last"])
 
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """What is evaluated and saved: the moving average when there is one."""
+        return self.ema_model if self.ema_model is not None else self.model
+
     def logits(self, split):
         def run(part):
-            return evaluate(self.model, part, self.device,
+            return evaluate(with_tta(self.final_model, self.cfg["tta"]), part, self.device,
                             channels_last=self.cfg["channels_last"])
         if self.ddp is None:
             return run(split)
@@ -276,11 +349,14 @@ class TorchCNN(Stack):
     def save_state(self, path, epoch):
         tensors = {f"model.{k}": v for k, v in checkpoint.state_to_numpy(self.model).items()}
         tensors.update(optimizer_tensors(self.model, self.optimizer))
+        if self.ema_model is not None:
+            tensors.update({f"ema.{k}": v
+                            for k, v in checkpoint.state_to_numpy(self.ema_model).items()})
         save_safetensors(path, tensors, {"family": "cnn", "model": self.cfg["model"],
                                          "epoch_completed": str(epoch)})
 
     def save_model(self, path):
-        checkpoint.save(path, self.model, self.cfg["model"])
+        checkpoint.save(path, self.final_model, self.cfg["model"])
 
 
 def main(argv: list[str] | None = None) -> int:

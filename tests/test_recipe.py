@@ -1,0 +1,310 @@
+"""The v3 recipe beyond the original: the shared per-step formulas (data/recipe.py) against
+optax, the recipe's flags and resume rule in the run driver, both stacks' recipe runs
+(bit-identical resume, the moving average saved and evaluated, TTA in predict), and
+bench.recipe's ablation on a miniature. Parity of the two stacks' arithmetic is in
+test_parity_cnn.py."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from data.catalog import ONECYCLE_KEYS, PRESETS, RECIPE_DEFAULTS
+from data.errors import UserError
+from data.recipe import StepSchedule, ema_decay_at, onecycle_lr, smooth_targets
+from data.tensors import load_safetensors
+from tests.helpers import assert_same_weights, make_archive, synthetic_image, train_argv
+
+
+# ------------------------------------------------------------------ the formulas
+@pytest.mark.parametrize("total, frac, div, final", [(100, 0.15, 10.0, 100.0),
+                                                     (47, 0.3, 25.0, 1e4), (10, 0.0, 10.0, 100.0),
+                                                     (7, 0.99, 3.0, 2.0), (1, 0.5, 10.0, 10.0)])
+def test_onecycle_is_optax_cosine_onecycle_schedule(total, frac, div, final):
+    peak = 2e-3
+    steps = np.arange(total + 3)
+    want = np.asarray(jax.vmap(optax.cosine_onecycle_schedule(total, peak, frac, div, final))(
+        jnp.asarray(steps)), np.float64)
+    got = onecycle_lr(steps, total, peak, frac, div, final)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * peak)  # optax: float32
+    warm = int(frac * total)  # no warm-up steps: the first step is already at the peak
+    assert got[0] == pytest.approx(peak / div if warm else peak)
+    assert got[-1] == pytest.approx(peak / div / final)
+    assert onecycle_lr(int(frac * total), total, peak, frac, div, final) == \
+        pytest.approx(peak if int(frac * total) < total else peak / div / final)
+
+
+def test_linear_warmup_is_optax_linear_then_cosine_decay():
+    total, frac, peak, div, final = 40, 0.25, 1e-3, 10.0, 100.0
+    w = int(frac * total)
+    ref = optax.join_schedules(
+        [optax.linear_schedule(peak / div, peak, w),
+         optax.cosine_decay_schedule(peak, total - w, alpha=1.0 / (div * final))], [w])
+    steps = np.arange(total + 2)
+    want = np.asarray(jax.vmap(ref)(jnp.asarray(steps)), np.float64)
+    got = onecycle_lr(steps, total, peak, frac, div, final, warmup_shape="linear")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_step_schedule_from_a_config():
+    cfg = {**PRESETS["v3-recipe"], "epochs": 3}
+    s = StepSchedule.from_config(cfg, steps_per_epoch=5)
+    assert s.varies and s.total_steps == 15 and s.ema == 0.999
+    assert s.lr(0) == pytest.approx(2e-4) and max(s.lr(np.arange(15))) <= 2e-3
+    c = StepSchedule.from_config({"lr": 1e-3, "epochs": 50, **RECIPE_DEFAULTS}, 7)
+    assert not c.varies and c.lr(123) == 1e-3 and c.ema == 0.0 and c.ema_decay(5) == 0.0
+    assert np.array_equal(c.lr(np.arange(3)), np.full(3, 1e-3))
+
+
+def test_ema_decay_gives_optax_bias_corrected_average():
+    """ema <- d_t ema + (1 - d_t) w with d_t = ema_decay_at(d, t) is the zero-started,
+    bias-corrected average optax.ema(d, debias=True) returns, from the first step on."""
+    d = 0.9
+    ws = np.random.default_rng(0).standard_normal((25, 6))
+    tx = optax.ema(d, debias=True)
+    st = tx.init(jnp.zeros(6))
+    avg = np.full(6, np.nan)  # the start value never counts: d_1 = 0
+    for t, w in enumerate(ws, 1):
+        want, st = tx.update(jnp.asarray(w, jnp.float32), st)
+        dt = ema_decay_at(d, t)
+        avg = w.copy() if t == 1 else dt * avg + (1 - dt) * w
+        np.testing.assert_allclose(avg, np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert ema_decay_at(d, 1) == 0.0 and ema_decay_at(d, 10_000) == pytest.approx(d)
+
+
+def test_smooth_targets():
+    y = np.array([0.0, 1.0], np.float32)
+    assert smooth_targets(y, 0.0) is y
+    np.testing.assert_allclose(smooth_targets(y, 0.1), [0.05, 0.95], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ presets and flags
+def test_original_presets_are_untouched_and_the_recipe_is_v3():
+    assert PRESETS["v3"] == {"model": "v3", "epochs": 50, "batch_size": 64, "lr": 1e-3}
+    r = PRESETS["v3-recipe"]
+    assert r["model"] == "v3" and r["epochs"] <= 30 and set(RECIPE_DEFAULTS) <= set(r)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recipe")
+    return make_archive(d / "tiny.zip", n_train=12, n_test=4), d / "cache"
+
+
+def train(stack, archive, out, *extra, fresh=("--preset", "v3-recipe", "--batch-size", "8",
+                                              "--epochs", "3")):
+    zip_path, cache = archive
+    argv = train_argv(zip_path, cache, out, *extra, fresh=fresh)
+    try:
+        return importlib.import_module(f"{stack}.train").main(argv), None
+    except UserError as e:
+        return 2, str(e)
+
+
+@pytest.mark.parametrize("stack, flags, needle", [
+    ("torch_cnn", ("--model", "v3", "--warmup-frac", "0.2"),
+     "--warmup-frac 0.2 applies to --schedule onecycle only"),
+    ("jax_port", ("--preset", "v3-recipe", "--schedule", "constant"),
+     "applies to --schedule onecycle only"),
+    ("torch_cnn", ("--model", "v3", "--label-smoothing", "1"), "--label-smoothing must be in [0, 1)"),
+    ("jax_port", ("--model", "v3", "--ema-decay", "-0.5"), "--ema-decay must be"),
+    ("torch_cnn", ("--model", "v3", "--div-factor", "0.5"), "--div-factor must be in [1, "),
+    ("torch_cnn", ("--model", "v3", "--tta", "rotate"), "invalid choice: 'rotate'"),
+    ("jax_port", ("--model", "mlp2", "--label-smoothing", "0.1"),
+     "--label-smoothing applies to the CNN models only"),
+    ("jax_port", ("--model", "mlp2", "--schedule", "onecycle"),
+     "--schedule applies to the CNN models only"),
+])
+def test_recipe_flags_refuse_what_they_cannot_honour(stack, flags, needle, archive, tmp_path):
+    code, err = train(stack, archive, tmp_path / "r", fresh=flags)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_numpy_mlp_has_no_recipe_flags(archive, tmp_path):
+    code, err = train("numpy_mlp", archive, tmp_path / "r",
+                      fresh=("--model", "mlp2", "--tta", "flip"))
+    assert code == 2 and "unrecognized arguments: --tta" in err
+
+
+# ------------------------------------------------------------------ recipe runs, both stacks
+def _interrupt_second_epoch(monkeypatch, stack):
+    """Ctrl-C during the second epoch of the next training (the stack's own epoch call)."""
+    if stack == "torch_cnn":
+        from torch_cnn import train as TT
+        cls = TT.TorchCNN
+    else:
+        from jax_port import train as JT
+        cls = JT.JaxPort
+    real, calls = cls.train_epoch, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(cls, "train_epoch", interrupted)
+
+
+@pytest.mark.parametrize("stack", ["torch_cnn", "jax_port"])
+def test_recipe_run_resumes_bit_identical_and_saves_the_average(stack, archive, tmp_path,
+                                                                 monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(stack, archive, full) == (0, None)
+    cfg = json.loads((full / "config.json").read_text())
+    for k, v in PRESETS["v3-recipe"].items():
+        assert cfg[k] == (3 if k == "epochs" else 8 if k == "batch_size" else v), k
+    hist = json.loads((full / "metrics.json").read_text())["history"]
+    sched = StepSchedule.from_config(cfg, steps_per_epoch=3)  # 24 images / 8
+    assert [h["lr"] for h in hist] == pytest.approx([sched.lr(3 * e) for e in range(3)])
+
+    with monkeypatch.context() as m:
+        _interrupt_second_epoch(m, stack)
+        assert train(stack, archive, part)[0] == 130
+    assert json.loads((part / "state.json").read_text())["epoch_completed"] == 1
+    # the schedule spans the epochs the run was started with: --epochs cannot change now
+    code, err = train(stack, archive, part, "--resume", "--epochs", "4")
+    assert code == 2 and "one-cycle" in err and "--epochs 4" in err
+    code, err = train(stack, archive, part, "--resume", "--ema-decay", "0.5")
+    assert code == 2 and "--ema-decay cannot be given with it" in err
+    assert train(stack, archive, part, "--resume") == (0, None)
+    for f in ("model.safetensors", "state.safetensors"):
+        assert_same_weights(full / f, part / f)
+    assert json.loads((full / "metrics.json").read_text())["final"] == \
+        json.loads((part / "metrics.json").read_text())["final"]
+
+    # model.safetensors is the moving average, which the resume state also carries
+    state, _ = load_safetensors(full / "state.safetensors")
+    model, _ = load_safetensors(full / "model.safetensors")
+    for k, v in model.items():
+        np.testing.assert_array_equal(state[f"ema.{k}"], v, err_msg=k)
+    assert not np.array_equal(state["model.fc1.weight"], model["fc1.weight"])
+
+
+def test_a_run_from_before_the_recipe_resumes_as_it_was(archive, tmp_path):
+    """config.json without the recipe's keys (every run before them): resumed with none of
+    the ingredients, and extending it with --epochs stays allowed (constant lr)."""
+    out = tmp_path / "old"
+    assert train("torch_cnn", archive, out,
+                 fresh=("--model", "v3", "--batch-size", "8", "--epochs", "1")) == (0, None)
+    cfg = json.loads((out / "config.json").read_text())
+    for k in RECIPE_DEFAULTS:
+        cfg.pop(k)
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert train("torch_cnn", archive, out, "--resume", "--epochs", "2") == (0, None)
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: cfg[k] for k in RECIPE_DEFAULTS} == RECIPE_DEFAULTS
+
+
+def test_predict_applies_the_runs_flip_tta_in_both_stacks(archive, tmp_path):
+    """A torch recipe run scored by torch_cnn.predict and jax_port.predict: both average
+    the logits of the image and its mirror (config.json's tta), and agree."""
+    import torch
+
+    from jax_port.predict import Detector as JaxDetector
+    from torch_cnn.model import build_model
+    from torch_cnn.checkpoint import load_into
+    from torch_cnn.pipeline import to_input
+    from torch_cnn.predict import Detector as TorchDetector
+    out = tmp_path / "r"
+    assert train("torch_cnn", archive, out, fresh=("--preset", "v3-recipe", "--batch-size", "8",
+                                                   "--epochs", "1")) == (0, None)
+    imgs = np.stack([synthetic_image(i % 2, i) for i in range(6)])
+    net = load_into(out / "model.safetensors", build_model("v3")).eval()
+    with torch.no_grad():
+        z = 0.5 * (net(to_input(torch.from_numpy(imgs))) +
+                   net(to_input(torch.from_numpy(imgs[:, :, ::-1].copy())))).double().numpy()
+    want = 1 / (1 + np.exp(z))
+    for det in (TorchDetector.load(out, "cpu"), JaxDetector.load(out, "cpu")):
+        got = np.array([r["p_fake"] for r in det.predict(imgs)])
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "tta": "rotate"}))
+    with pytest.raises(UserError, match="unknown test-time augmentation 'tta' 'rotate'"):
+        TorchDetector.load(out, "cpu")
+    with pytest.raises(UserError, match="unknown test-time augmentation"):
+        JaxDetector.load(out, "cpu")
+
+
+# ------------------------------------------------------------------ bench.recipe
+def test_the_ladder_adds_one_ingredient_at_a_time_and_ends_at_the_preset():
+    from bench import recipe as R
+    rungs = R.rungs()
+    assert [r for r, _, _ in rungs] == ["reference", "v3-30", "onecycle", "smoothing", "ema",
+                                        "recipe"]
+    assert rungs[0][2] == PRESETS["v3"] and rungs[-1][2] == PRESETS["v3-recipe"]
+    assert rungs[1][2] == {**PRESETS["v3"], "epochs": PRESETS["v3-recipe"]["epochs"]}
+    for (_, _, before), (_, _, after), (_, _, keys) in zip(rungs[1:], rungs[2:], R.INGREDIENTS):
+        changed = {k for k in after if before.get(k) != after.get(k)}
+        assert changed and changed <= set(keys) and all(k in after for k in keys)
+    assert all(r["epochs"] <= 30 for _, _, r in rungs[1:])
+    assert {k for _, _, keys in R.INGREDIENTS for k in keys} >= set(ONECYCLE_KEYS) | \
+        set(RECIPE_DEFAULTS)
+
+
+def _in_process(cmd, log):
+    """bench.reproduce.launch, in this process: ``[python, -m, <stack>.train, args...]``."""
+    main = importlib.import_module(cmd[2]).main
+    try:
+        return main(cmd[3:])
+    except UserError:
+        return 2
+
+
+def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, capsys):
+    from bench import recipe as R
+    from bench import reproduce
+    monkeypatch.setattr(reproduce, "launch", _in_process)
+    zip_path, cache = archive
+    out = tmp_path / "rec"
+    args = ["--backend", "spec", "--data", str(zip_path), "--cache-dir", str(cache), "--out",
+            str(out), "--seeds", "0,1", "--epochs-scale", "0.04", "--device", "cpu"]
+    assert R.main(args) == 0
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["rung"], r["seed"]) for r in rows] == [
+        ("reference", "0"), ("v3-30", "0"), ("onecycle", "0"), ("smoothing", "0"), ("ema", "0"),
+        ("recipe", "0"), ("recipe", "1")]
+    assert [r["epochs"] for r in rows] == ["2"] + ["1"] * 6
+    for r in rows:
+        assert r["status"] == "complete" and 0 <= float(r["test_acc"]) <= 100
+        assert float(r["train_seconds"]) > 0 and r["epoch_to_target"] in ("", "1", "2")
+    cfgs = {r["rung"]: json.loads((out / "runs" / f"torch_cnn-{r['rung']}-s0" / "config.json")
+                                  .read_text()) for r in rows}
+    assert cfgs["v3-30"]["schedule"] == "constant" and cfgs["onecycle"]["schedule"] == "onecycle"
+    assert cfgs["onecycle"]["label_smoothing"] == 0.0 and cfgs["smoothing"]["label_smoothing"] > 0
+    assert cfgs["smoothing"]["ema_decay"] == 0.0 and cfgs["ema"]["ema_decay"] > 0
+    assert cfgs["ema"]["tta"] == "none" and cfgs["recipe"]["tta"] == "flip"
+    assert cfgs["recipe"]["preset"] == "v3-recipe"
+    md = (out / "table.md").read_text()
+    assert "MINIATURE" in md and "not a result" in md and "not judged (miniature)" in md
+    doc = json.loads((out / "recipe.json").read_text())
+    assert doc["miniature"] and doc["summary"]["test_acc"]["n"] == 2
+    assert doc["summary"]["seeds"] == [0, 1]
+
+    # resumable: nothing runs again; an unfinished run is resumed, not restarted
+    capsys.readouterr()
+    m = out / "runs" / "torch_cnn-ema-s0" / "metrics.json"
+    (m).write_text(json.dumps({**json.loads(m.read_text()), "complete": False}))
+    assert R.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("done in") == 1 and "torch_cnn-ema-s0] -m torch_cnn.train --resume" in err
+
+    # a run made with other settings is refused before anything runs
+    c = out / "runs" / "torch_cnn-smoothing-s0" / "config.json"
+    c.write_text(json.dumps({**json.loads(c.read_text()), "label_smoothing": 0.3}))
+    with pytest.raises(UserError, match="label_smoothing 0.3"):
+        R.main(args)
+
+
+@pytest.mark.parametrize("seeds", ["", "0,,1", "0,0", "-1", "x"])
+def test_recipe_refuses_bad_seeds(seeds, tmp_path):
+    from bench import recipe as R
+    with pytest.raises(UserError, match="--seed"):
+        R.main(["--seeds", seeds, "--out", str(tmp_path / "o")])
