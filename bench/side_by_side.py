@@ -71,6 +71,20 @@ def time_to(history: list[dict], target: float) -> tuple[int | None, float | Non
     return None, None
 
 
+LAST = 10  # evaluated epochs in the "last epochs" summary
+
+
+def last_tests(hist: list[dict]) -> dict:
+    """Mean, min and max test accuracy over the last LAST evaluated epochs: a constant
+    learning rate leaves the test curve swinging by about a point from epoch to epoch, so
+    one final epoch can mislead when two runs are compared."""
+    tail = [h["test_acc"] for h in hist if h.get("test_acc") is not None][-LAST:]
+    if not tail:
+        return {"last_test_mean": None, "last_test_min": None, "last_test_max": None}
+    return {"last_test_mean": statistics.fmean(tail), "last_test_min": min(tail),
+            "last_test_max": max(tail)}
+
+
 def run_summary(run_dir: Path, target: float) -> dict:
     m, c = _read(run_dir / "metrics.json"), _read(run_dir / "config.json") or {}
     if m is None:
@@ -83,7 +97,9 @@ def run_summary(run_dir: Path, target: float) -> dict:
         "status": "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)",
         "epochs": len(hist), "device": c.get("device"), "hidden": c.get("hidden"),
         # the accelerator's name where the stack recorded one ("cpu" / "cuda" otherwise)
-        "device_label": c.get("device_kind") or (c.get("device") or "").split(":")[0] or None,
+        "device_label": c.get("device_kind") or (c.get("device") or "").split(":")[0]
+        or ("cpu" if c.get("stack") == "numpy_mlp" else None),
+        **last_tests(hist),
         "train_acc": f.get("train_acc"), "test_acc": f.get("test_acc"), "gap_pp": f.get("gap_pp"),
         "test_dedup_acc": (f.get("test_dedup") or {}).get("accuracy"),
         "test_auc": f.get("test_auc"), "wall_seconds": m.get("wall_seconds"),
@@ -114,6 +130,12 @@ def _f(v, nd=2) -> str:
     return f"{v:,.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _last(s: dict) -> str:
+    if s.get("last_test_mean") is None:
+        return "—"
+    return f"{s['last_test_mean']:.2f} ({s['last_test_min']:.2f}–{s['last_test_max']:.2f})"
+
+
 def _reach(s: dict) -> str:
     if s.get("status") == "missing":
         return "—"
@@ -124,9 +146,9 @@ def _reach(s: dict) -> str:
 
 COLUMNS = ["row", "original_test", "original_train", "original_gap",
            "spec_stack", "spec_device", "spec_status", "spec_train", "spec_test", "spec_gap", "spec_dedup",
-           "spec_auc", "spec_epoch_s", "spec_epoch_to_original", "spec_seconds_to_original",
+           "spec_auc", "spec_last_mean", "spec_last_min", "spec_last_max", "spec_epoch_s", "spec_epoch_to_original", "spec_seconds_to_original",
            "jax_device", "jax_status", "jax_train", "jax_test", "jax_gap", "jax_dedup", "jax_auc",
-           "jax_epoch_s", "jax_epoch_to_original", "jax_seconds_to_original",
+           "jax_last_mean", "jax_last_min", "jax_last_max", "jax_epoch_s", "jax_epoch_to_original", "jax_seconds_to_original",
            "jax_minus_spec_test_pp"]
 
 
@@ -138,6 +160,9 @@ def _flat(r: dict) -> dict:
         out.update({f"{side}_device": s.get("device_label"), f"{side}_status": s.get("status"), f"{side}_train": s.get("train_acc"),
                     f"{side}_test": s.get("test_acc"), f"{side}_gap": s.get("gap_pp"),
                     f"{side}_dedup": s.get("test_dedup_acc"), f"{side}_auc": s.get("test_auc"),
+                    f"{side}_last_mean": s.get("last_test_mean"),
+                    f"{side}_last_min": s.get("last_test_min"),
+                    f"{side}_last_max": s.get("last_test_max"),
                     f"{side}_epoch_s": s.get("median_epoch_seconds"),
                     f"{side}_epoch_to_original": s.get("epoch_to_original"),
                     f"{side}_seconds_to_original": s.get("seconds_to_original")})
@@ -154,9 +179,9 @@ def write_tables(out: Path, records: list[dict], title: str) -> None:
     atomic_write_bytes(out / "side_by_side.csv", buf.getvalue().encode())
     lines = [f"# {title}", "",
              "| row | original test % (train, gap) | stack | device | status | train % | test % "
-             "| gap pp | dedup test % | ROC-AUC | s/epoch | reached original test "
-             "| JAX − spec test pp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| gap pp | dedup test % | ROC-AUC | test, last {LAST} epochs: mean (min–max) "
+             "| s/epoch | reached original test | JAX − spec test pp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         orig = f"{r['original_test']:.2f} ({r['original_train']:.2f}, {r['original_gap']:.2f})"
         for i, (side, name) in enumerate((("spec", r["spec_stack"]), ("jax", "jax_port"))):
@@ -165,9 +190,12 @@ def write_tables(out: Path, records: list[dict], title: str) -> None:
                 f"| {r['description'] if i == 0 else ''} | {orig if i == 0 else ''} | {name} | "
                 f"{s.get('device_label') or '—'} | {s.get('status')} | {_f(s.get('train_acc'))} | {_f(s.get('test_acc'))} | "
                 f"{_f(s.get('gap_pp'))} | {_f(s.get('test_dedup_acc'))} | {_f(s.get('test_auc'), 4)} | "
+                f"{_last(s)} | "
                 f"{_f(s.get('median_epoch_seconds'), 2)} | {_reach(s)} | "
                 f"{_f(r['jax_minus_spec_test_pp']) if i == 1 else ''} |")
-    lines += ["", "s/epoch: median training seconds per epoch (evaluation excluded), on the "
+    lines += ["", f"Test, last {LAST} epochs: over the last {LAST} evaluated epochs, a guard "
+              "against reading one epoch of a swinging curve. "
+              "s/epoch: median training seconds per epoch (evaluation excluded), on the "
               "row's device: compare speeds only between runs on the same device. Reached "
               "original test: first epoch whose test accuracy ≥ the original row's, with the "
               "training seconds summed up to it.", ""]
