@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import numpy as np
 import torch
@@ -69,6 +70,27 @@ def start(device: torch.device, local_rank: int) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_stop)
     return device
+
+
+def exit_hard(run) -> None:
+    """Run ``run()`` (which ends in ``sys.exit``) and leave with its status without the
+    interpreter's teardown. gloo's background threads can still be alive when C++ static
+    destructors run at a normal exit, which aborts the process ("terminate called without
+    an active exception") after the run is complete and written. Every rank waits at a
+    barrier first, so no peer is still talking to the group."""
+    try:
+        run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+    except Exception:  # a peer already failed: leave with this rank's own status
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _stop() -> None:

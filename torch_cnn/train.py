@@ -364,4 +364,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if ddp.world()[1] > 1:  # under torchrun: see distributed.exit_hard
+        ddp.exit_hard(lambda: run_cli(main, prog="torch_cnn.train"))
     run_cli(main, prog="torch_cnn.train")
