@@ -7,16 +7,18 @@ Units: ``lr`` is the step size (MLP: lr0 of ``lr = lr0 / (1 + decay * epoch)``, 
 batch: one step per epoch over the whole training set); ``epochs`` passes over the
 training set; ``eval_every`` in epochs (the test set is evaluated every K epochs and
 always at the last); ``degrade`` the probability, per training image and epoch, of a random
-resize-and-JPEG round trip (``data.degrade``; CNNs only, 0 = off). How the MLP presets were chosen: docs/results/mlp-tuning.md.
+resize-and-JPEG round trip (``data.degrade``; CNNs only, 0 = off). How the MLP presets were
+chosen: docs/results/mlp-tuning.md.
 
 Where the original is silent about the CNNs we chose (documented, configurable): Adam
 (betas 0.9/0.999, eps 1e-8: torch's defaults), lr 1e-3, batch 64, pixels / 255 without
 mean/std normalisation, no weight decay, constant lr.
 
-Beyond the original (next to ``v3-robust``): ``v3-recipe`` trains the unchanged v3 network with a one-cycle
-learning rate, label smoothing, a moving average of the weights and flip test-time
-averaging (``RECIPE_DEFAULTS`` below; formulas in ``data/recipe.py``; the ablation is
-``python -m bench.recipe``, docs/results/recipe.md). Its ``lr`` is the one-cycle's peak.
+Beyond the original: ``v3-robust`` (v3 + ``degrade``) and ``v3-recipe``, the unchanged v3
+network with a one-cycle learning rate, label smoothing, a moving average of the weights and
+flip test-time averaging (``RECIPE_DEFAULTS`` below; formulas in ``data/recipe.py``; the
+ablation is ``python -m bench.recipe``, docs/results/recipe.md). Its ``lr`` is the one-cycle's
+peak.
 """
 from __future__ import annotations
 

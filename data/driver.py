@@ -178,7 +178,7 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=flags.eval_every,
                     help="evaluate the test set every K epochs (default: the preset's, else 1; "
                          "the last epoch is always evaluated)")
-    if any(family_of(m) == "cnn" for m in stack.models):
+    if cnn:
         ap.add_argument("--degrade", type=check_probability,
                         help="CNNs: probability, per training image and epoch, of a random "
                              "enlarge / shrink / JPEG round trip (data.degrade; default 0, "
