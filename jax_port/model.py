@@ -365,6 +365,23 @@ def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
     return logits, new_stats
 
 
+def mlp_apply_features_major(spec: ModelSpec, params: dict, xt):
+    """The MLP's ``apply`` on feature-major input: ``xt`` (n_in, B) float (pixels / 255,
+    one image per column, numpy_mlp's layout) -> logits (B,). The same function as
+    ``apply``; only the matmuls are oriented ``kernel.T @ a`` as in the spec. Full-batch
+    training uses it: on XLA:CPU the products with a 100k-image batch and their gradients
+    run several times faster in this orientation than as ``(B, n_in) @ kernel``."""
+    if spec.family != "mlp":
+        raise ValueError(f"{spec.name} is not an MLP")
+    a = xt
+    n_layers = len(spec.layer_dims) - 1
+    for l in range(1, n_layers + 1):
+        a = params[f"dense{l}"]["kernel"].T @ a + params[f"dense{l}"]["bias"][:, None]
+        if l < n_layers:
+            a = jax.nn.relu(a)
+    return a[0]
+
+
 def fold_batchnorm(spec: ModelSpec, variables: dict) -> tuple[ModelSpec, dict]:
     """Eval-mode BatchNorm folded into the convolution before it: ``(spec', variables')``
     with ``apply(spec', variables', x) == apply(spec, variables, x, train=False)`` up to

@@ -124,3 +124,31 @@ def test_minibatch_epochs_visit_the_same_batches_as_numpy(x64):
         assert row["train_acc"] == acc_np
     assert_close_tree(convert.mlp_to_canonical(state["variables"]), params, TRAIN_RTOL,
                       "mlp2 after 4 mini-batch epochs")
+
+
+@pytest.mark.parametrize("name", ["mlp2", "mlp4"])
+def test_feature_major_full_batch_step_is_the_batch_major_step(x64, name):
+    """Full-batch training runs the MLP feature-major (numpy_mlp's orientation, faster on
+    XLA:CPU); one step of it gives the loss, count and weights of the batch-major step."""
+    spec = JM.get_spec(name)
+    params = NM.init_params(NM.layer_dims_for(name), SEED, np.float64)
+    images, labels = _batch(24, seed=4)
+    tr = Trainer(spec, lr=0.1, batch_size=None, seed=SEED, dtype=jnp.float64)
+    state = tr.init_state(convert.mlp_from_canonical(params))
+    xd, yd = jnp.asarray(images), jnp.asarray(labels)
+    xt = tr.full_batch_inputs(xd)
+    assert xt.shape == (3072, 24) and tr.full_batch_inputs(xd) is xt  # made once per split
+    # exactly the pixels the batch-major step feeds its first layer (XLA's compiled / 255 may
+    # differ from NumPy's by an ulp, which the tolerances below cover)
+    batch_major = jax.jit(lambda x: tr._inputs(x, None, None, None))(xd)
+    np.testing.assert_array_equal(np.asarray(xt), np.asarray(batch_major).reshape(24, -1).T)
+    lr = jnp.asarray(0.1, jnp.float64)
+    fm, (l_fm, nc_fm) = tr._full_step_jit(state, xt, yd, lr)
+    bm, (l_bm, nc_bm) = tr.train_step(state, images, labels, lr=0.1)
+    assert int(nc_fm) == int(nc_bm)
+    assert abs(float(l_fm) - float(l_bm)) <= FORWARD_RTOL * abs(float(l_bm))
+    assert_close_tree(convert.mlp_to_canonical(fm["variables"]),
+                      convert.mlp_to_canonical(bm["variables"]), GRAD_RTOL,
+                      f"{name} feature-major step")
+    other = jnp.asarray(images[::-1].copy())
+    assert tr.full_batch_inputs(other) is not xt  # a new training split gets its own copy
