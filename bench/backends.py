@@ -99,6 +99,13 @@ def hyperparameters(model: str) -> dict:
             "augment": model in AUGMENTED_MODELS}
 
 
+def full_batch_hyperparameters(model: str) -> dict:
+    """The full-batch preset of an MLP (``<model>-full``): what the bench's full-batch epoch
+    figure trains with."""
+    p = PRESETS[f"{model}-full"]
+    return {"preset": f"{model}-full", "lr": p["lr"], "decay": p["decay"]}
+
+
 class Backend:
     name = ""
     jit = False  # set from BackendInfo.jit by make_backend
@@ -164,6 +171,19 @@ class NumpyMLP(Backend):
 
     def logits(self, h):
         return self.nm.predict_logits(h[0], self.params)
+
+    def put_full_batch(self, split):
+        # full-batch training scales the whole split to floats once (numpy_mlp.train's
+        # build), so every epoch is two passes of BLAS over a (3072, n) float matrix
+        return (self.nm.images_to_X(split.images, np.float32), split.labels.reshape(1, -1),
+                len(split))
+
+    def full_batch_epoch(self, h, epoch):
+        X, Y, _ = h
+        p = full_batch_hyperparameters(self.model)
+        self.params, loss, acc = self.nt.train_epoch(self.params, X, Y, None, None,
+                                                     self.nm.lr_at(p["lr"], p["decay"], epoch))
+        return {"loss": float(loss), "acc": float(acc)}
 
 
 # ------------------------------------------------------------------ torch CNN
@@ -396,6 +416,20 @@ class JaxBackend(Backend):
 
     def logits(self, h):
         return self.trainer.logits(self.state["variables"], h[-1] if len(h) > 2 else h[0])
+
+    def put_full_batch(self, split):
+        # the uint8 split on the device; the full-batch trainer makes its float
+        # feature-major copy on the first epoch (the warm-up) and keeps it
+        return self.put(split)
+
+    def full_batch_epoch(self, h, epoch):
+        if getattr(self, "full_trainer", None) is None:
+            p = full_batch_hyperparameters(self.model)
+            self.full_trainer = self.js.Trainer(self.spec, lr=p["lr"], batch_size=None,
+                                                decay=p["decay"], seed=self.seed,
+                                                mesh=self.trainer.mesh)
+        self.state, m = self.full_trainer.run_epoch(self.state, h[0], h[1], epoch)
+        return {"loss": m["train_loss"], "acc": m["train_acc"]}
 
     def notes(self):
         if self.spec.family == "cnn":

@@ -438,6 +438,30 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
+def full_batch_lines(rows: list[dict]) -> list[str]:
+    """One line per MLP model: seconds per full-batch epoch of each backend (median of the
+    timed epochs), and the ratio to the reference's, same run."""
+    by_model: dict = {}
+    for r in rows:
+        fb = r.get("full_batch") if r.get("ok") else None
+        if fb:
+            by_model.setdefault((r["model"], r["device"]), []).append((r["backend"], fb))
+    lines = []
+    for (model, device), entries in sorted(by_model.items()):
+        ref = dict(entries).get(REFERENCE["mlp"])
+        parts = []
+        for backend, fb in entries:
+            s = fb["seconds"]["median"]
+            ratio = (f", {ref['seconds']['median'] / s:.2f}x" if ref is not None
+                     and backend != REFERENCE["mlp"] else "")
+            parts.append(f"{backend} {s:.3f} s [{fb['seconds']['min']:.3f}-"
+                         f"{fb['seconds']['max']:.3f}]{ratio}")
+        lines.append(f"full-batch epoch, {model} on {device} ({entries[0][1]['n_images']:,} "
+                     f"images, {entries[0][1]['hyperparameters']['preset']} lr): "
+                     + "; ".join(parts))
+    return lines
+
+
 def render_table(doc: dict) -> str:
     rows = doc["rows"]
     head = ["backend", "dev", "n", "model", "train img/s median [min-max]", "x ref", "scaling",
@@ -489,6 +513,7 @@ def render_table(doc: dict) -> str:
                  f"epoch s (est.) = n_train / median train img/s")
     lines.append("n = devices the row trains on; scaling = train img/s on n devices / "
                  "(n x img/s on one), 1.00 = perfect")
+    lines.extend(full_batch_lines(rows))
     lines.append("")
     lines.append("speed goals:")
     for g in doc["goals"]:
@@ -667,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
             "epoch": "MLP: measured (timed full-epoch passes); CNN: measured on a GPU or with "
                      "--measure-cnn-epoch (one full epoch after warm-up), else 'estimated' = "
                      "n_train / median train images/s",
+            "full_batch": "MLPs: seconds per full-batch gradient-descent epoch over the "
+                          "whole training split, median of the timed epochs after one "
+                          "untimed warm-up epoch (data preparation, compilation)",
             "memory": "peak ru_maxrss of the backend's own worker process; GPU: "
                       "torch.cuda.max_memory_allocated / JAX memory_stats peak_bytes_in_use",
             "budget": "the spec's initial weights for the seed (same for every backend of a "

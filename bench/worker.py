@@ -24,6 +24,9 @@ Phases (all clocks read with ``time.perf_counter`` after the device is idle):
                    training images per class, starting from the spec's initial weights for the
                    seed (``init_weights``, shared by every backend of the family), evaluated
                    on the whole test split (skipped on synthetic data).
+5. full batch   -- MLPs: seconds per full-batch gradient-descent epoch over the whole
+                   training split (one untimed warm-up epoch, then ``repeats`` timed ones),
+                   with the ``<model>-full`` preset's learning rate.
 ``python -m bench.worker --init MODEL SEED PATH`` writes those initial weights (safetensors).
 """
 from __future__ import annotations
@@ -233,8 +236,43 @@ def run(spec: dict) -> dict:
                             + ("; torch: rank 0's process" if n_devices > 1 else "")}
     dev = b.peak_device_bytes()
     res["memory"]["peak_device_mib"] = None if dev is None else dev / 2**20
+
+    # 5. MLPs: full-batch gradient descent epochs over the whole training split (after
+    # the memory figure above: the full-batch float copy is this phase's own)
+    res["full_batch"] = full_batch_phase(spec, b, train) if family == "mlp" else None
     res["wall_s"] = time.perf_counter() - t_start
     return res
+
+
+def full_batch_phase(spec: dict, b, train) -> dict:
+    """One untimed full-batch epoch (compilation; JAX's float copy of the split), then
+    ``repeats`` timed ones, from the spec's initial weights with the ``<model>-full``
+    preset's learning rate: the figure that dominates the 7000-epoch full-batch rows."""
+    from bench.backends import full_batch_hyperparameters
+    b.init(spec["seed"])
+    rss_before = rss_peak_mib()
+    log(spec, f"full-batch warm-up ({len(train)} images)")
+    t0 = time.perf_counter()
+    h = b.put_full_batch(train)
+    b.full_batch_epoch(h, 0)
+    first_s = time.perf_counter() - t0
+    secs = []
+    for r in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        m = b.full_batch_epoch(h, 1 + r)
+        secs.append(time.perf_counter() - t0)
+    del h
+    if not np.isfinite(m["loss"]):
+        raise RuntimeError(f"non-finite loss {m['loss']} in the full-batch epochs")
+    log(spec, f"full-batch epoch: {statistics.median(secs):.3f} s")
+    return {"seconds": spread(secs), "n_images": len(train),
+            "hyperparameters": full_batch_hyperparameters(spec["model"]),
+            "epochs": 1 + spec["repeats"], "final_train_loss": m["loss"],
+            "first_s": first_s, "first_call": "data preparation + compilation (JIT) + one "
+                                              "epoch, not in the timed epochs",
+            "peak_rss_mib": rss_peak_mib(), "peak_rss_before_mib": rss_before,
+            "how": f"median of {spec['repeats']} timed full-batch epochs (one gradient-descent "
+                   f"step over the whole training split each)"}
 
 
 # ------------------------------------------------------------------ environment

@@ -129,6 +129,14 @@ def test_quick_run_on_the_mini_archive_with_parity(mini_zip, tmp_path, cache_dir
     assert rows["jax-mlp"]["budget"]["test_accuracy"] == pytest.approx(
         rows["numpy-mlp"]["budget"]["test_accuracy"], abs=0.5)
     assert not (out / "bench.png").exists()
+    # the full-batch figure: both stacks train the same epochs from the same weights
+    fb = {b: rows[b]["full_batch"] for b in rows}
+    for f in fb.values():
+        assert f["n_images"] == 4000 and f["epochs"] == 3 and f["seconds"]["n"] == 2
+        assert f["hyperparameters"]["preset"] == "mlp2-full"
+    assert fb["jax-mlp"]["final_train_loss"] == pytest.approx(
+        fb["numpy-mlp"]["final_train_loss"], rel=1e-4)
+    assert "full-batch epoch, mlp2 on cpu (4,000 images, mlp2-full lr): numpy-mlp" in stdout
 
 
 def test_without_cifake_it_measures_synthetic_images_and_says_so(tmp_path, monkeypatch, capsys):
