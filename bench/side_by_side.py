@@ -96,7 +96,8 @@ def run_summary(run_dir: Path, target: float) -> dict:
     return {
         "status": "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)",
         "epochs": len(hist), "device": c.get("device"), "hidden": c.get("hidden"),
-        # the accelerator's name where the stack recorded one ("cpu" / "cuda" otherwise)
+        # the accelerator's name where the stack recorded one ("cpu" / "cuda" otherwise;
+        # numpy_mlp runs written before it recorded its device ran on the CPU)
         "device_label": c.get("device_kind") or (c.get("device") or "").split(":")[0]
         or ("cpu" if c.get("stack") == "numpy_mlp" else None),
         **last_tests(hist),

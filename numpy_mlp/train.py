@@ -101,7 +101,9 @@ class NumpyMLP(Stack):
         self.X = (images_to_X(ds.train.images, self.dtype) if cfg["batch_size"] is None
                   else ds.train.images.reshape(len(ds.train), -1).T)
         self.Y = ds.train.labels.reshape(1, -1)
-        return {"versions": {"python": platform.python_version(), "numpy": np.__version__}}
+        # where it ran, as the other stacks record it (NumPy computes on the CPU only)
+        return {"device": "cpu", "device_kind": "cpu",
+                "versions": {"python": platform.python_version(), "numpy": np.__version__}}
 
     def load(self, path):
         params, meta = checkpoint.load(path)
