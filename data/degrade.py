@@ -117,6 +117,19 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return _POOL[workers]
 
 
+def _tasks(images: np.ndarray, d: Draws) -> list[tuple]:
+    return [(images[d.which[lo:lo + _CHUNK]], d.scale[lo:lo + _CHUNK], d.up[lo:lo + _CHUNK],
+             d.down[lo:lo + _CHUNK], d.quality[lo:lo + _CHUNK], d.subsampling[lo:lo + _CHUNK])
+            for lo in range(0, len(d.which), _CHUNK)]
+
+
+def _assemble(images: np.ndarray, d: Draws, results) -> np.ndarray:
+    out = images.copy()
+    for lo, res in zip(range(0, len(d.which), _CHUNK), results):
+        out[d.which[lo:lo + _CHUNK]] = res
+    return out
+
+
 def degrade_split(images: np.ndarray, seed: int, epoch: int, p: float,
                   workers: int | None = None) -> np.ndarray:
     """A copy of ``images`` (N, 32, 32, 3) uint8 with this epoch's draws applied; the
@@ -125,14 +138,48 @@ def degrade_split(images: np.ndarray, seed: int, epoch: int, p: float,
     if p <= 0:
         return images
     d = draws(seed, epoch, len(images), p)
-    out = images.copy()
-    starts = range(0, len(d.which), _CHUNK)
-    tasks = [(images[d.which[lo:lo + _CHUNK]], d.scale[lo:lo + _CHUNK], d.up[lo:lo + _CHUNK],
-              d.down[lo:lo + _CHUNK], d.quality[lo:lo + _CHUNK], d.subsampling[lo:lo + _CHUNK])
-             for lo in starts]
+    tasks = _tasks(images, d)
     workers = workers or os.cpu_count() or 1
     results = map(_work, tasks) if workers == 1 or len(tasks) < 2 else \
         _pool(workers).map(_work, tasks)
-    for lo, res in zip(starts, results):
-        out[d.which[lo:lo + _CHUNK]] = res
-    return out
+    return _assemble(images, d, results)
+
+
+class DegradeFeed:
+    """The degraded copies of a training split for successive epochs (1-based, as
+    ``degrade_split``'s), each the same array ``degrade_split`` gives. With worker
+    processes, asking for epoch e hands epoch e + 1's tasks to the pool before it returns,
+    so the next copy is made while epoch e trains (on a GPU the copy is otherwise most of a
+    robust epoch's time). Asking for another epoch than the one prepared (a resumed run)
+    drops the prepared one."""
+
+    def __init__(self, images: np.ndarray, seed: int, p: float, last_epoch: int,
+                 workers: int | None = None):
+        self.images, self.seed, self.p, self.last_epoch = images, seed, p, last_epoch
+        self.workers = workers or os.cpu_count() or 1
+        self._next = None  # (epoch, draws, futures) handed to the pool
+
+    def _submit(self, epoch: int):
+        d = draws(self.seed, epoch, len(self.images), self.p)
+        pool = _pool(self.workers)
+        return epoch, d, [pool.submit(_work, t) for t in _tasks(self.images, d)]
+
+    def get(self, epoch: int) -> np.ndarray:
+        if self.p <= 0:
+            return self.images
+        if self.workers == 1:
+            return degrade_split(self.images, self.seed, epoch, self.p, workers=1)
+        if self._next is None or self._next[0] != epoch:
+            self.close()
+            self._next = self._submit(epoch)
+        _, d, futures = self._next
+        out = _assemble(self.images, d, (f.result() for f in futures))
+        self._next = self._submit(epoch + 1) if epoch < self.last_epoch else None
+        return out
+
+    def close(self) -> None:
+        """Drop the prepared epoch (tasks not yet started are cancelled)."""
+        if self._next is not None:
+            for f in self._next[2]:
+                f.cancel()
+            self._next = None

@@ -40,7 +40,7 @@ from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import load_cifake
 from .catalog import (DEFAULTS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS, PRESETS,
                       RECIPE_DEFAULTS, family_of, presets_for)
-from .degrade import check_probability, degrade_split
+from .degrade import DegradeFeed, check_probability
 from .errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME
 from .metrics import classification_report, final_report
@@ -461,10 +461,16 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     if tensorboard and primary:  # a viewer's copy of the history: metrics.json stays the record
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(out / "tensorboard"))
+    feed = None
+    if cfg.get("degrade"):
+        # every process of a multi-process run makes the same copies; those on one host
+        # share its cores (torchrun says how many processes it started here)
+        feed = DegradeFeed(ds.train.images, cfg["seed"], cfg["degrade"], epochs,
+                           workers=max(1, (os.cpu_count() or 1) // _local_processes()))
     epoch = start
     try:
         for epoch in range(start, epochs):
-            row = _train_epoch(stack, cfg, ds, out, epoch, bars, primary)
+            row = _train_epoch(stack, cfg, ds, out, epoch, bars, primary, feed)
             history.append(row)
             if not primary:
                 continue
@@ -490,6 +496,8 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     finally:
         if writer is not None:
             writer.close()
+        if feed is not None:
+            feed.close()
     final = final_report(stack.logits, ds)  # every process: evaluation may be shared
     if not primary:
         return 0
@@ -509,20 +517,17 @@ def _local_processes() -> int:
 
 
 def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool,
-                 primary: bool = True) -> dict:
+                 primary: bool = True, feed: DegradeFeed | None = None) -> dict:
     from tqdm import tqdm
     epochs, n = cfg["epochs"], len(ds.train)
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, disable=not bars,
                leave=False, dynamic_ncols=True, unit="img", mininterval=0.5)
     t0 = time.perf_counter()
-    if cfg.get("degrade"):
-        # drawn from (seed, 1-based epoch) like the CNNs' other per-epoch streams; its
-        # cost is part of the epoch's training time
-        # every process of a multi-process run makes the same copy; those on one host
-        # share its cores (torchrun says how many processes it started here)
-        workers = max(1, (os.cpu_count() or 1) // _local_processes())
-        stack.set_train_images(degrade_split(ds.train.images, cfg["seed"], epoch + 1,
-                                             cfg["degrade"], workers=workers))
+    if feed is not None:
+        # drawn from (seed, 1-based epoch) like the CNNs' other per-epoch streams; the
+        # wait for the copy (prepared while the previous epoch trained) is part of the
+        # epoch's training time
+        stack.set_train_images(feed.get(epoch + 1))
 
     def progress(done: int, loss: float) -> None:
         bar.update(done - bar.n)

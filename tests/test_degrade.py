@@ -93,14 +93,32 @@ def test_the_driver_hands_each_epoch_its_own_degraded_copy():
     DS = SimpleNamespace(train=type("Train", (), {"images": x, "__len__": lambda self: len(x)})())
     rec = Recorder()
     cfg = {"epochs": 3, "seed": 7, "degrade": 0.5, "eval_every": 10}
+    feed = degrade.DegradeFeed(x, 7, 0.5, 3, workers=2)
     for e in range(2):
-        _train_epoch(rec, cfg, DS, None, e, bars=False)
+        _train_epoch(rec, cfg, DS, None, e, bars=False, feed=feed)
+    feed.close()
     assert len(rec.seen) == 2
     for e, imgs in enumerate(rec.seen):
         np.testing.assert_array_equal(imgs, degrade.degrade_split(DS.train.images, 7, e + 1, 0.5))
     off = Recorder()
     _train_epoch(off, {**cfg, "degrade": 0.0}, DS, None, 0, bars=False)
     assert off.seen == []
+
+
+def test_the_feed_prepares_the_next_epoch_and_gives_degrade_split_s_copies():
+    x = images(1200)  # three worker tasks per epoch
+    feed = degrade.DegradeFeed(x, 5, 0.5, last_epoch=4, workers=2)
+    try:
+        for e in (1, 2):
+            got = feed.get(e)
+            assert feed._next is not None and feed._next[0] == e + 1  # handed to the pool
+            np.testing.assert_array_equal(got, degrade.degrade_split(x, 5, e, 0.5, workers=1))
+        # a jump (a resumed run) drops the prepared epoch and makes the one asked for
+        np.testing.assert_array_equal(feed.get(4), degrade.degrade_split(x, 5, 4, 0.5, workers=1))
+        assert feed._next is None  # nothing beyond the last epoch
+    finally:
+        feed.close()
+    assert degrade.DegradeFeed(x, 5, 0.0, 4).get(1) is x
 
 
 def test_the_robust_preset_is_v3_plus_degrade_only():
