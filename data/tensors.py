@@ -2,6 +2,7 @@
 Nothing is ever unpickled; names, shapes and dtypes are validated on load."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +25,22 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         return a if a.flags.c_contiguous else np.ascontiguousarray(a)
     data = save({k: contiguous(v) for k, v in tensors.items()},
                 metadata={"format": FORMAT, **(metadata or {})})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, _sorted_metadata(data))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same file with its metadata in key order: the library writes it in hash order,
+    which differs from run to run, so equal tensors and metadata would give different
+    bytes. Reordering keys keeps the header's length, so the tensor offsets stay valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(new) > n:  # cannot happen for the library's compact JSON; keep its bytes then
+        return data
+    return data[:8] + new + b" " * (n - len(new)) + data[8 + n:]
 
 
 def _open_safetensors(path: Path):

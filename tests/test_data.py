@@ -568,3 +568,19 @@ def test_to_float():
     assert x.dtype == np.float32
     np.testing.assert_allclose(x, [0.0, 0.2, 1.0], rtol=1e-7)
     assert to_float(np.array([255], np.uint8), np.float64).dtype == np.float64
+
+
+def test_safetensors_files_are_byte_reproducible(tmp_path):
+    """Equal tensors and metadata give equal bytes (the library writes metadata in hash
+    order), and the reordered header still loads."""
+    from data.tensors import load_safetensors, save_safetensors
+    t = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float64),
+         "n": np.asarray(7, np.int64)}
+    meta = {f"key{i}": f"value {i} é" for i in range(12)}
+    save_safetensors(tmp_path / "a.safetensors", t, meta)
+    save_safetensors(tmp_path / "b.safetensors", t, dict(reversed(list(meta.items()))))
+    a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
+    assert a == b
+    back, back_meta = load_safetensors(tmp_path / "a.safetensors")
+    assert set(back) == set(t) and all(np.array_equal(back[k], t[k]) for k in t)
+    assert back["n"].shape == () and {k: back_meta[k] for k in meta} == meta
