@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +153,10 @@ def _decode_all(src: Source, entries: list[Entry], workers: int, progress: bool
         finally:
             _WORKER_SOURCE = prev
     else:
-        with ProcessPoolExecutor(workers, initializer=_worker_init,
-                                 initargs=(str(src.path),)) as ex:
+        # "spawn", not fork: the caller may already run JAX's or torch's threads, which a
+        # fork would copy in an undefined state (JAX warns of deadlocks)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                 initializer=_worker_init, initargs=(str(src.path),)) as ex:
             for i, res in enumerate(ex.map(_decode_chunk, tasks)):
                 store(i, res)
     if progress:
