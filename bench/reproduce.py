@@ -8,7 +8,8 @@ writes into ``--out`` (default ``results/reproduce``)::
                               de-duplicated-test accuracy, ROC-AUC, wall time, device
     curves_<row>.png          loss and accuracy per epoch, train vs test
     bars.png                  the rows, ours vs the original
-    runs/<backend>-<row>/     each row's run directory (config, metrics, weights)
+    runs/<stack>-<row>/       each row's run directory (config, metrics, weights); seeds
+                              other than 0 (``--seeds``) in runs/<stack>-<row>-s<seed>/
     reproduce.json            everything above as data, with the command and date
 
 Resumable: a row whose run finished is not run again; an interrupted row is
@@ -78,11 +79,28 @@ def parse_args(argv):
     ap.add_argument("--device", type=_device, default=None,
                     help="auto | cpu | gpu (cuda = gpu) for the torch and JAX rows (default: "
                          "each stack's auto); the NumPy rows always run on the CPU")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated seeds to run each row with (default 0); seed 0's "
+                         "run is runs/<stack>-<row>, seed S's runs/<stack>-<row>-sS")
     ap.add_argument("--plots-only", action="store_true",
                     help="only rebuild the table and plots from the run directories present")
     args = ap.parse_args(argv)
     args.rows = parse_rows(args.rows)
+    args.seeds = parse_seeds(args.seeds)
     return args
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma-separated seeds, each checked as ``--seed`` is; no repeats."""
+    seeds = tuple(flags.seed(t.strip()) for t in text.split(","))
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text}: a seed is repeated")
+    return seeds
+
+
+def run_name(stack: str, row: str, seed: int = 0) -> str:
+    """The run directory's name under runs/ for ``row`` trained by ``stack`` with ``seed``."""
+    return f"{stack}-{row}" + (f"-s{seed}" if seed else "")
 
 
 def scaled_epochs(row: str, scale: float) -> int:
@@ -93,9 +111,9 @@ def is_miniature(args) -> bool:
     return args.epochs_scale != 1.0 or args.subset is not None
 
 
-def row_flags(args, row: str) -> list[str]:
+def row_flags(args, row: str, seed: int = 0) -> list[str]:
     """What a fresh run of ``row`` is started with (besides --out and the shared flags)."""
-    flags_ = ["--preset", row]
+    flags_ = ["--preset", row] + (["--seed", str(seed)] if seed else [])
     if args.data:
         flags_ += ["--data", args.data]
     if args.epochs_scale != 1.0:
@@ -116,7 +134,7 @@ def _read_json(path: Path) -> dict | None:
 
 # config.json keys that define a row's result; a run directory made with other values
 # (an older preset, another --epochs-scale) must not be reused or resumed as this row.
-_DEFINING = ("model", "batch_size", "lr", "decay", "epochs", "hidden", "subset")
+_DEFINING = ("model", "batch_size", "lr", "decay", "epochs", "hidden", "subset", "seed")
 
 
 def check_settings(run_dir: Path, want: dict, what: str) -> None:
@@ -132,10 +150,10 @@ def check_settings(run_dir: Path, want: dict, what: str) -> None:
                         f"{', '.join(diff)}; delete it (or use another --out) to rerun it")
 
 
-def check_not_stale(args, row: str, stack: str, run_dir: Path) -> None:
+def check_not_stale(args, row: str, stack: str, run_dir: Path, seed: int = 0) -> None:
     """UserError if ``run_dir`` holds a run of ``row`` made with different settings than the
-    row's current preset and this command's --epochs-scale / --subset."""
-    want = dict(PRESETS[row])
+    row's current preset, this command's --epochs-scale / --subset and ``seed``."""
+    want = dict(PRESETS[row], seed=seed)
     want["epochs"] = scaled_epochs(row, args.epochs_scale)
     want["subset"] = args.subset
     check_settings(run_dir, {k: want[k] for k in _DEFINING if k in want}, f"row {row}")
@@ -178,15 +196,16 @@ def run_or_resume(tag: str, stack: str, run_dir: Path, fresh: list[str], log: Pa
     return status
 
 
-def run_row(args, row: str, stack: str, run_dir: Path, log: Path) -> str:
+def run_row(args, row: str, stack: str, run_dir: Path, log: Path, seed: int = 0) -> str:
     """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
-    return run_or_resume(row, stack, run_dir, row_flags(args, row), log, args.cache_dir,
+    tag = row + (f" seed {seed}" if seed else "")
+    return run_or_resume(tag, stack, run_dir, row_flags(args, row, seed), log, args.cache_dir,
                          args.device)
 
 
-def collect(args, row: str, stack: str, run_dir: Path, status: str) -> dict:
+def collect(args, row: str, stack: str, run_dir: Path, status: str, seed: int = 0) -> dict:
     family, desc, epochs, o_test, o_train = ORIGINAL[row]
-    rec = {"row": row, "description": desc, "backend": stack, "status": status,
+    rec = {"row": row, "description": desc, "backend": stack, "seed": seed, "status": status,
            "run_dir": str(run_dir), "original_test": o_test, "original_train": o_train,
            "original_gap": round(o_train - o_test, 2), "original_epochs": epochs}
     m = _read_json(run_dir / "metrics.json")
@@ -211,7 +230,7 @@ def _fmt(v, nd=2):
     return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
-COLUMNS = ["row", "description", "backend", "epochs", "train_acc", "test_acc", "gap_pp",
+COLUMNS = ["row", "description", "backend", "seed", "epochs", "train_acc", "test_acc", "gap_pp",
            "original_test", "original_train", "original_gap", "diff_test_pp", "test_dedup_acc",
            "test_auc", "wall_seconds", "device", "status"]
 
@@ -224,13 +243,14 @@ def write_tables(out: Path, records: list[dict], label: str) -> None:
         w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in COLUMNS])
     atomic_write_bytes(out / "table.csv", buf.getvalue().encode())
     lines = [f"# {label}", "",
-             "| row | backend | epochs | train % | test % | gap pp | original test % (train %, gap) "
-             "| Δ test pp | dedup test % | ROC-AUC | wall s | device |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | backend | seed | epochs | train % | test % | gap pp | original test % "
+             "(train %, gap) | Δ test pp | dedup test % | ROC-AUC | wall s | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         orig = f"{r['original_test']:.2f} ({r['original_train']:.2f}, {r['original_gap']:.2f})"
         lines.append(
-            f"| {r['description']} | {r['backend']} | {_fmt(r.get('epochs'))} | "
+            f"| {r['description']} | {r['backend']} | {r.get('seed', 0)} | "
+            f"{_fmt(r.get('epochs'))} | "
             f"{_fmt(r.get('train_acc'))} | {_fmt(r.get('test_acc'))} | {_fmt(r.get('gap_pp'))} | "
             f"{orig} | {_fmt(r.get('diff_test_pp'))} | {_fmt(r.get('test_dedup_acc'))} | "
             f"{_fmt(r.get('test_auc'), 4)} | {_fmt(r.get('wall_seconds'), 0)} | "
@@ -248,6 +268,7 @@ def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
         h = r.get("history") or []
         if not h:
             continue
+        seed = r.get("seed", 0)
         ep = [e["epoch"] for e in h]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
         a1.plot(ep, [e.get("train_loss") for e in h], label="train")
@@ -261,9 +282,10 @@ def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
             a2.plot(*zip(*ta), label="test", marker=".")
         a2.axhline(r["original_test"], color="gray", ls="--", lw=1, label="original test")
         a2.set_xlabel("epoch"), a2.set_ylabel("accuracy %"), a2.legend()
-        fig.suptitle(f"{r['description']} ({r['backend']}) — {label}", fontsize=9)
+        fig.suptitle(f"{r['description']} ({r['backend']}{f', seed {seed}' if seed else ''})"
+                     f" — {label}", fontsize=9)
         fig.tight_layout()
-        name = f"curves_{r['row']}.png"
+        name = f"curves_{r['row']}" + (f"-s{seed}" if seed else "") + ".png"
         atomic_write_bytes(out / name, png_bytes(fig))
         written.append(name)
     fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -272,7 +294,8 @@ def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
            color="#bbbbbb")
     ax.bar([x + 0.2 for x in xs], [r.get("test_acc") or 0 for r in records], 0.4, label="ours",
            color="#3a6ea5")
-    ax.set_xticks(list(xs), [r["row"] for r in records], fontsize=8)
+    ax.set_xticks(list(xs), [r["row"] + (f" s{r['seed']}" if r.get("seed") else "")
+                             for r in records], fontsize=8)
     ax.set_ylim(50, 100)
     ax.set_ylabel("test accuracy %")
     ax.set_title(label, fontsize=9)
@@ -300,15 +323,17 @@ def main(argv=None) -> int:
             print(f"[{row}] skipped: backend '{args.backend}' has no {family.upper()} models",
                   file=sys.stderr)
             continue
-        run_dir = out / "runs" / f"{stack}-{row}"
-        # before running AND before tabulating: a stale run must not stand for the row
-        check_not_stale(args, row, stack, run_dir)
-        status = "present"
-        if not args.plots_only:
-            status = run_row(args, row, stack, run_dir, out / f"{stack}-{row}.log")
-            if status == "failed":
-                failed.append(row)
-        records.append(collect(args, row, stack, run_dir, status))
+        for seed in args.seeds:
+            name = run_name(stack, row, seed)
+            run_dir = out / "runs" / name
+            # before running AND before tabulating: a stale run must not stand for the row
+            check_not_stale(args, row, stack, run_dir, seed)
+            status = "present"
+            if not args.plots_only:
+                status = run_row(args, row, stack, run_dir, out / f"{name}.log", seed)
+                if status == "failed":
+                    failed.append(row + (f" (seed {seed})" if seed else ""))
+            records.append(collect(args, row, stack, run_dir, status, seed))
     if not records:
         raise UserError("no rows to run for this backend")
     write_tables(out, records, label)

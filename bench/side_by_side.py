@@ -10,6 +10,10 @@ Reads the run directories that ``python -m bench.reproduce --backend spec`` and
                                         difference; and the time to the original's accuracy
     compare_<row>.png                   both stacks' train and test accuracy per epoch, overlaid
     side_by_side.json                   everything above as data
+    seeds.md                            where a row was also run with other seeds (``bench.reproduce
+                                        --seeds``): each stack's last-epoch test accuracy per seed,
+                                        mean ± sample std, and the JAX - spec difference of the
+                                        means with its standard error
 
 "Time to the original's accuracy" is the first epoch whose test accuracy is at or above the
 original row's test accuracy, and the training seconds summed over the epochs up to and
@@ -33,6 +37,7 @@ from data.flags import ArgumentParser
 from data.catalog import ORIGINAL, ROWS, parse_rows
 
 from .files import out_dir, png_bytes
+from .reproduce import run_name
 
 PROG = "python -m bench.side_by_side"
 SPEC_STACK = {"mlp": "numpy_mlp", "cnn": "torch_cnn"}
@@ -123,6 +128,85 @@ def collect(args) -> list[dict]:
         rec["jax_minus_spec_test_pp"] = None if a is None or b is None else b - a
         records.append(rec)
     return records
+
+
+def seed_runs(base: Path, stack: str, row: str) -> dict[int, Path]:
+    """{seed: run directory} of every run of ``row`` by ``stack`` under ``base``/runs."""
+    found = {}
+    runs = base / "runs"
+    if (runs / run_name(stack, row)).is_dir():
+        found[0] = runs / run_name(stack, row)
+    prefix = run_name(stack, row) + "-s"
+    for d in sorted(runs.glob(prefix + "*")) if runs.is_dir() else []:
+        tail = d.name[len(prefix):]
+        if d.is_dir() and tail.isdigit() and str(int(tail)) == tail and int(tail) > 0:
+            found[int(tail)] = d
+    return found
+
+
+def _spread(values: list[float]) -> dict:
+    n = len(values)
+    mean = statistics.fmean(values) if values else None
+    std = statistics.stdev(values) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std,
+            "sem": None if std is None else std / n ** 0.5}
+
+
+def collect_seeds(args) -> list[dict]:
+    """Rows with more than one finished seed on either stack: last-epoch test accuracy per
+    seed, per stack mean ± sample std, and JAX - spec of the means with its standard error
+    (sqrt(sem_spec^2 + sem_jax^2)). Unfinished runs are listed, never averaged."""
+    out = []
+    for row in args.rows:
+        family, desc, _, o_test, _ = ORIGINAL[row]
+        rec = {"row": row, "description": desc, "original_test": o_test}
+        for side, base, stack in (("spec", Path(args.spec), SPEC_STACK[family]),
+                                  ("jax", Path(args.jax), "jax_port")):
+            per_seed = {}
+            for seed, d in seed_runs(base, stack, row).items():
+                summ = run_summary(d, o_test)
+                per_seed[seed] = {"status": summ["status"], "test_acc": summ.get("test_acc"),
+                                  "test_dedup_acc": summ.get("test_dedup_acc"),
+                                  "device": summ.get("device_label")}
+            done = [v["test_acc"] for v in per_seed.values()
+                    if v["status"] == "complete" and v["test_acc"] is not None]
+            rec[side] = {"stack": stack, "seeds": per_seed, **_spread(done)}
+        if max(rec["spec"]["n"], rec["jax"]["n"]) < 2:
+            continue
+        a, b = rec["spec"], rec["jax"]
+        rec["jax_minus_spec_mean_pp"] = (None if a["mean"] is None or b["mean"] is None
+                                         else b["mean"] - a["mean"])
+        rec["se_difference_pp"] = (None if a["sem"] is None or b["sem"] is None
+                                   else (a["sem"] ** 2 + b["sem"] ** 2) ** 0.5)
+        out.append(rec)
+    return out
+
+
+def write_seeds(out: Path, seeds: list[dict], title: str) -> None:
+    lines = [f"# Seeds: {title}", "",
+             "Last-epoch test accuracy (%) of every finished run of a row, per seed; mean ± "
+             "sample standard deviation per stack; JAX − spec of the means ± its standard "
+             "error. Unfinished runs are shown, not averaged.", "",
+             "| row | original test % | stack | per seed | mean ± std | JAX − spec (± se) pp |",
+             "|---|---|---|---|---|---|"]
+    for r in seeds:
+        for i, side in enumerate(("spec", "jax")):
+            s = r[side]
+            per = ", ".join(
+                f"s{seed}: {_f(v['test_acc'])}" + ("" if v["status"] == "complete"
+                                                   else f" ({v['status']})")
+                for seed, v in sorted(s["seeds"].items())) or "—"
+            ms = "—" if s["mean"] is None else (f"{s['mean']:.2f}" + (
+                "" if s["std"] is None else f" ± {s['std']:.2f}") + f" (n = {s['n']})")
+            diff = ""
+            if i == 1 and r["jax_minus_spec_mean_pp"] is not None:
+                diff = f"{r['jax_minus_spec_mean_pp']:+.2f}" + (
+                    "" if r["se_difference_pp"] is None else f" ± {r['se_difference_pp']:.2f}")
+            lines.append(f"| {r['description'] if i == 0 else ''} | "
+                         f"{_f(r['original_test']) if i == 0 else ''} | {s['stack']} | {per} | "
+                         f"{ms} | {diff} |")
+    lines.append("")
+    atomic_write_bytes(out / "seeds.md", "\n".join(lines).encode())
 
 
 def _f(v, nd=2) -> str:
@@ -240,12 +324,15 @@ def main(argv=None) -> int:
     title = "spec stacks vs JAX port, full CIFAKE, seed 0" + (f", {args.machine}" if args.machine else "")
     write_tables(out, records, title)
     plots = write_plots(out, records, title)
+    seeds = collect_seeds(args)
+    if seeds:
+        write_seeds(out, seeds, title.replace(", seed 0", ""))
     atomic_write_json(out / "side_by_side.json", {
         "title": title, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([PROG] + (argv if argv is not None else sys.argv[1:])),
         "rows": [{**r, "spec": {k: v for k, v in r["spec"].items() if k != "history"},
                   "jax": {k: v for k, v in r["jax"].items() if k != "history"}} for r in records],
-        "plots": plots})
+        "plots": plots, "seeds": seeds})
     print((out / "side_by_side.md").read_text())
     return 0
 

@@ -73,3 +73,30 @@ def test_reproduce_refuses_a_run_made_with_other_settings(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run(["--rows", "mlp2-mini", "--out", str(tmp_path / "rep")], timeout=120)
     assert r.returncode == 0 and "--preset" not in r.stderr, r.stderr[-2000:]
+
+
+def test_seeds_run_into_their_own_directories_and_are_checked(mini_zip, tmp_path):
+    out = tmp_path / "rep"
+    args = ["--rows", "mlp2-mini", "--seeds", "0,1", "--data", str(mini_zip), "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(out), "--epochs-scale", "0.01", "--subset", "16"]
+    r = _run(args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, seed in (("numpy_mlp-mlp2-mini", 0), ("numpy_mlp-mlp2-mini-s1", 1)):
+        assert json.loads((out / "runs" / name / "config.json").read_text())["seed"] == seed
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r_["row"], r_["seed"], r_["status"]) for r_ in rows] == [
+        ("mlp2-mini", "0", "done"), ("mlp2-mini", "1", "done")]
+    assert (out / "curves_mlp2-mini-s1.png").exists()
+    # a seed-1 folder holding another seed's run is refused, not shown as seed 1
+    cfg = out / "runs" / "numpy_mlp-mlp2-mini-s1" / "config.json"
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), seed=0)))
+    r = _run(args + ["--plots-only"], timeout=120)
+    assert r.returncode == 2 and "seed 0 (now 1)" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("seeds", ["0,0", "1,x", "-1"])
+def test_bad_seed_lists_are_refused(seeds, tmp_path):
+    r = _run(["--seeds", seeds, "--out", str(tmp_path / "x")], timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
