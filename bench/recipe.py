@@ -38,8 +38,8 @@ from pathlib import Path
 
 from data.atomic import atomic_write_bytes, atomic_write_json
 from data.catalog import DEFAULTS, ONECYCLE_KEYS, ORIGINAL, PRESETS
-from data.errors import UserError, run_cli
-from data.flags import ArgumentParser, positive_int, seed as check_seed
+from data.errors import run_cli
+from data.flags import ArgumentParser, positive_int
 
 from . import reproduce
 from .files import out_dir, png_bytes
@@ -85,18 +85,8 @@ def parse_args(argv):
     ap.add_argument("--plots-only", action="store_true",
                     help="only rebuild the tables from the run directories present")
     args = ap.parse_args(argv)
-    args.seeds = parse_seeds(args.seeds)
+    args.seeds = reproduce.parse_seeds(args.seeds)
     return args
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    parts = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(not t for t in parts):
-        raise UserError(f"--seeds must be comma-separated seeds like 0,1,2, got {text!r}")
-    seeds = tuple(check_seed(t) for t in parts)
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds lists a seed twice: {text!r}")
-    return seeds
 
 
 def rungs() -> list[tuple[str, str, dict]]:

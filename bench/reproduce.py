@@ -92,9 +92,12 @@ def parse_args(argv):
 
 def parse_seeds(text: str) -> tuple[int, ...]:
     """``--seeds``: comma-separated seeds, each checked as ``--seed`` is; no repeats."""
-    seeds = tuple(flags.seed(t.strip()) for t in text.split(","))
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in parts):
+        raise UserError(f"--seeds must be comma-separated seeds like 0,1,2, got {text!r}")
+    seeds = tuple(flags.seed(t) for t in parts)
     if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {text}: a seed is repeated")
+        raise UserError(f"--seeds lists a seed twice: {text!r}")
     return seeds
 
 
