@@ -192,9 +192,12 @@ def write_seeds(out: Path, seeds: list[dict], title: str) -> None:
     for r in seeds:
         for i, side in enumerate(("spec", "jax")):
             s = r[side]
+            # the device of each seed where the stack's seeds ran on several
+            mixed = len({v["device"] for v in s["seeds"].values()}) > 1
             per = ", ".join(
-                f"s{seed}: {_f(v['test_acc'])}" + ("" if v["status"] == "complete"
-                                                   else f" ({v['status']})")
+                f"s{seed}: {_f(v['test_acc'])}"
+                + (f" ({v['device'] or '?'})" if mixed else "")
+                + ("" if v["status"] == "complete" else f" ({v['status']})")
                 for seed, v in sorted(s["seeds"].items())) or "—"
             ms = "—" if s["mean"] is None else (f"{s['mean']:.2f}" + (
                 "" if s["std"] is None else f" ± {s['std']:.2f}") + f" (n = {s['n']})")
