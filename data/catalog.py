@@ -6,8 +6,10 @@ Units: ``lr`` is the step size (MLP: lr0 of ``lr = lr0 / (1 + decay * epoch)``, 
 0-based, per epoch; CNN: Adam's constant step size); ``batch_size`` in images (None = full
 batch: one step per epoch over the whole training set); ``epochs`` passes over the
 training set; ``eval_every`` in epochs (the test set is evaluated every K epochs and
-always at the last); ``degrade`` the probability, per training image and epoch, of a random
-resize-and-JPEG round trip (``data.degrade``; CNNs only, 0 = off). How the MLP presets were
+always at the last); ``save_every`` in epochs (the run directory's checkpoints and
+metrics.json are written every K epochs and at the last: what a kill can lose);
+``degrade`` the probability, per training image and epoch, of a random resize-and-JPEG
+round trip (``data.degrade``; CNNs only, 0 = off). How the MLP presets were
 chosen: docs/results/mlp-tuning.md.
 
 Where the original is silent about the CNNs we chose (documented, configurable): Adam
@@ -52,10 +54,10 @@ ONECYCLE_KEYS = tuple(ONECYCLE_DEFAULTS)
 PRESETS = {
     # 2-layer 3072-12-1, full-batch gradient descent, 7000 epochs
     "mlp2-full": {"model": "mlp2", "hidden": [12], "batch_size": None, "epochs": 7000,
-                  "lr": 0.04, "decay": 0.0002, "eval_every": 100},
+                  "lr": 0.04, "decay": 0.0002, "eval_every": 100, "save_every": 100},
     # 4-layer 3072-20-7-5-1, full batch, 7000 epochs
     "mlp4-full": {"model": "mlp4", "batch_size": None, "epochs": 7000, "lr": 0.05,
-                  "decay": 0.0002, "eval_every": 100},
+                  "decay": 0.0002, "eval_every": 100, "save_every": 100},
     # 2-layer 3072-12-1, mini-batch, 100 epochs
     "mlp2-mini": {"model": "mlp2", "hidden": [12], "batch_size": 32, "epochs": 100,
                   "lr": 0.0075, "decay": 0.0, "eval_every": 1},
@@ -80,9 +82,10 @@ PRESETS = {
 # Used when neither a preset nor a flag sets a value, per family.
 DEFAULTS = {
     "mlp": {"epochs": 100, "batch_size": 128, "lr": 0.01, "decay": 0.0, "eval_every": 1,
-            "dtype": "float32", "hidden": None, "degrade": 0.0},
+            "save_every": 1, "dtype": "float32", "hidden": None, "degrade": 0.0},
     "cnn": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "decay": 0.0, "eval_every": 1,
-            "dtype": "float32", "hidden": None, "degrade": 0.0, **RECIPE_DEFAULTS},
+            "save_every": 1, "dtype": "float32", "hidden": None, "degrade": 0.0,
+            **RECIPE_DEFAULTS},
 }
 
 # The original project's reported figures (test and train accuracy in %, 20k CIFAKE test

@@ -14,10 +14,12 @@ driver does the rest the same way for all three:
   spans the epochs it was started with);
 - the run directory (``data.rundir``): locked for the life of the training; a fresh run
   needs an empty folder;
-- after each epoch, in this order: metrics.json (history so far), state.safetensors (the
-  resume point, one atomic file carrying its epoch), model.safetensors, state.json. A
-  kill between any two writes resumes consistently: --resume takes the epoch from
-  state.safetensors and the first that-many entries of the history;
+- after each epoch a line of metrics.jsonl, and every ``save_every`` epochs (and at the
+  last), in this order: metrics.json (history so far), state.safetensors (the resume
+  point, one atomic file carrying its epoch), model.safetensors, state.json. A kill
+  between any two writes resumes consistently: --resume takes the epoch from
+  state.safetensors and the first that-many entries of the history (the epochs trained
+  after it are trained again, to the same numbers);
 - Ctrl-C and SIGTERM (``data.errors.run_cli`` turns both into KeyboardInterrupt) stop
   after the last completed epoch with the command that resumes the run;
 - several processes (``Stack.processes``: torchrun's ranks, JAX's hosts): every process
@@ -48,7 +50,8 @@ from .recipe import SCHEDULES, TTA_MODES, WARMUP_SHAPES
 from .rundir import check_init_scheme, field, prepare, read_history, read_json, unlock
 
 # flags that may be given with --resume: they do not change what the run computes
-RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress", "device", "tensorboard"}
+RESUME_FLAGS = {"out", "resume", "epochs", "cache_dir", "no_progress", "device", "tensorboard",
+                "save_every"}
 # what a run's config.json must hold to be resumed
 REQUIRED = ("model", "preset", "seed", "epochs", "batch_size", "lr", "subset", "data",
             "cache_dir")
@@ -120,7 +123,8 @@ class Stack:
 # ------------------------------------------------------------------ configuration
 CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_size,
           "lr": flags.lr, "decay": flags.decay, "subset": flags.optional(flags.subset),
-          "eval_every": flags.eval_every, "hidden": flags.hidden,
+          "eval_every": flags.eval_every, "save_every": flags.save_every,
+          "hidden": flags.hidden,
           "data": flags.optional_str("--data"), "cache_dir": flags.optional_str("--cache-dir"),
           "model": flags.choice("--model", MODELS),
           "preset": flags.choice("--preset", (None, *PRESETS)),
@@ -178,6 +182,10 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=flags.eval_every,
                     help="evaluate the test set every K epochs (default: the preset's, else 1; "
                          "the last epoch is always evaluated)")
+    ap.add_argument("--save-every", type=flags.save_every,
+                    help="write the run's checkpoints and metrics.json every K epochs (default: "
+                         "the preset's, else 1; the last epoch is always written; a kill loses "
+                         "at most K - 1 epochs, which --resume trains again)")
     if cnn:
         ap.add_argument("--degrade", type=check_probability,
                         help="CNNs: probability, per training image and epoch, of a random "
@@ -325,6 +333,7 @@ def resume_config(stack: Stack, given: dict, out: Path) -> dict:
     for key in REQUIRED:
         field(cfg, key, object, path)
     cfg.setdefault("eval_every", 1)  # runs that predate --eval-every evaluated every epoch
+    cfg.setdefault("save_every", 1)  # and those that predate --save-every saved every epoch
     if family_of(cfg["model"]) == "cnn":
         for key, default in RECIPE_DEFAULTS.items():  # runs that predate the recipe had none
             cfg.setdefault(key, default)
@@ -467,29 +476,33 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
         # share its cores (torchrun says how many processes it started here)
         feed = DegradeFeed(ds.train.images, cfg["seed"], cfg["degrade"], epochs,
                            workers=max(1, (os.cpu_count() or 1) // _local_processes()))
-    epoch = start
+    epoch, saved = start, start
     try:
         for epoch in range(start, epochs):
             row = _train_epoch(stack, cfg, ds, out, epoch, bars, primary, feed)
             history.append(row)
             if not primary:
                 continue
-            write_metrics()
             append_line(out / "metrics.jsonl", json.dumps(row, allow_nan=False))
             if writer is not None:
                 for key in TENSORBOARD_SCALARS:
                     if row.get(key) is not None:
                         writer.add_scalar(key, row[key], row["epoch"])
                 writer.flush()
-            stack.save_state(out / "state.safetensors", epoch + 1)
-            stack.save_model(out / "model.safetensors")
-            atomic_write_json(out / "state.json", {
-                "epoch_completed": epoch + 1, "epochs": epochs, "model": cfg["model"],
-                "seed": cfg["seed"], "wall_seconds": wall()})
+            # the run directory every save_every epochs: rewriting metrics.json and both
+            # checkpoints is ~10 ms, which a 0.1 s full-batch epoch should not pay each time
+            if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == epochs:
+                write_metrics()
+                stack.save_state(out / "state.safetensors", epoch + 1)
+                stack.save_model(out / "model.safetensors")
+                atomic_write_json(out / "state.json", {
+                    "epoch_completed": epoch + 1, "epochs": epochs, "model": cfg["model"],
+                    "seed": cfg["seed"], "wall_seconds": wall()})
+                saved = epoch + 1
     except KeyboardInterrupt:
         if not primary:
             return EXIT_INTERRUPTED
-        print(f"interrupted during epoch {epoch + 1}; epoch {len(history)} is saved in {out}; "
+        print(f"interrupted during epoch {epoch + 1}; epoch {saved} is saved in {out}; "
               f"resume with: python -m {stack.name}.train --out {out} --resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED

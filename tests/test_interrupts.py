@@ -165,6 +165,28 @@ def test_numpy_kill_inside_each_json_write(name, archive, references, tmp_path):
     assert_matches_reference(out, ref, STACKS["numpy_mlp"][1])
 
 
+def test_save_every_loses_only_the_epochs_since_the_last_save(archive, references, tmp_path):
+    """--save-every 4: a kill inside the second save (epoch 8) leaves epoch 4 as the resume
+    point and metrics.jsonl ahead of it; the resume (with another --save-every, which may
+    change) trains epochs 5-30 again to the uninterrupted run's numbers, bit for bit."""
+    ref = references("numpy_mlp")
+    out = tmp_path / "run"
+    p = run("numpy_mlp.train", *_args("numpy_mlp", archive, out), "--save-every", "4",
+            CIFAKE_FAULT_KILL_IN_WRITE="metrics.json@2")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert_run_files_whole(out)
+    assert state_epoch(out) == 4 and [r["epoch"] for r in _history(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "config.json").read_text())["save_every"] == 4
+    p = run("numpy_mlp.train", *_args("numpy_mlp", archive, out, resume=True),
+            "--save-every", "7")
+    assert_ok(p)
+    assert "resuming" in p.stderr and "after epoch 4" in p.stderr
+    assert_matches_reference(out, ref, STACKS["numpy_mlp"][1])
+    assert state_epoch(out) == STACKS["numpy_mlp"][1]  # the last epoch is always written
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, STACKS["numpy_mlp"][1] + 1))
+
+
 # ------------------------------------------------------------------ cache build
 def _is_trusted(folder: Path) -> bool:
     return (folder / "manifest.json").is_file() and ".tmp-" not in folder.name \
