@@ -427,6 +427,23 @@ def load_cifake(data: str | os.PathLike | None = None, cache_dir: str | os.PathL
     return ds
 
 
+def content_fingerprint(manifest: dict) -> str:
+    """What a run was trained and evaluated on, as one hex digest: the decoded images' and
+    labels' shapes and CRC-32s of both splits (from the manifest, so free to compute). It
+    follows the pixels, not the container: the same images from a zip or from its extracted
+    folder give the same fingerprint; one changed image gives another."""
+    described = manifest.get("arrays") or {}
+    names = [f"{s}_{f}.npy" for s in SPLITS for f in ("images", "labels")]
+    missing = [n for n in names if n not in described]
+    if missing:
+        raise DataError(f"cache manifest has no description of {missing[0]}")
+    h = hashlib.sha256()
+    for n in names:
+        d = described[n]
+        h.update(f"{n}\0{d['shape']}\0{d['dtype']}\0{d['crc32']}\n".encode())
+    return h.hexdigest()
+
+
 def duplicate_count(digests: np.ndarray) -> int:
     """Number of files that are byte-identical copies of an earlier file in the same split."""
     return int(len(digests) - len(np.unique(digests)))

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
-from .cache import load_cifake
+from .cache import content_fingerprint, load_cifake
 from .catalog import (DEFAULTS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS, PRESETS,
                       RECIPE_DEFAULTS, family_of, presets_for)
 from .degrade import DegradeFeed, check_probability
@@ -403,17 +403,24 @@ def train(stack: Stack, argv: list[str] | None = None) -> int:
                             f"system every process sees")
         cfg = resume_config(stack, given, out)
     ds = load_cifake(cfg["data"], cfg["cache_dir"], subset=cfg["subset"], verbose=bars)
+    fingerprint = content_fingerprint(ds.manifest)
     if resume:
         for key, n in (("n_train", len(ds.train)), ("n_test", len(ds.test))):
             if cfg.get(key, n) != n:
                 raise UserError(f"--resume: {cfg['data']} now gives {n:,} images for "
                                 f"{key[2:]}, the run was trained on {cfg[key]}")
+        # (runs that predate the fingerprint have none to compare)
+        if cfg.get("data_fingerprint", fingerprint) != fingerprint:
+            raise UserError(f"--resume: the images of {cfg['data']} changed since the run "
+                            f"started (another content fingerprint); resuming would train one "
+                            f"run on two datasets: start a new run (another --out)")
     else:
         if primary:
             out = prepare(out, resume=False)
         # the dataset actually used (resolved from --data / $CIFAKE_PATH / download)
         cfg["data"] = ds.manifest.get("source", {}).get("path", cfg["data"])
         cfg["n_train"], cfg["n_test"] = len(ds.train), len(ds.test)
+        cfg["data_fingerprint"] = fingerprint
     try:
         return _run(stack, cfg, ds, out, resume, bars, bool(given.get("tensorboard")), primary)
     finally:

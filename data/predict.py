@@ -74,19 +74,28 @@ def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[str | Unre
         if not os.path.isdir(p):
             yield p
             continue
-        found = 0
+        found = reported = 0
         problems: list[OSError] = []
+
+        def unlistable():
+            # os.walk reports a folder it cannot list through onerror, before or after the
+            # folders it can: drained after each step and once more at the end, so the
+            # last folder's error is not lost
+            nonlocal reported
+            while problems:
+                e = problems.pop(0)
+                reported += 1
+                yield Unreadable(e.filename or p, f"{e.filename or p}: cannot list folder "
+                                                  f"({e.strerror or e})")
         for root, dirs, files in os.walk(p, onerror=problems.append):
+            yield from unlistable()
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                     found += 1
                     yield os.path.join(root, name)
-            while problems:
-                e = problems.pop()
-                yield Unreadable(e.filename or p, f"{e.filename or p}: cannot list folder "
-                                                  f"({e.strerror or e})")
-        if not found:
+        yield from unlistable()
+        if not found and not reported:
             yield Unreadable(p, f"{p}: folder holds no image file "
                                 f"({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
 

@@ -137,6 +137,27 @@ def test_resume_refuses_a_run_of_another_stack(stack, other, data, runs, tmp_pat
     assert files(out) == before
 
 
+def test_resume_refuses_a_dataset_whose_images_changed(tmp_path):
+    """Same path, same counts, one image replaced: the resume used to train on, silently;
+    it is refused, naming the data, with nothing written. The fingerprint follows the
+    pixels: the same images as a zip and as its extracted folder give the same one."""
+    from data.cache import content_fingerprint, load_cifake
+    from tests.helpers import extract_to, image_bytes, synthetic_image
+    z = make_archive(tmp_path / "a.zip", n_train=4, n_test=2)
+    folder = extract_to(z, tmp_path / "folder")
+    data = {"zip": folder, "cache": tmp_path / "cache"}
+    out = tmp_path / "r"
+    assert train("numpy_mlp", data, out) == (0, None)
+    fp = json.loads((out / "config.json").read_text())["data_fingerprint"]
+    assert fp == content_fingerprint(load_cifake(z, tmp_path / "cache", verbose=False).manifest)
+    victim = next((folder / "train" / "REAL").iterdir())
+    victim.write_bytes(image_bytes(synthetic_image(0, 999)))  # same name, other pixels
+    before = files(out)
+    code, err = train("numpy_mlp", data, out, "--resume", "--epochs", "2")
+    assert code == 2 and "changed since the run started" in err and str(folder) in err, err
+    assert files(out) == before
+
+
 @pytest.mark.parametrize("name,change,needle", [
     ("config.json", lambda c: c.update(seed="zero"), "--seed must be an integer"),
     ("config.json", lambda c: c.update(epochs=[1]), "--epochs must be an integer"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,31 @@ def test_folder_scan_is_recursive_sorted_and_skips_hidden_and_non_images(photos,
     assert got[3] == str(photos / "notes.txt")  # named explicitly: tried, whatever its name
     assert got[4][:2] == ("unreadable", str(empty)) and "no image file" in got[4][2]
     assert len(got) == 5
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_wherever_it_is(tmp_path, monkeypatch):
+    """os.walk reports an unlistable folder through its error callback; the last folder's
+    error (after every readable one) used to be dropped, with exit 0, and an unlistable
+    top folder was reported as 'holds no image file'. (os.scandir is made to fail,
+    which is what a folder without read permission does for a user who is not root.)"""
+    for sub in ("a", "z"):
+        (tmp_path / "scan" / sub).mkdir(parents=True)
+        (tmp_path / "scan" / sub / "1.png").write_bytes(image_bytes(synthetic_image(0, 1)))
+    (tmp_path / "top").mkdir()
+    denied = {str(tmp_path / "scan" / "z"), str(tmp_path / "top")}
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).rstrip("/") in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    got = [p if isinstance(p, str) else (p.path, p.message)
+           for p in iter_image_paths([tmp_path / "scan", tmp_path / "top"])]
+    assert got[0] == str(tmp_path / "scan" / "a" / "1.png")
+    assert got[1][0] == str(tmp_path / "scan" / "z") and "cannot list folder" in got[1][1]
+    assert got[2][0] == str(tmp_path / "top") and "cannot list folder" in got[2][1]
+    assert len(got) == 3
 
 
 @pytest.mark.parametrize("fmt", [".csv", ".jsonl"])
