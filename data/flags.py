@@ -187,12 +187,18 @@ DEVICES = ("auto", "cpu", "gpu")
 def device(v) -> str:
     """--device: auto | cpu | gpu, the one vocabulary of every command ('cuda' is a synonym
     of gpu, any case). A device a run recorded ('cuda', 'cpu:0', 'gpu:0') reads back as
-    its kind, so a resumed run stays on the kind of device it was trained on."""
+    its kind, so a resumed run stays on the kind of device it was trained on. Every command
+    uses the first device of its kind, so an index other than 0 is refused rather than
+    ignored (CUDA_VISIBLE_DEVICES picks which GPU is first)."""
     if not isinstance(v, str):
         raise UserError(f"--device must be one of auto, cpu, gpu, got {v!r}")
-    d = v.strip().lower().split(":")[0]
+    d, sep, index = v.strip().lower().partition(":")
     d = "gpu" if d == "cuda" else d
-    if d not in DEVICES:
+    if d in ("cpu", "gpu") and index.isdigit() and index != "0":
+        pick = f"CUDA_VISIBLE_DEVICES={index} with " if d == "gpu" else ""
+        raise UserError(f"--device {v!r}: a device index is not supported, every command uses "
+                        f"the first {d}; use {pick}--device {d}")
+    if d not in DEVICES or (sep and (index != "0" or d == "auto")):
         raise UserError(f"--device {v!r}: choose auto, cpu or gpu (cuda is the same as gpu)")
     return d
 

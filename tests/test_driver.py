@@ -287,8 +287,14 @@ def test_one_device_vocabulary():
     from data import flags
     assert [flags.device(v) for v in ("auto", "CPU", "gpu", "cuda", "CUDA", "cuda:0", "cpu:0")] \
         == ["auto", "cpu", "gpu", "gpu", "gpu", "gpu", "cpu"]
-    with pytest.raises(UserError, match="choose auto, cpu or gpu"):
-        flags.device("tpu")
+    for bad in ("tpu", "gpu:banana", "gpu:", "auto:0"):
+        with pytest.raises(UserError, match="choose auto, cpu or gpu"):
+            flags.device(bad)
+    # every command uses the first device of its kind: another index is refused, not ignored
+    with pytest.raises(UserError, match="index is not supported.*CUDA_VISIBLE_DEVICES=1"):
+        flags.device("cuda:1")
+    with pytest.raises(UserError, match="index is not supported"):
+        flags.device("cpu:2")
 
 
 @pytest.mark.parametrize("stack,needle", [("numpy_mlp", "CPU only"), ("torch_cnn", "CUDA is not available"),
