@@ -42,7 +42,10 @@ def _replacing(path: Path, mode: str, if_failed: str, newline: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
-        text = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+        # surrogateescape: a file name that is not UTF-8 (os.fsdecode's lone surrogates)
+        # is written back as its own bytes, the path a reader can open, instead of failing
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape",
+                                       "newline": newline}
         with os.fdopen(fd, mode, **text) as f:
             yield f
             f.flush()

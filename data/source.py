@@ -282,6 +282,10 @@ class ZipSource(Source):
         except zipfile.BadZipFile as e:
             raise DataError(f"{self.path}: not a readable zip archive ({e}); "
                             f"a truncated download looks like this") from None
+        except UnicodeDecodeError as e:
+            # a member flagged as UTF-8 whose name is not
+            raise DataError(f"{self.path}: a member's name is flagged as UTF-8 but is not "
+                            f"({e.object[:60]!r}); not a readable zip archive") from None
         except OSError as e:
             raise DataError(f"{self.path}: cannot open ({e.strerror})") from None
         self._infos = None
@@ -385,7 +389,8 @@ class DirSource(Source):
         h = hashlib.sha256()
         for rel, _, is_dir, size, mtime in self._list():
             if not is_dir:
-                h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+                # (a name that is not UTF-8 keeps its own bytes)
+                h.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 

@@ -118,6 +118,29 @@ def test_folder_source_equals_zip(tiny_zip, tmp_path):
     assert b.manifest["source"]["kind"] == "dir"
 
 
+def test_file_names_that_are_not_utf8(tiny_zip, tmp_path):
+    """A folder dataset holding a name that is not UTF-8 (ignored or an image) loads, as
+    the zip does; a zip member flagged as UTF-8 whose name is not is one error line (both
+    used to be tracebacks)."""
+    folder = extract_to(tiny_zip, tmp_path / "extracted")
+    (folder / os.fsdecode(b"notes-\xe9t\xe9.txt")).write_text("ignored")
+    img = next((folder / "train" / "REAL").iterdir())
+    img.rename(folder / "train" / "REAL" / os.fsdecode(b"\xff" + img.name.encode()))
+    a, b = load(tiny_zip, tmp_path / "c1"), load(folder, tmp_path / "c2")
+    assert len(a.train) == len(b.train) and b.manifest["ignored_files"] == 1
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("train/REAL/x.png", b"x")
+    # the name's one byte 'x' becomes 0xff, and both headers flag the name as UTF-8
+    # (general purpose bit 11; the flag's offset is 6 in the local, 8 in the central header)
+    data = bytearray(bad.read_bytes().replace(b"x.png", b"\xff.png"))
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.find(sig) + flag_at + 1] |= 0x08
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="flagged as UTF-8 but is not"):
+        load(bad, tmp_path / "c3")
+
+
 def test_wrapper_folder_layout(tiny_zip, tmp_path):
     wrapped = rezip(tiny_zip, tmp_path / "wrapped.zip", rename=lambda n: "cifake/" + n)
     assert_same_splits(load(tiny_zip, tmp_path / "c1"), load(wrapped, tmp_path / "c2"))

@@ -160,6 +160,24 @@ def test_a_folder_that_cannot_be_listed_is_reported_wherever_it_is(tmp_path, mon
 
 
 @pytest.mark.parametrize("fmt", [".csv", ".jsonl"])
+def test_a_file_name_that_is_not_utf8_is_written_as_a_path_that_opens(fmt, tmp_path):
+    """The CSV writer used to fail on such a name (a traceback, no file); the CSV row holds
+    the name's own bytes, the JSONL row its os.fsdecode form: either opens the file."""
+    r = mlp_run(tmp_path / "run")
+    (tmp_path / "in").mkdir()
+    name = os.fsdecode(b"\xffphoto.png")
+    Image.fromarray(synthetic_image(1, 0)).save(tmp_path / "in" / name, format="PNG")
+    out = tmp_path / f"scores{fmt}"
+    assert_ok(run("numpy_mlp.predict", "--run", r, tmp_path / "in", "--output", out))
+    if fmt == ".csv":
+        row = out.read_bytes().splitlines()[1]
+        path = os.fsdecode(row.split(b",")[1])
+    else:
+        path = json.loads(out.read_text().splitlines()[0])["path"]
+    assert path == str(tmp_path / "in" / name) and Path(path).is_file()
+
+
+@pytest.mark.parametrize("fmt", [".csv", ".jsonl"])
 def test_predict_cli_writes_every_input_to_the_output_file(fmt, photos, tmp_path):
     r = mlp_run(tmp_path / "run")
     out = tmp_path / f"scores{fmt}"
