@@ -317,6 +317,10 @@ def fresh_config(stack: Stack, ap, argv: list[str], given: dict) -> dict:
     ap.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
     args = ap.parse_args(argv)
     cfg = {"stack": stack.name, **{k: v for k, v in vars(args).items() if k not in NOT_CONFIG}}
+    if cfg.get("schedule") == "constant":
+        # a one-cycle preset overridden by --schedule constant: its one-cycle settings go
+        # with its schedule (one typed with the flag is still refused, by check_config)
+        cfg.update({k: None for k in ONECYCLE_KEYS if k not in given})
     check_config(stack, cfg)
     stack.configure(cfg)
     cfg["init"] = INIT_SCHEME

@@ -8,6 +8,7 @@ never a traceback. Unexpected failures (bugs) still show their traceback.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Callable
@@ -67,4 +68,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # the reader of standard output went away (``| head``): say so once, exit nonzero
+        # (not everything was delivered), and point stdout at /dev/null so that Python's
+        # flush at exit does not add a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {prog + ': ' if prog else ''}standard output was closed before "
+              f"everything was written", file=sys.stderr)
+        sys.exit(1)
     sys.exit(rc or 0)

@@ -87,8 +87,9 @@ def _high_depth_gray_to_u8(im: Image.Image, where: str) -> np.ndarray | None:
     """(H, W) uint8 for the grayscale modes Pillow's convert("RGB") would clip
     (16-bit would come out 99% white, float nearly black); None for every other mode."""
     mode = im.mode
-    if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):
-        # 16-bit samples (a PNG's 16-bit gray may open as "I"): 0..65535 -> 0..255, rounded
+    if mode.startswith("I;16") or (mode == "I" and im.format in ("PNG", "PPM")):
+        # 16-bit samples (a PNG's 16-bit gray may open as "I", a PGM with maxval > 255
+        # always does, scaled by Pillow to 0..65535): 0..65535 -> 0..255, rounded
         a = np.asarray(im).astype(np.int64)
         if a.min() < 0 or a.max() > 65535:
             raise DataError(f"{where}: 16-bit image with samples outside 0..65535")

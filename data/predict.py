@@ -363,23 +363,40 @@ def _write(records: Iterable[dict], f, fmt: str) -> tuple[int, int]:
     return n, failed
 
 
+def _emit(text: str, end: str = "\n") -> None:
+    """One write to standard output; a full disk or a closed file there is one error line
+    (a closed pipe is data.errors.run_cli's)."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise UserError(f"cannot write the results to standard output ({e.strerror or e})") \
+            from None
+
+
 def _print(records: Iterable[dict], as_json: bool) -> int:
     failed = 0
     first = True
     if as_json:
-        print("[", flush=True)
+        _emit("[")
+    ok = False
     try:
         for rec in records:
             if rec["error"] is not None:
                 failed += 1
                 print(f"error: {rec['error']}", file=sys.stderr, flush=True)
             if as_json:
-                print(("" if first else ",\n") + json.dumps(rec, allow_nan=False), end="",
-                      flush=True)
+                _emit(("" if first else ",\n") + json.dumps(rec, allow_nan=False), end="")
                 first = False
             elif rec["error"] is None:
-                print(text_line(rec), flush=True)
+                _emit(text_line(rec))
+        ok = True
     finally:
         if as_json:  # even when interrupted or refused, what was printed stays valid JSON
-            print("\n]", flush=True)
+            try:
+                _emit("\n]")
+            except (OSError, UserError):
+                if ok:  # (otherwise the first failure is the one to report)
+                    raise
     return 1 if failed else 0

@@ -159,6 +159,29 @@ def test_a_folder_that_cannot_be_listed_is_reported_wherever_it_is(tmp_path, mon
     assert len(got) == 3
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_standard_output_that_cannot_be_written_is_one_line(as_json, photos, tmp_path):
+    """A full disk behind stdout, and a reader that goes away (``| head``), used to end in
+    a traceback."""
+    import subprocess
+    from tests.helpers import cmd, env
+    r = mlp_run(tmp_path / "run")
+    argv = cmd("numpy_mlp.predict", "--run", r, photos, *(["--json"] if as_json else []))
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env(),
+                               timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert "cannot write the results to standard output (No space left" in p.stderr
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env())
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith("standard output was closed before "
+                                                 "everything was written")
+
+
 @pytest.mark.parametrize("fmt", [".csv", ".jsonl"])
 def test_a_file_name_that_is_not_utf8_is_written_as_a_path_that_opens(fmt, tmp_path):
     """The CSV writer used to fail on such a name (a traceback, no file); the CSV row holds

@@ -110,8 +110,8 @@ def train(stack, archive, out, *extra, fresh=("--preset", "v3-recipe", "--batch-
 @pytest.mark.parametrize("stack, flags, needle", [
     ("torch_cnn", ("--model", "v3", "--warmup-frac", "0.2"),
      "--warmup-frac 0.2 applies to --schedule onecycle only"),
-    ("jax_port", ("--preset", "v3-recipe", "--schedule", "constant"),
-     "applies to --schedule onecycle only"),
+    ("jax_port", ("--preset", "v3-recipe", "--schedule", "constant", "--warmup-frac", "0.2"),
+     "--warmup-frac 0.2 applies to --schedule onecycle only"),
     ("torch_cnn", ("--model", "v3", "--label-smoothing", "1"), "--label-smoothing must be in [0, 1)"),
     ("jax_port", ("--model", "v3", "--ema-decay", "-0.5"), "--ema-decay must be"),
     ("torch_cnn", ("--model", "v3", "--div-factor", "0.5"), "--div-factor must be in [1, "),
@@ -125,6 +125,21 @@ def test_recipe_flags_refuse_what_they_cannot_honour(stack, flags, needle, archi
     code, err = train(stack, archive, tmp_path / "r", fresh=flags)
     assert code == 2 and needle in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("stack", ["torch_cnn", "jax_port"])
+def test_a_preset_schedule_is_overridden_with_its_settings(stack):
+    """--preset v3-recipe --schedule constant: the preset's one-cycle settings go with its
+    schedule (it used to be refused for a --warmup-frac nobody typed); the rest of the
+    preset stays."""
+    from data.driver import configure
+    st = {"torch_cnn": lambda: importlib.import_module("torch_cnn.train").TorchCNN(),
+          "jax_port": lambda: importlib.import_module("jax_port.train").JaxPort()}[stack]()
+    cfg = configure(st, ["--preset", "v3-recipe", "--schedule", "constant"])[0]
+    assert cfg["schedule"] == "constant" and cfg["lr"] == 2e-3
+    assert all(cfg[k] is None for k in ("warmup_frac", "warmup_shape", "div_factor",
+                                        "final_div_factor"))
+    assert cfg["label_smoothing"] == 0.1 and cfg["ema_decay"] == 0.999 and cfg["tta"] == "flip"
 
 
 def test_numpy_mlp_has_no_recipe_flags(archive, tmp_path):

@@ -72,6 +72,18 @@ def test_16bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(decode_dataset_image(png16_gray(v), "x"), arr)
 
 
+@pytest.mark.parametrize("maxval", [65535, 4095])
+def test_16bit_pgm_is_scaled_not_refused(maxval, tmp_path):
+    """A PGM with maxval > 255 opens as Pillow's 32-bit mode "I" (scaled to 0..65535); it
+    was refused as a '32-bit integer image' with no white level."""
+    v = (np.arange(32 * 32).reshape(32, 32) * maxval // 1023).astype(np.uint16)  # 0..maxval
+    p = tmp_path / "g16.pgm"
+    p.write_bytes(b"P5\n32 32\n%d\n" % maxval + v.astype(">u2").tobytes())
+    arr, _, _ = load_image_for_model(str(p))
+    want = np.rint(v / maxval * 255).astype(np.uint8)
+    assert np.abs(arr[..., 0].astype(int) - want).max() <= 1
+
+
 def test_float_tiff_in_unit_range_is_scaled(tmp_path):
     v = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     p = tmp_path / "f.tif"
