@@ -57,6 +57,9 @@ REQUIRED = ("model", "preset", "seed", "epochs", "batch_size", "lr", "subset", "
             "cache_dir")
 # parser destinations that are not part of a run's configuration
 NOT_CONFIG = {"out", "resume", "no_progress", "tensorboard"}
+# configuration keys that runs made before their flag existed do not have (each read with
+# the value that reproduces what those runs did); every other flag's key must be there
+ADDED_LATER = {"eval_every", "save_every", "degrade", "device", "devices", *RECIPE_DEFAULTS}
 
 
 class NonFiniteLoss(Exception):
@@ -336,12 +339,23 @@ def resume_config(stack: Stack, given: dict, out: Path) -> dict:
     check_init_scheme(cfg, path)
     for key in REQUIRED:
         field(cfg, key, object, path)
+    for key in sorted(set(vars(build_parser(stack).parse_args([]))) - NOT_CONFIG - ADDED_LATER):
+        if key not in cfg:  # (its type is check_config's)
+            raise UserError(f"{path}: '{key}' missing")
     cfg.setdefault("eval_every", 1)  # runs that predate --eval-every evaluated every epoch
     cfg.setdefault("save_every", 1)  # and those that predate --save-every saved every epoch
     if family_of(cfg["model"]) == "cnn":
         for key, default in RECIPE_DEFAULTS.items():  # runs that predate the recipe had none
             cfg.setdefault(key, default)
     check_config(stack, cfg, f"{path}: ")
+    if cfg.get("schedule", "constant") != "constant" and given.get("epochs", cfg["epochs"]) \
+            != cfg["epochs"]:
+        raise UserError(f"--epochs {given['epochs']}: {path} follows a one-cycle schedule "
+                        f"spread over its {cfg['epochs']} epochs, which a resume cannot change; "
+                        f"start a new run (another --out)")
+    for key in given.keys() & (RESUME_FLAGS | stack.resume_flags) - NOT_CONFIG:
+        cfg[key] = given[key]
+    # the stack's own checks see the flags given with the resume too
     derived = dict(cfg)
     try:
         stack.configure(derived)
@@ -351,14 +365,7 @@ def resume_config(stack: Stack, given: dict, out: Path) -> dict:
     if changed:
         raise UserError(f"{path}: '{changed[0]}' is {cfg[changed[0]]!r}, but the rest of the "
                         f"configuration implies {derived[changed[0]]!r}")
-    if cfg.get("schedule", "constant") != "constant" and given.get("epochs", cfg["epochs"]) \
-            != cfg["epochs"]:
-        raise UserError(f"--epochs {given['epochs']}: {path} follows a one-cycle schedule "
-                        f"spread over its {cfg['epochs']} epochs, which a resume cannot change; "
-                        f"start a new run (another --out)")
-    for key in given.keys() & (RESUME_FLAGS | stack.resume_flags) - NOT_CONFIG:
-        cfg[key] = given[key]
-    return cfg
+    return derived  # (what the stack derives, e.g. layer sizes, is there even if not recorded)
 
 
 def configure(stack: Stack, argv: list[str] | None) -> tuple[dict | None, Path, bool, bool, dict]:

@@ -180,6 +180,8 @@ class JaxPort(Stack):
             cfg["hidden"] = cfg["layer_dims"][1:-1]
             check_fits_memory(sum(a * b for a, b in zip(cfg["layer_dims"], cfg["layer_dims"][1:])),
                               np.dtype(cfg["dtype"]).itemsize, "--hidden")
+        if mlp and cfg.get("conv_impl", "auto") != "auto":
+            raise UserError(f"--conv-impl {cfg['conv_impl']} applies to the CNN models only")
         cfg.update(family="mlp" if mlp else "cnn", augment=cfg["model"] in AUGMENTED_MODELS,
                    optimizer="gd" if mlp else "adam")
         if not mlp:

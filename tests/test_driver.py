@@ -137,6 +137,17 @@ def test_resume_refuses_a_run_of_another_stack(stack, other, data, runs, tmp_pat
     assert files(out) == before
 
 
+def test_resume_derives_what_the_stack_derives(data, runs, tmp_path):
+    """layer_dims follows from model and hidden: a config.json without it resumes (it was a
+    KeyError), with the derived value written back."""
+    out = copy_run(runs["numpy_mlp"], tmp_path / "r")
+    cfg = json.loads((out / "config.json").read_text())
+    dims = cfg.pop("layer_dims")
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert train("numpy_mlp", data, out, "--resume", "--epochs", "2") == (0, None)
+    assert json.loads((out / "config.json").read_text())["layer_dims"] == dims
+
+
 def test_resume_refuses_a_dataset_whose_images_changed(tmp_path):
     """Same path, same counts, one image replaced: the resume used to train on, silently;
     it is refused, naming the data, with nothing written. The fingerprint follows the
@@ -163,6 +174,9 @@ def test_resume_refuses_a_dataset_whose_images_changed(tmp_path):
     ("config.json", lambda c: c.update(epochs=[1]), "--epochs must be an integer"),
     ("config.json", lambda c: c.pop("lr"), "'lr' missing"),
     ("config.json", lambda c: c.update(hidden=[5, 5]), "hidden layer"),
+    # a key of the stack's own flags (these were KeyError tracebacks)
+    ("config.json", lambda c: c.pop("dtype"), "'dtype' missing"),
+    ("config.json", lambda c: c.pop("decay"), "'decay' missing"),
     ("metrics.json", lambda m: m.update(history="all"), "'history' has the wrong type"),
     ("metrics.json", lambda m: m["history"][0].update(epoch="1"), "positive integer 'epoch'"),
     ("state.json", lambda s: s.update(wall_seconds="long"), "'wall_seconds' has the wrong type"),

@@ -260,6 +260,7 @@ def test_cnn_cli_resume_bit_identical_and_predict(archive, tmp_path, capsys):
     ([], "give --model"),
     (["--model", "baseline", "--devices", "0"], "--devices must be a positive integer"),
     (["--model", "baseline", "--devices", "4096"], "--devices 4096: JAX sees"),
+    (["--model", "mlp2", "--conv-impl", "im2col"], "--conv-impl im2col applies to the CNN"),
 ])
 def test_bad_flags_give_one_line_errors(archive, tmp_path, capsys, argv, needle):
     code, _, err = run_main(T.main, base(archive, tmp_path, "x", *argv), capsys)

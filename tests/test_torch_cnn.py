@@ -258,11 +258,19 @@ def test_non_finite_loss_stops_with_epoch_and_step(archive, tmp_path, monkeypatc
     (["--batch-size", "many"], "--batch-size"),
     (["--pipeline", "gpu"], "invalid choice"),
     (["--workers", "-2"], "--workers"),
+    (["--workers", "2"], "--workers 2 applies to --pipeline torchvision only"),
     (["--resume"], "no run to resume"),
 ])
 def test_bad_flags_fail_clearly(archive, tmp_path, flags, msg):
     with pytest.raises(UserError, match=msg):
         run_train(archive, tmp_path / "r", *flags)
+
+
+def test_a_flag_the_resumed_run_cannot_honour_is_refused(archive, tmp_path):
+    """--workers may change on a resume (how fast, not what), but only where it is used."""
+    assert run_train(archive, tmp_path / "r", "--epochs", "1") == 0
+    with pytest.raises(UserError, match="--workers 2 applies to --pipeline torchvision only"):
+        run_train(archive, tmp_path / "r", "--epochs", "2", "--resume", "--workers", "2")
 
 
 def test_resume_refuses_changed_hyperparameters(archive, tmp_path):

@@ -227,6 +227,9 @@ class TorchCNN(Stack):
                         help="torch intra-op CPU threads (default: torch's choice)")
 
     def configure(self, cfg):
+        if cfg.get("workers") and cfg.get("pipeline") != "torchvision":
+            raise UserError(f"--workers {cfg['workers']} applies to --pipeline torchvision only "
+                            f"(the device pipeline has no DataLoader)")
         cfg.update(augment=cfg["model"] in AUGMENTED_MODELS, optimizer="adam",
                    adam_betas=list(ADAM_BETAS), adam_eps=ADAM_EPS)
 
