@@ -374,6 +374,7 @@ class JaxBackend(Backend):
         self.trainer = js.Trainer(self.spec, lr=self.hp["lr"], batch_size=self.hp["batch_size"],
                                   decay=self.hp["decay"], augment=self.hp["augment"], seed=seed,
                                   mesh=js.make_mesh(devs[:n_devices]))
+        self.full_trainer = None  # the full-batch phase's, made on its first epoch
 
     def device_name(self):
         name = f"{self.dev.platform}:{getattr(self.dev, 'device_kind', '')}"
@@ -423,7 +424,7 @@ class JaxBackend(Backend):
         return self.put(split)
 
     def full_batch_epoch(self, h, epoch):
-        if getattr(self, "full_trainer", None) is None:
+        if self.full_trainer is None:
             p = full_batch_hyperparameters(self.model)
             self.full_trainer = self.js.Trainer(self.spec, lr=p["lr"], batch_size=None,
                                                 decay=p["decay"], seed=self.seed,
