@@ -445,7 +445,9 @@ def full_batch_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         fb = r.get("full_batch") if r.get("ok") else None
         if fb:
-            by_model.setdefault((r["model"], r["device"]), []).append((r["backend"], fb))
+            n = r.get("n_devices", 1)  # a multi-device row is named as such, not a twin
+            name = r["backend"] if n == 1 else f"{r['backend']} ({n} devices)"
+            by_model.setdefault((r["model"], r["device"]), []).append((name, fb))
     lines = []
     for (model, device), entries in sorted(by_model.items()):
         ref = dict(entries).get(REFERENCE["mlp"])
@@ -460,6 +462,17 @@ def full_batch_lines(rows: list[dict]) -> list[str]:
                      f"images, {entries[0][1]['hyperparameters']['preset']} lr): "
                      + "; ".join(parts))
     return lines
+
+
+def ratio_cell(r: dict) -> str:
+    """The "x ref" cell: the training ratio to the family reference, which names the
+    reference's device where it is not the row's (the spec's CPU row, where it has no GPU
+    row): that ratio is across devices."""
+    ratio = r["train"].get("ratio_vs_reference")
+    if ratio is None:
+        return "-"
+    ref_dev = (r.get("reference") or "").rpartition("/")[2]
+    return f"{ratio:.2f}x" + (f" vs {ref_dev}" if ref_dev and ref_dev != r["device"] else "")
 
 
 def render_table(doc: dict) -> str:
@@ -483,8 +496,7 @@ def render_table(doc: dict) -> str:
         if r["memory"]["peak_device_mib"] is not None:
             mem += f" (dev {r['memory']['peak_device_mib']:,.0f})"
         body.append([r["backend"], r["device"], n, r["model"], _fmt_ips(t["images_per_s"]),
-                     _fmt(t.get("ratio_vs_reference"), ".2f") + ("x" if t.get(
-                         "ratio_vs_reference") is not None else ""),
+                     ratio_cell(r),
                      _fmt(t.get("scaling_efficiency"), ".2f"),
                      _fmt_ips(e["images_per_s"]), epoch_s, _fmt(comp, ".1f"), mem, acc,
                      r["parity"]["status"]])

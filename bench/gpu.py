@@ -19,6 +19,7 @@ and its run directory stays resumable. Exit status: 0 only if every step succeed
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -138,6 +139,26 @@ def write_summary(out: Path, args, steps: list[dict], runs: dict) -> None:
     atomic_write_bytes(out / "summary.md", ("\n".join(lines) + "\n").encode())
 
 
+def check_resumable(run_dir: Path, args) -> bool:
+    """True if ``run_dir`` holds a v3 run of this call's data and subset to continue; False
+    if there is none; UserError if it holds another training."""
+    if not (run_dir / "state.json").exists():
+        return False
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run_dir / 'config.json'}: unreadable ({e}); use another --out") \
+            from None
+    theirs = {"preset": cfg.get("preset"), "subset": cfg.get("subset"),
+              "data": os.path.realpath(str(cfg.get("data")))}
+    ours = {"preset": "v3", "subset": args.subset, "data": os.path.realpath(args.data)}
+    for key in theirs:
+        if theirs[key] != ours[key]:
+            raise UserError(f"{run_dir} holds a training with {key} {theirs[key]!r}, not this "
+                            f"call's {ours[key]!r}; use another --out (or remove it)")
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -155,14 +176,21 @@ def main(argv=None) -> int:
         steps.append(run_step("bench", py + ["bench.compare", "--devices", "gpu", *common,
                                              "--out", str(out / "bench"), *args.bench_args.split()],
                               out, args.limit_bench))
-    for name, mod, extra, limit in (("jax", "jax_port", [], args.limit_jax),
-                                    ("torch", "torch_cnn", ["--device", "cuda"], args.limit_torch)):
-        if name in skip:
-            continue
+    trainings = [(name, mod, extra, limit) for name, mod, extra, limit in (
+        ("jax", "jax_port", [], args.limit_jax),
+        ("torch", "torch_cnn", ["--device", "cuda"], args.limit_torch)) if name not in skip]
+    # a run left by an earlier call is continued only if it is this call's training (checked
+    # before anything runs): its summary is reported under this call's labels
+    resuming = {mod: check_resumable(out / f"{mod}-v3", args) for _, mod, _, _ in trainings}
+    for name, mod, extra, limit in trainings:
         run_dir = out / f"{mod}-v3"
-        cmd = py + [f"{mod}.train", "--preset", "v3", "--out", str(run_dir), *extra, *train]
-        if (run_dir / "state.json").exists():
-            cmd.append("--resume")
+        if resuming[mod]:
+            # a resume takes its configuration from the run; only these flags may be given
+            cmd = py + [f"{mod}.train", "--out", str(run_dir), "--resume", *extra,
+                        "--epochs", str(args.epochs), "--no-progress"] \
+                + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+        else:
+            cmd = py + [f"{mod}.train", "--preset", "v3", "--out", str(run_dir), *extra, *train]
         steps.append(run_step(name, cmd, out, limit))
         runs[mod] = training_summary(run_dir)
     write_summary(out, args, steps, runs)

@@ -160,6 +160,11 @@ def summarise(records: list[dict], miniature: bool) -> dict:
     budget = None if out["reference_train_seconds"] is None \
         else GOAL_TIME_FRACTION * out["reference_train_seconds"]
     out["time_budget_seconds"] = budget
+    # seconds compare only on one kind of device (a finished run is reused, and a resumed
+    # one may have moved): runs on several make the time goal unjudged, not met
+    devices = sorted({r.get("device_label") or "?" for r in done + ([ref] if ref else [])
+                      if r.get("status") == "complete"})
+    out["devices"] = devices
 
     def verdict(ok):
         if miniature:
@@ -172,7 +177,8 @@ def summarise(records: list[dict], miniature: bool) -> dict:
             complete and out["test_dedup_acc"]["mean"] >= GOAL_DEDUP),
         f"{TARGET}% within {GOAL_TIME_FRACTION:g} x the reference's training seconds "
         f"(every seed)": ("not judged (miniature)" if miniature else "not measured")
-        if budget is None else verdict(
+        if budget is None else f"not judged (runs on several devices: {', '.join(devices)})"
+        if len(devices) > 1 else verdict(
             complete and all(r["seconds_to_target"] is not None
                              and r["seconds_to_target"] <= budget for r in done)),
     }
@@ -188,6 +194,7 @@ def collect(run_dir: Path, item: dict, status: str) -> dict:
             "test_dedup_acc": s.get("test_dedup_acc"),
             "train_seconds": sum(float(h.get("seconds") or 0.0) for h in hist) if hist else None,
             "wall_seconds": s.get("wall_seconds"), "device": s.get("device"),
+            "device_label": s.get("device_label"),
             "epoch_to_target": s.get("epoch_to_original"),
             "seconds_to_target": s.get("seconds_to_original")}
 
@@ -225,11 +232,12 @@ def write_tables(out: Path, records: list[dict], summary: dict, label: str) -> N
         w.writerow(["" if r.get(k) is None else r[k] for k in COLUMNS])
     atomic_write_bytes(out / "table.csv", buf.getvalue().encode())
     lines = [f"# {label}", "",
-             f"| rung | what | seed | status | epochs | test % | dedup test % | training s | "
-             f"first epoch ≥ {TARGET}% (training s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| rung | what | seed | device | status | epochs | test % | dedup test % | "
+             f"training s | first epoch ≥ {TARGET}% (training s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['rung']} | {r['description']} | {r['seed']} | {r['status']} | "
+        lines.append(f"| {r['rung']} | {r['description']} | {r['seed']} | "
+                     f"{r.get('device_label') or '—'} | {r['status']} | "
                      f"{_f(r['epochs'])} | {_f(r['test_acc'])} | {_f(r['test_dedup_acc'])} | "
                      f"{_f(r['train_seconds'], 1)} | {_reached(r)} |")
     lines += ["", f"**v3-recipe over seeds {', '.join(map(str, summary['seeds'])) or '—'}** "

@@ -58,7 +58,7 @@ def worker(args) -> int:
     b = make_backend(args.backend, args.model, args.device, seed=0)
     for seed in range(args.seeds):
         b.seed = seed
-        if b.jit:
+        if getattr(b, "trainer", None) is not None:  # the JAX trainer draws its batch order
             b.trainer.seed = seed
             b.trainer.chunk_batches = 50  # as the bench and jax_port's CLI train
         b.init(seed, spec_init_weights(args.model, seed))
@@ -79,11 +79,29 @@ def _z(z) -> str:
 
 
 def summarize(accs: list[float]) -> dict:
+    """Mean, sample std and standard error of the mean; one seed has no spread (None, not
+    0: a zero would make any difference look significant)."""
     n = len(accs)
     mean = statistics.fmean(accs)
-    std = statistics.stdev(accs) if n > 1 else 0.0
-    return {"n": n, "mean": mean, "std": std, "sem": std / math.sqrt(n) if n > 1 else 0.0,
+    std = statistics.stdev(accs) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "sem": std / math.sqrt(n) if n > 1 else None,
             "min": min(accs), "max": max(accs)}
+
+
+def compare(a: dict, b: dict) -> dict | None:
+    """b's mean - a's, with the standard error of the difference of two independent means
+    and whether it exceeds two of them; None where either has fewer than two seeds (no
+    spread to judge by)."""
+    if a["sem"] is None or b["sem"] is None:
+        return None
+    se = math.sqrt(a["sem"] ** 2 + b["sem"] ** 2)
+    diff = b["mean"] - a["mean"]
+    return {"diff_pp": diff, "se_of_diff_pp": se, "z": diff / se if se else None,
+            "differ_by_more_than_2_se": abs(diff) > 2 * se}
+
+
+def _pp(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
 
 
 def main(argv=None) -> int:
@@ -108,14 +126,8 @@ def main(argv=None) -> int:
             raise UserError(f"{be}: worker failed (exit {proc.returncode}): "
                             f"{proc.stderr.strip().splitlines()[-1:] or ['no output']}")
         per[be] = {"runs": rows, **summarize([r["test_accuracy"] for r in rows])}
-        print(f"[{be}] {per[be]['mean']:.2f} ± {per[be]['std']:.2f} %", file=sys.stderr)
-    verdict = None
-    if len(backends) == 2:
-        a, b = (per[x] for x in backends)
-        se = math.sqrt(a["sem"] ** 2 + b["sem"] ** 2)
-        diff = b["mean"] - a["mean"]
-        verdict = {"diff_pp": diff, "se_of_diff_pp": se, "z": diff / se if se else None,
-                   "differ_by_more_than_2_se": abs(diff) > 2 * se}
+        print(f"[{be}] {per[be]['mean']:.2f} ± {_pp(per[be]['std'])} %", file=sys.stderr)
+    verdict = compare(*(per[x] for x in backends)) if len(backends) == 2 else None
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([PROG] + (argv if argv is not None else sys.argv[1:])),
            "model": args.model, "device": args.device, "budget_epochs": args.budget_epochs,
@@ -128,7 +140,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|"]
     for be, s in per.items():
         per_seed = ", ".join(f"{r['test_accuracy']:.2f}" for r in s["runs"])
-        lines.append(f"| {be} | {s['mean']:.2f} | {s['std']:.2f} | {s['sem']:.2f} | {s['min']:.2f} | "
+        lines.append(f"| {be} | {s['mean']:.2f} | {_pp(s['std'])} | {_pp(s['sem'])} | {s['min']:.2f} | "
                      f"{s['max']:.2f} | {per_seed} |")
     if verdict:
         lines += ["", f"{backends[1]} − {backends[0]}: {verdict['diff_pp']:+.2f} pp, standard error "

@@ -90,7 +90,7 @@ def last_tests(hist: list[dict]) -> dict:
             "last_test_max": max(tail)}
 
 
-def run_summary(run_dir: Path, target: float) -> dict:
+def run_summary(run_dir: Path, target: float, original_epochs: int | None = None) -> dict:
     m, c = _read(run_dir / "metrics.json"), _read(run_dir / "config.json") or {}
     if m is None:
         return {"status": "missing"}
@@ -98,8 +98,17 @@ def run_summary(run_dir: Path, target: float) -> dict:
     f = m.get("final") or {}
     secs = [float(h["seconds"]) for h in hist if h.get("seconds") is not None]
     ep, t = time_to(hist, target)
+    status = "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)"
+    # a run of another size than the original row (bench.reproduce --subset/--epochs-scale)
+    # says so in its status, and is not compared with a run of another size
+    size = []
+    if c.get("subset") is not None:
+        size.append(f"subset {c['subset']}/class")
+    if original_epochs is not None and c.get("epochs") not in (None, original_epochs):
+        size.append(f"{c['epochs']} of {original_epochs} epochs")
     return {
-        "status": "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)",
+        "status": status + (f", {', '.join(size)}" if size else ""),
+        "full_size": not size, "size": (c.get("subset"), c.get("epochs")),
         "epochs": len(hist), "device": c.get("device"), "hidden": c.get("hidden"),
         # the accelerator's name where the stack recorded one ("cpu" / "cuda" otherwise;
         # numpy_mlp runs written before it recorded its device ran on the CPU)
@@ -122,12 +131,20 @@ def collect(args) -> list[dict]:
                "original_test": o_test, "original_train": o_train,
                "original_gap": round(o_train - o_test, 2),
                "spec_stack": spec_stack,
-               "spec": run_summary(Path(args.spec) / "runs" / f"{spec_stack}-{row}", o_test),
-               "jax": run_summary(Path(args.jax) / "runs" / f"jax_port-{row}", o_test)}
+               "spec": run_summary(Path(args.spec) / "runs" / f"{spec_stack}-{row}", o_test,
+                                   epochs),
+               "jax": run_summary(Path(args.jax) / "runs" / f"jax_port-{row}", o_test, epochs)}
         a, b = rec["spec"].get("test_acc"), rec["jax"].get("test_acc")
-        rec["jax_minus_spec_test_pp"] = None if a is None or b is None else b - a
+        same_size = rec["spec"].get("size") == rec["jax"].get("size")
+        rec["jax_minus_spec_test_pp"] = None if a is None or b is None or not same_size \
+            else b - a
         records.append(rec)
     return records
+
+
+def is_full_size(records: list[dict]) -> bool:
+    """True if every run found is of the original rows' size (no --subset, all epochs)."""
+    return all(r[side].get("full_size", True) for r in records for side in ("spec", "jax"))
 
 
 def seed_runs(base: Path, stack: str, row: str) -> dict[int, Path]:
@@ -324,7 +341,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = out_dir(args.out)
     records = collect(args)
-    title = "spec stacks vs JAX port, full CIFAKE, seed 0" + (f", {args.machine}" if args.machine else "")
+    size = "full CIFAKE" if is_full_size(records) else \
+        "includes runs smaller than the original rows (see status; not compared across sizes)"
+    title = f"spec stacks vs JAX port, {size}, seed 0" + (f", {args.machine}" if args.machine else "")
     write_tables(out, records, title)
     plots = write_plots(out, records, title)
     seeds = collect_seeds(args)

@@ -253,6 +253,27 @@ def test_missing_backends_make_goals_not_applicable_and_ratios_absent():
     assert st == ["n/a", "PASS", "n/a"]
 
 
+def test_a_ratio_to_a_reference_on_another_device_says_so():
+    gpu, cpu = _row("jax-cnn", "gpu", "v3", 40_000.0, 2.5), \
+        _row("torch-torchvision", "cpu", "v3", 1_000.0, 100.0)
+    same = _row("jax-cnn", "cpu", "v3", 3_000.0, 33.0)
+    compare.add_ratios([gpu, cpu, same])
+    assert gpu["reference"] == "torch-torchvision/cpu"
+    assert compare.ratio_cell(gpu) == "40.00x vs cpu" and compare.ratio_cell(same) == "3.00x"
+
+
+def test_full_batch_line_names_a_multi_device_row():
+    def fb(s):
+        return {"seconds": {"median": s, "min": s, "max": s}, "n_images": 100,
+                "hyperparameters": {"preset": "mlp4-full"}}
+    rows = [dict(_row("numpy-mlp", "cpu", "mlp4", 1.0, 1.0), full_batch=fb(1.0)),
+            dict(_row("jax-mlp", "cpu", "mlp4", 1.0, 1.0), full_batch=fb(0.25)),
+            dict(_row("jax-mlp", "cpu", "mlp4", 1.0, 1.0), full_batch=fb(0.5), n_devices=2)]
+    [line] = compare.full_batch_lines(rows)
+    assert "jax-mlp 0.250 s [0.250-0.250], 4.00x" in line
+    assert "jax-mlp (2 devices) 0.500 s [0.500-0.500], 2.00x" in line
+
+
 # ------------------------------------------------------------------ several devices
 def test_rows_on_several_devices_are_planned_where_a_library_sees_several():
     ap = compare.build_parser()

@@ -15,7 +15,20 @@ def test_seed_spread_summary_is_mean_sample_std_and_standard_error():
     assert s["mean"] == 83.0 and s["min"] == 80.0 and s["max"] == 86.0
     assert s["std"] == pytest.approx(math.sqrt(20 / 3))          # n - 1 in the denominator
     assert s["sem"] == pytest.approx(math.sqrt(20 / 3) / 2)
-    assert seed_spread.summarize([81.5])["std"] == 0.0
+    one = seed_spread.summarize([81.5])
+    assert one["std"] is None and one["sem"] is None  # one seed has no spread, not a zero one
+
+
+def test_seed_spread_judges_a_difference_only_with_a_spread():
+    a = seed_spread.summarize([80.0, 82.0, 84.0])
+    b = seed_spread.summarize([84.0, 86.0, 88.0])
+    v = seed_spread.compare(a, b)
+    assert v["diff_pp"] == 4.0 and v["se_of_diff_pp"] == pytest.approx(math.sqrt(2 * 4 / 3))
+    assert v["differ_by_more_than_2_se"] is True
+    assert seed_spread.compare(a, seed_spread.summarize([82.1, 81.9, 82.0]))[
+        "differ_by_more_than_2_se"] is False
+    # one seed each: a zero standard error made any difference "significant"
+    assert seed_spread.compare(seed_spread.summarize([80.0]), seed_spread.summarize([81.0])) is None
 
 
 def _run(d, secs, accs, complete=True):
@@ -43,3 +56,32 @@ def test_gpu_refuses_unknown_or_all_skipped_steps(tmp_path):
         gpu.main(["--data", "x", "--skip", "bench,gpu", "--out", str(tmp_path)])
     with pytest.raises(UserError, match="nothing to measure"):
         gpu.main(["--data", "x", "--skip", "bench,jax,torch", "--out", str(tmp_path)])
+
+
+def test_gpu_continues_only_its_own_training_with_a_command_the_driver_accepts(tmp_path,
+                                                                                monkeypatch):
+    """A rerun used to add --resume to a fresh command (refused by the driver: '--data cannot
+    be given with it') and then report the earlier run under this call's labels; another
+    training in the folder (here: another --subset) is now refused before anything runs."""
+    import importlib
+    from data.driver import configure
+    data = tmp_path / "cifake"
+    data.mkdir()
+    run_dir = tmp_path / "out" / "jax_port-v3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"preset": "v3", "subset": 50,
+                                                     "data": str(data)}))
+    (run_dir / "state.json").write_text("{}")
+    cmds = []
+    monkeypatch.setattr(gpu, "run_step", lambda name, cmd, out, limit: (
+        cmds.append(cmd), {"step": name, "command": cmd[1:], "status": "done",
+                           "wall_seconds": 0.0})[1])
+    base = ["--data", str(data), "--out", str(tmp_path / "out"), "--skip", "bench,torch"]
+    with pytest.raises(UserError, match="subset 50.*not this call's None"):
+        gpu.main(base)
+    assert cmds == []
+    assert gpu.main(base + ["--subset", "50", "--epochs", "3"]) == 0
+    argv = cmds[0][cmds[0].index("jax_port.train") + 1:]
+    assert "--resume" in argv and "--preset" not in argv and "--data" not in argv
+    stack = importlib.import_module("jax_port.train").JaxPort()
+    assert configure(stack, argv)[2] is True  # the driver takes it as a resume

@@ -318,6 +318,23 @@ def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, ca
         R.main(args)
 
 
+def test_recipe_time_goal_is_not_judged_across_devices():
+    """The reference on a CPU and the recipe on a GPU would 'meet' the time goal trivially."""
+    from bench import recipe as R
+
+    def rec(rung, seed, device, secs, to_target):
+        return {"rung": rung, "seed": seed, "status": "complete", "test_acc": 97.0,
+                "test_dedup_acc": 97.0, "train_seconds": secs, "device_label": device,
+                "seconds_to_target": to_target}
+    same = [rec("reference", 0, "cpu", 3000.0, 2500.0), rec("recipe", 0, "cpu", 1800.0, 1400.0)]
+    goal = next(k for k in R.summarise(same, False)["goals"] if "reference" in k)
+    assert R.summarise(same, False)["goals"][goal] == "met"
+    mixed = [same[0], rec("recipe", 0, "NVIDIA H100", 20.0, 15.0)]
+    s = R.summarise(mixed, False)
+    assert s["goals"][goal] == "not judged (runs on several devices: NVIDIA H100, cpu)"
+    assert s["devices"] == ["NVIDIA H100", "cpu"]
+
+
 @pytest.mark.parametrize("seeds", ["", "0,,1", "0,0", "-1", "x"])
 def test_recipe_refuses_bad_seeds(seeds, tmp_path):
     from bench import recipe as R

@@ -67,3 +67,22 @@ def test_seeds_table_averages_finished_runs_of_each_stack(tmp_path):
     md = (tmp_path / "o" / "seeds.md").read_text()
     assert "s2: 50.00 (unfinished (1 epochs))" in md and "96.50 ± 0.50 (n = 3)" in md
     assert "-0.20 ±" in md and "baseline" not in md.split("|---|")[-1]
+
+
+def test_runs_smaller_than_the_original_are_labelled_and_not_compared(tmp_path):
+    """A bench.reproduce miniature (--subset, --epochs-scale) used to be shown as a full
+    CIFAKE result and compared with a full run."""
+    f = {"train_acc": 97.0, "test_acc": 96.5, "gap_pp": 0.5, "test_auc": 0.99,
+         "test_dedup": {"accuracy": 96.4}}
+    h = [{"epoch": 1, "seconds": 5.0, "train_acc": 90.0, "test_acc": 96.0}]
+    _run(tmp_path / "s" / "runs" / "torch_cnn-v3", h, f)
+    (tmp_path / "s" / "runs" / "torch_cnn-v3" / "config.json").write_text(
+        json.dumps({"device": "cpu", "subset": 100, "epochs": 1}))
+    _run(tmp_path / "j" / "runs" / "jax_port-v3", h, dict(f, test_acc=96.6))
+    assert S.main(["--spec", str(tmp_path / "s"), "--jax", str(tmp_path / "j"),
+                   "--out", str(tmp_path / "o"), "--rows", "v3"]) == 0
+    doc = json.loads((tmp_path / "o" / "side_by_side.json").read_text())
+    assert doc["rows"][0]["jax_minus_spec_test_pp"] is None
+    assert "full CIFAKE" not in doc["title"]
+    md = (tmp_path / "o" / "side_by_side.md").read_text()
+    assert "complete, subset 100/class, 1 of 50 epochs" in md
