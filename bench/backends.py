@@ -117,6 +117,10 @@ class Backend:
         self.model, self.device, self.seed, self.n_devices = model, device, seed, n_devices
         self.hp = hyperparameters(model)
 
+    def set_seed(self, seed: int) -> None:
+        """Train the next runs with ``seed``'s batch order, augmentation and dropout draws."""
+        self.seed = seed
+
     def device_name(self) -> str:
         return "cpu"
 
@@ -375,6 +379,10 @@ class JaxBackend(Backend):
                                   decay=self.hp["decay"], augment=self.hp["augment"], seed=seed,
                                   mesh=js.make_mesh(devs[:n_devices]))
         self.full_trainer = None  # the full-batch phase's, made on its first epoch
+
+    def set_seed(self, seed):
+        super().set_seed(seed)
+        self.trainer.seed = seed  # the JAX trainer draws its batch order and dropout masks
 
     def device_name(self):
         name = f"{self.dev.platform}:{getattr(self.dev, 'device_kind', '')}"

@@ -6,8 +6,8 @@ timed passes; compilation and warm-up excluded and reported apart), the time of 
 epoch over the whole training split (measured for MLPs; for CNNs estimated from the
 throughput unless ``--measure-cnn-epoch``), peak memory, and the test accuracy reached
 under ONE fixed budget shared by all (``--budget-epochs`` epochs on the first
-``--budget-subset`` training images per class, same seed and batch order, evaluated on
-the whole test split). ``bench.parity`` checks that the JAX port computes the specs'
+``--budget-subset`` training images per class, same seeds and batch order, evaluated on
+the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.parity`` checks that the JAX port computes the specs'
 function. Ratios are taken against a reference measured in the same run (NumPy for the
 MLPs, the torchvision pipeline for the CNNs), and the project's speed goals are printed
 with their measured values and PASS/MISS.
@@ -65,11 +65,13 @@ SCHEMA = "cifake-bench/1"
 # Default measurement sizes. Units: repeats = timed passes per throughput figure;
 # steps = training steps (batches) per timed CNN pass; eval_images = test images per timed
 # eval pass; budget_epochs = epochs; budget_subset = training images PER CLASS.
+# budget_seeds = seeds of the accuracy budget (seed, seed + 1, ...): at 3 epochs on 4,000
+# images one seed's accuracy swings by 2-3 pp, so the column is a mean ± std over several.
 DEFAULTS = dict(repeats=3, steps=50, eval_images=5000, budget_epochs=3, budget_subset=2000,
-                synthetic_train=100_000, synthetic_test=20_000)
+                budget_seeds=3, synthetic_train=100_000, synthetic_test=20_000)
 # --quick: a smoke test of about a minute on the mini archive (2000/class train).
 QUICK = dict(repeats=2, steps=10, eval_images=1000, budget_epochs=1, budget_subset=200,
-             synthetic_train=4000, synthetic_test=1000)
+             budget_seeds=1, synthetic_train=4000, synthetic_test=1000)
 DEFAULT_MODELS = ("mlp4", "v3")
 
 # Speed goals. Units: ratios are x; throughput images/s; time seconds.
@@ -123,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-subset", type=positive_int("--budget-subset"),
                     help=f"training images PER CLASS of the accuracy budget "
                          f"(default {DEFAULTS['budget_subset']})")
+    ap.add_argument("--budget-seeds", type=positive_int("--budget-seeds"),
+                    help=f"seeds of the accuracy budget, from --seed on: the column shows their "
+                         f"mean ± sample std (default {DEFAULTS['budget_seeds']}, quick "
+                         f"{QUICK['budget_seeds']})")
     ap.add_argument("--measure-cnn-epoch", action="store_true",
                     help="time a real full CNN epoch on the CPU too (slow there) instead of "
                          "estimating it from the throughput (GPU CNN epochs are always measured)")
@@ -475,6 +481,12 @@ def ratio_cell(r: dict) -> str:
     return f"{ratio:.2f}x" + (f" vs {ref_dev}" if ref_dev and ref_dev != r["device"] else "")
 
 
+def budget_cell(b: dict) -> str:
+    """The budget accuracy: the mean ± sample std over the seeds, or one seed's value."""
+    std = b.get("test_accuracy_std")
+    return f"{b['test_accuracy']:.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+
 def render_table(doc: dict) -> str:
     rows = doc["rows"]
     head = ["backend", "dev", "n", "model", "train img/s median [min-max]", "x ref", "scaling",
@@ -491,7 +503,7 @@ def render_table(doc: dict) -> str:
         t, e, ep = r["train"], r["eval"], r["epoch"]
         epoch_s = f"{ep['seconds']:.2f}" + (" (est.)" if ep["how"] == "estimated" else "")
         comp = t["compile_s"]
-        acc = "absent" if r["budget"] is None else f"{r['budget']['test_accuracy']:.2f}"
+        acc = "absent" if r["budget"] is None else budget_cell(r["budget"])
         mem = f"{r['memory']['peak_rss_mib']:,.0f}"
         if r["memory"]["peak_device_mib"] is not None:
             mem += f" (dev {r['memory']['peak_device_mib']:,.0f})"
@@ -515,8 +527,11 @@ def render_table(doc: dict) -> str:
     else:
         lines.append(f"data: {d['path']} ({d['how']}); {d['n_train']:,} train / "
                      f"{d['n_test']:,} test images")
+        n_seeds = cfg.get("budget_seeds", 1)
+        seeds = f"seed {cfg['seed']}" if n_seeds == 1 else \
+            f"mean ± sample std over seeds {cfg['seed']}-{cfg['seed'] + n_seeds - 1}"
         lines.append(f"budget: {cfg['budget_epochs']} epoch(s) on the first "
-                     f"{cfg['budget_subset']} training images per class, seed {cfg['seed']}, "
+                     f"{cfg['budget_subset']} training images per class, {seeds}, "
                      f"same initial weights and batch order per family, each model's spec "
                      f"preset; accuracy on the whole test split")
     lines.append(f"throughput: median [min-max] of {cfg['repeats']} timed passes; compilation "
@@ -565,12 +580,13 @@ def render_chart(doc: dict) -> bytes:
     acc_rows = [r for r in rows if r.get("budget")]
     if acc_rows:
         a2.bar(range(len(acc_rows)), [r["budget"]["test_accuracy"] for r in acc_rows],
+               yerr=[r["budget"].get("test_accuracy_std") or 0.0 for r in acc_rows],
                color=["tab:blue" if r["family"] == "mlp" else "tab:orange" for r in acc_rows])
         a2.set_xticks(range(len(acc_rows)),
                       [f"{r['backend']}\n{r['device']}{_times(r)} {r['model']}"
                        for r in acc_rows], fontsize=7)
         a2.set_ylim(0, 100)
-        a2.set_ylabel("test accuracy % (fixed budget)")
+        a2.set_ylabel("test accuracy % (fixed budget; mean ± std over seeds)")
         c = doc["config"]
         a2.set_title(f"accuracy after {c['budget_epochs']} epoch(s) on {2 * c['budget_subset']} imgs")
     else:
@@ -627,16 +643,19 @@ def main(argv: list[str] | None = None) -> int:
     # spec's init for the seed, written once per model (a temporary file, not a result).
     tmp = tempfile.TemporaryDirectory(prefix="bench-init-")
     init_files = {}
+    budget_seeds = [cfg["seed"] + k for k in range(cfg["budget_seeds"])]
     if data_path is not None:
         for m in args.models:
-            path = Path(tmp.name) / f"init-{m}.safetensors"
-            res, err = run_worker(["bench.worker", "--init", m, str(cfg["seed"]), str(path)],
-                                  worker_env("numpy-mlp", "cpu"), 300)
-            if res is None:
-                notes.append(f"{m}: could not write the spec's initial weights ({err}); each "
-                             f"backend starts the budget from its own init")
+            paths = [str(Path(tmp.name) / f"init-{m}-s{sd}.safetensors") for sd in budget_seeds]
+            for sd, path in zip(budget_seeds, paths):
+                res, err = run_worker(["bench.worker", "--init", m, str(sd), path],
+                                      worker_env("numpy-mlp", "cpu"), 300)
+                if res is None:
+                    notes.append(f"{m}: could not write the spec's initial weights ({err}); "
+                                 f"each backend starts the budget from its own init")
+                    break
             else:
-                init_files[m] = str(path)
+                init_files[m] = paths
 
     rows = []
     for i, (b, d, m, n) in enumerate(runs, 1):
@@ -645,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"backend": b, "device": d, "model": m, "n_devices": n, "data": data_path,
                 "cache_dir": args.cache_dir, **{k: cfg[k] for k in base},
                 "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"],
-                "init_weights": init_files.get(m)}
+                "budget_seed_list": budget_seeds, "init_weights": init_files.get(m)}
         res, err = run_worker(worker_argv(b, spec), worker_env(b, d), args.worker_timeout)
         if res is None:
             res = {"ok": False, "backend": b, "device": d, "model": m, "error": err}
@@ -709,10 +728,12 @@ def main(argv: list[str] | None = None) -> int:
                           "untimed warm-up epoch (data preparation, compilation)",
             "memory": "peak ru_maxrss of the backend's own worker process; GPU: "
                       "torch.cuda.max_memory_allocated / JAX memory_stats peak_bytes_in_use",
-            "budget": "the spec's initial weights for the seed (same for every backend of a "
-                      "family), budget_epochs epochs over the first budget_subset "
-                      "training images per class with the spec preset's hyperparameters, "
-                      "test accuracy on the whole test split",
+            "budget": "per seed: the spec's initial weights for the seed (same for every "
+                      "backend of a family), budget_epochs epochs over the first "
+                      "budget_subset training images per class with the spec preset's "
+                      "hyperparameters, test accuracy on the whole test split; "
+                      "test_accuracy is the mean over the seeds, test_accuracy_std their "
+                      "sample std (None for one seed), per_seed each seed's figures",
             "ratio_vs_reference": "median / the reference backend's median, same model, same run",
             "n_devices": "devices the row trains on, data-parallel when more than one (JAX: "
                          "a jax.sharding Mesh; torch: DistributedDataParallel, one process "

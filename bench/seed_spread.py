@@ -57,9 +57,8 @@ def worker(args) -> int:
     bset = ds.train.subset_per_class(args.budget_subset)
     b = make_backend(args.backend, args.model, args.device, seed=0)
     for seed in range(args.seeds):
-        b.seed = seed
-        if getattr(b, "trainer", None) is not None:  # the JAX trainer draws its batch order
-            b.trainer.seed = seed
+        b.set_seed(seed)
+        if getattr(b, "trainer", None) is not None:
             b.trainer.chunk_batches = 50  # as the bench and jax_port's CLI train
         b.init(seed, spec_init_weights(args.model, seed))
         h = b.put(bset)

@@ -116,7 +116,7 @@ def test_quick_run_on_the_mini_archive_with_parity(mini_zip, tmp_path, cache_dir
     rc, stdout, _ = _run(["--quick", "--repeats", "2", "--budget-epochs", "1", "--budget-subset",
                           "100", "--eval-images", "200", "--data", str(mini_zip), "--cache-dir",
                           str(cache_dir), "--out", str(out), "--backends", "numpy-mlp,jax-mlp",
-                          "--models", "mlp2", "--no-chart"], capsys)
+                          "--models", "mlp2", "--no-chart", "--budget-seeds", "2"], capsys)
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
     validate_bench(doc, {("numpy-mlp", "cpu", "mlp2"), ("jax-mlp", "cpu", "mlp2")}, accuracy=True)
@@ -125,9 +125,20 @@ def test_quick_run_on_the_mini_archive_with_parity(mini_zip, tmp_path, cache_dir
     assert rows["numpy-mlp"]["parity"]["status"] == "reference"
     assert rows["jax-mlp"]["parity"]["status"] == "pass", doc["parity"]
     assert doc["parity"]["checks"]["mlp2"]["passed"] is True
-    # the same initial weights and batches: after the same budget, the two MLPs agree
-    assert rows["jax-mlp"]["budget"]["test_accuracy"] == pytest.approx(
-        rows["numpy-mlp"]["budget"]["test_accuracy"], abs=0.5)
+    # the budget over two seeds: the mean ± sample std of the seeds' accuracies, each seed
+    # from its own initial weights and batch order, the same in both stacks, which agree
+    for b in rows.values():
+        bud = b["budget"]
+        accs = [p["test_accuracy"] for p in bud["per_seed"]]
+        assert bud["seeds"] == [0, 1] and [p["seed"] for p in bud["per_seed"]] == [0, 1]
+        assert bud["test_accuracy"] == pytest.approx(sum(accs) / 2)
+        assert bud["test_accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    for s in (0, 1):
+        assert rows["jax-mlp"]["budget"]["per_seed"][s]["test_accuracy"] == pytest.approx(
+            rows["numpy-mlp"]["budget"]["per_seed"][s]["test_accuracy"], abs=0.5)
+    assert rows["numpy-mlp"]["budget"]["per_seed"][0]["final_train_loss"] != \
+        rows["numpy-mlp"]["budget"]["per_seed"][1]["final_train_loss"]  # two seeds, two runs
+    assert " ± " in stdout and "mean ± sample std over seeds 0-1" in stdout
     assert not (out / "bench.png").exists()
     # the full-batch figure: both stacks train the same epochs from the same weights
     fb = {b: rows[b]["full_batch"] for b in rows}
