@@ -37,10 +37,13 @@ GRAD_RTOL = 1e-4
 # BN, so Adam steps on rounding noise even here), everything else far smaller.
 TRAIN64_RTOL = 1e-8
 # the same in float32, per tensor, relative Frobenius norm ||jax - torch|| / ||torch||
-# (see test_adam_trajectory_matches_torch_in_float32 for why not max-abs): measured up to
-# 1.9e-2 on the noise batches used here (worst: fc1.bias of the baseline, which memorises
-# noise; dropout 2.6e-3, v3 4.4e-3).
-TRAIN32_FRO = 5e-2
+# (see test_adam_trajectory_matches_torch_in_float32 for why not max-abs), per model: the
+# worst tensor measured over the plain and the recipe trajectories on the noise batches
+# used here is 2.2e-2 (baseline fc1.weight: it memorises noise, and rounding differences
+# grow chaotically), 5.4e-3 (dropout fc1.bias), 6.3e-3 (v3 bn1.bias, recipe). Adam's beta2
+# at 0.99 instead of 0.999 gives 4.9e-2 / 3.5e-2 / 1.9e-2, so these bounds catch a bug of
+# that size; the float64 trajectories (TRAIN64_RTOL) are the finer guard.
+TRAIN32_FRO = {"baseline": 4e-2, "dropout": 1.5e-2, "v3": 1.5e-2}
 # the compiled epoch (baseline, 3 steps) against torch's DevicePipeline, relative to each
 # tensor's max |value|: 3 steps leave no time for the drift described above.
 EPOCH_RTOL = 1e-3
@@ -69,10 +72,23 @@ class _FixedMaskDropout(torch.nn.Module):
         return x * (self.mask.to(x.dtype) / (1.0 - DROPOUT_P))
 
 
-def _torch_model(name):
+def _torch_model(name, random_bn=False):
+    """The spec's model for SEED, dropout with a mask we set. ``random_bn``: BatchNorm's scale,
+    shift and running statistics drawn away from their initial 1 / 0 / 0 / 1, at which
+    eval-mode BN is the identity (to 5e-6) and the scale drops out of every gradient: a port
+    that skipped BN in eval, or forgot the scale in its backward, would pass there."""
     m = init_model(name, SEED)
     if m.dropout is not None:
         m.dropout = _FixedMaskDropout()
+    if random_bn and m.use_bn:
+        g = np.random.default_rng(1)
+        with torch.no_grad():
+            for bn in (m.bn1, m.bn2):
+                c = bn.num_features
+                bn.running_mean.copy_(torch.from_numpy(g.normal(0, 0.3, c).astype(np.float32)))
+                bn.running_var.copy_(torch.from_numpy(g.uniform(0.2, 3, c).astype(np.float32)))
+                bn.weight.copy_(torch.from_numpy(g.uniform(0.5, 1.5, c).astype(np.float32)))
+                bn.bias.copy_(torch.from_numpy(g.normal(0, 0.2, c).astype(np.float32)))
     return m
 
 
@@ -161,7 +177,7 @@ def test_conversion_round_trip_is_exact(name):
 @pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_and_gradients_match_torch(name, conv_impl):
-    model = _torch_model(name)
+    model = _torch_model(name, random_bn=True)
     v = convert.cnn_from_canonical(state_to_numpy(model))
     spec = JM.get_spec(name)
     images, labels = _data(BATCH)
@@ -218,16 +234,7 @@ def test_trainer_logits_match_torch_eval(name, conv_impl):
     forward on the CPU, lax.map over chunks, whole blocks per call, a padded remainder)
     against torch's eval-mode forward, with non-trivial BN running statistics so the fold
     is exercised; 7 images per chunk, 3 chunks per call: two full calls, a padded one."""
-    model = _torch_model(name)
-    if name == "v3":
-        g = np.random.default_rng(1)
-        with torch.no_grad():
-            for bn in (model.bn1, model.bn2):
-                c = bn.num_features
-                bn.running_mean.copy_(torch.from_numpy(g.normal(0, 0.3, c).astype(np.float32)))
-                bn.running_var.copy_(torch.from_numpy(g.uniform(0.2, 3, c).astype(np.float32)))
-                bn.weight.copy_(torch.from_numpy(g.uniform(0.5, 1.5, c).astype(np.float32)))
-                bn.bias.copy_(torch.from_numpy(g.normal(0, 0.2, c).astype(np.float32)))
+    model = _torch_model(name, random_bn=True)
     images, _ = _data(50, seed=5)
     model.eval()
     with torch.no_grad():
@@ -353,9 +360,9 @@ def _assert_float32_trajectory(got, want, name, lr_sum, what):
             assert np.max(np.abs(got[k] - want[k])) <= 2 * lr_sum, k
             continue
         err = np.linalg.norm(got[k].astype(np.float64) - want[k]) / np.linalg.norm(want[k])
-        if err > TRAIN32_FRO:
+        if err > TRAIN32_FRO[name]:
             bad[k] = err
-    assert not bad, f"{what}, relative Frobenius error > {TRAIN32_FRO}: " + \
+    assert not bad, f"{what}, relative Frobenius error > {TRAIN32_FRO[name]}: " + \
         ", ".join(f"{k}: {e:.2e}" for k, e in bad.items())
 
 
@@ -364,7 +371,7 @@ def _assert_float32_trajectory(got, want, name, lr_sum, what):
 def test_label_smoothed_loss_and_gradients_match_torch(conv_impl):
     """BCE against y (1 - eps) + eps / 2 (data.recipe.smooth_targets) in both engines: the
     loss and every gradient of v3 in train mode, with a shared dropout mask."""
-    model = _torch_model("v3")
+    model = _torch_model("v3", random_bn=True)
     v = convert.cnn_from_canonical(state_to_numpy(model))
     spec = JM.get_spec("v3")
     images, labels = _data(BATCH)
