@@ -2,7 +2,8 @@
 
 Runs each row's preset with a stack's own entry point (``python -m
 <stack>.train --preset ROW``) in a subprocess, one after the other, then
-writes into ``--out`` (default ``results/reproduce``)::
+writes into ``--out`` (default ``results/reproduce-spec`` for the spec stacks,
+``results/reproduce-jax`` for the port: where ``bench.side_by_side`` looks)::
 
     table.md, table.csv       train / test / gap per row next to the original and the difference,
                               de-duplicated-test accuracy, ROC-AUC, wall time, device
@@ -62,6 +63,12 @@ def _device(s: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def default_out(backend: str) -> str:
+    """Where a backend's table goes unless --out says: the two folders bench.side_by_side
+    reads by default, so the two backends' tables do not overwrite each other."""
+    return "results/reproduce-jax" if backend == "jax" else "results/reproduce-spec"
+
+
 def parse_args(argv):
     ap = ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0],
                         epilog="example:\n  python -m bench.reproduce --data cifake.zip "
@@ -71,7 +78,8 @@ def parse_args(argv):
                     help=f"comma-separated rows (default all): {','.join(ROWS)}")
     ap.add_argument("--data", help="Kaggle cifake zip or folder (default: $CIFAKE_PATH)")
     ap.add_argument("--cache-dir")
-    ap.add_argument("--out", default="results/reproduce")
+    ap.add_argument("--out", help="output folder (default results/reproduce-jax for --backend "
+                                  "jax, else results/reproduce-spec)")
     ap.add_argument("--epochs-scale", type=_positive_float, default=1.0,
                     help="multiply each preset's epochs (at least 1): a miniature of the table")
     ap.add_argument("--subset", type=positive_int("--subset"),
@@ -311,7 +319,7 @@ def write_plots(out: Path, records: list[dict], label: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = out_dir(args.out)
+    out = out_dir(args.out or default_out(args.backend))
     out_dir(out / "runs")
     label = "CIFAKE results, full presets"
     if is_miniature(args):

@@ -100,3 +100,10 @@ def test_bad_seed_lists_are_refused(seeds, tmp_path):
     r = _run(["--seeds", seeds, "--out", str(tmp_path / "x")], timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_each_backend_writes_where_side_by_side_reads():
+    from bench import reproduce, side_by_side
+    sbs = vars(side_by_side.parse_args([]))
+    assert reproduce.default_out("jax") == sbs["jax"]
+    assert {reproduce.default_out(b) for b in ("spec", "numpy", "torch")} == {sbs["spec"]}
