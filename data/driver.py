@@ -107,6 +107,11 @@ class Stack:
         done, last loss)`` after each step or chunk; NonFiniteLoss before a bad step."""
         raise NotImplementedError
 
+    def compile(self, epoch: int) -> None:
+        """Compile ahead what training from ``epoch`` (0-based) will run, without training;
+        a no-op for eager stacks. The driver times it apart (metrics.json's
+        ``compile_seconds``), so that epoch seconds are training alone."""
+
     def logits(self, split) -> np.ndarray:
         """Eval-mode logits of a whole split, in stored order."""
         raise NotImplementedError
@@ -462,6 +467,9 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
          tensorboard: bool = False, primary: bool = True) -> int:
     cfg.update(stack.build(cfg, ds))
     start, history, wall_before = _resume_point(stack, out) if resume else (0, [], 0.0)
+    # compilation ahead of the first epoch, summed over the run's sessions (a resume compiles
+    # again); not in any epoch's seconds
+    compile_seconds = _compile_seconds(out) if resume else 0.0
     epochs = cfg["epochs"]
     if start > epochs:
         raise UserError(f"--resume: {out} already completed {start} epochs, more than "
@@ -483,7 +491,8 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     def write_metrics(final=None):
         atomic_write_json(out / "metrics.json", {"history": history, "final": final,
                                                  "complete": final is not None,
-                                                 "wall_seconds": wall()})
+                                                 "wall_seconds": wall(),
+                                                 "compile_seconds": compile_seconds})
     writer = None
     if tensorboard and primary:  # a viewer's copy of the history: metrics.json stays the record
         from tensorboardX import SummaryWriter
@@ -495,6 +504,10 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
         feed = DegradeFeed(ds.train.images, cfg["seed"], cfg["degrade"], epochs,
                            workers=max(1, (os.cpu_count() or 1) // _local_processes()))
     epoch, saved = start, start
+    if start < epochs:
+        t0 = time.perf_counter()
+        stack.compile(start)
+        compile_seconds += time.perf_counter() - t0
     try:
         for epoch in range(start, epochs):
             row = _train_epoch(stack, cfg, ds, out, epoch, bars, primary, feed)
@@ -538,6 +551,14 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
           f"(gap {final['gap_pp']:.2f} pp, test AUC {auc}, dedup test "
           f"{final['test_dedup']['accuracy']:.2f}%) -> {out}", file=sys.stderr)
     return 0
+
+
+def _compile_seconds(out: Path) -> float:
+    path = out / "metrics.json"
+    if not path.exists():
+        return 0.0
+    return float(field(read_json(path), "compile_seconds", (int, float), path, required=False,
+                       default=0.0))
 
 
 def _local_processes() -> int:

@@ -329,21 +329,88 @@ class Trainer:
     def dropout_key(self, epoch: int):
         return jax.random.PRNGKey(int(dropout_rng(self.seed, epoch).integers(0, 2**31 - 1)))
 
+    def _epoch_inputs(self, epoch: int, n: int) -> dict:
+        """What a minibatch epoch (0-based ``epoch``) of ``n`` images dispatches, built the
+        same way for ``compile_epoch`` and ``run_epoch``."""
+        key_epoch = epoch + self.rng_epoch_offset
+        order = epoch_order(self.seed, key_epoch, n).astype(np.int32)
+        draws = augment_draws(self.seed, key_epoch, n) if self.augment else identity_draws(n)
+        slices = batch_slices(n, self.batch_size)
+        bs = slices[0].stop - slices[0].start
+        n_full = n // bs
+        lrs, ema_decays = self.step_hypers(epoch * len(slices), len(slices))
+        if not self.per_step_lr:
+            lrs[:] = self.lr_at(epoch)
+        # The epoch's indices, draws and per-step numbers travel once; each chunk is a
+        # device-side slice.
+        full = slice(0, n_full * bs)
+        # (several devices: each batch's images, draws and positions split over them)
+        ep = [self.put(a[full].reshape(n_full, bs), P(None, BATCH_AXIS))
+              for a in (order, draws.dy, draws.dx, draws.flip)]
+        return {"order": order, "draws": draws, "bs": bs, "n_full": n_full, "lrs": lrs,
+                "ema_decays": ema_decays, "ep": ep,
+                "key": self.put(self.dropout_key(key_epoch)),
+                "steps": self.put(np.arange(n_full, dtype=np.int32)),
+                "hyper": [self.put(a[:n_full]) for a in (lrs, ema_decays)],
+                "chunks": [(c0, min(c0 + self.chunk_batches, n_full))
+                           for c0 in range(0, n_full, self.chunk_batches)]}
+
+    def _scan_args(self, state, images_dev, labels_dev, e: dict, c0: int, c1: int) -> tuple:
+        return (state, images_dev, labels_dev, *(a[c0:c1] for a in e["ep"]),
+                e["steps"][c0:c1], *(a[c0:c1] for a in e["hyper"]), e["key"])
+
+    def _partial_args(self, state, images_dev, labels_dev, e: dict, n: int) -> tuple:
+        """The last, partial batch's single step (a second compiled program)."""
+        n_full, bs, draws = e["n_full"], e["bs"], e["draws"]
+        sl = slice(n_full * bs, n)
+        mask = M.dropout_mask(jax.random.fold_in(e["key"], n_full), n - n_full * bs) \
+            if self.spec.dropout else None
+        idx = self.put(e["order"][sl])
+        return (state, images_dev[idx], labels_dev[idx],
+                self.put(draws.dy[sl]), self.put(draws.dx[sl]), self.put(draws.flip[sl]), mask,
+                self._scalar(e["lrs"][n_full]), self._scalar(e["ema_decays"][n_full]))
+
+    def _full_batch(self, images_dev, labels_dev) -> bool:
+        return self.batch_size is None and not self.augment and not self.spec.dropout
+
+    def compile_epoch(self, state, images_dev, labels_dev, epoch: int) -> None:
+        """Compile every program ``run_epoch(state, images_dev, labels_dev, epoch)`` will
+        dispatch (ahead of time: nothing is trained), so that the epoch's seconds are
+        training alone and the compilation can be reported apart. Every epoch dispatches
+        the same shapes, so one call before the first epoch covers the run."""
+        n = int(labels_dev.shape[0])
+        if self._full_batch(images_dev, labels_dev):
+            self._full_step_jit.lower(state, self.full_batch_inputs(images_dev), labels_dev,
+                                      self._scalar(self.lr_at(epoch))).compile()
+            return
+        e = self._epoch_inputs(epoch, n)
+        compiled = set()
+        for c0, c1 in e["chunks"]:
+            # every chunk's arguments are made (their device-side slices are small programs
+            # of their own, compiled on first use); each chunk length's scan compiled once
+            args = self._scan_args(state, images_dev, labels_dev, e, c0, c1)
+            if c1 - c0 not in compiled:
+                self._scan_jit.lower(*args).compile()
+                compiled.add(c1 - c0)
+        if e["n_full"] * e["bs"] < n:
+            self._step_jit.lower(*self._partial_args(state, images_dev, labels_dev, e, n)
+                                 ).compile()
+
     def run_epoch(self, state, images_dev, labels_dev, epoch: int,
                   on_chunk: Callable[[int, float, int], None] | None = None):
         """Train one epoch (0-based ``epoch``) over the device-resident split.
 
         Returns ``(state, {"lr", "train_loss" (mean over steps), "train_acc" (%),
         "seconds", "images_per_s"})``. ``on_chunk(images_done, last_loss, n_correct)``
-        is called after every compiled chunk (progress bar).
+        is called after every compiled chunk (progress bar). Compilation not done ahead
+        (``compile_epoch``) happens here and counts in the seconds.
         """
         t0 = time.perf_counter()
         n = int(labels_dev.shape[0])
-        key_epoch = epoch + self.rng_epoch_offset
-        lr = self._scalar(self.lr_at(epoch))
-        if self.batch_size is None and not self.augment and not self.spec.dropout:
+        if self._full_batch(images_dev, labels_dev):
             # full batch: one step over the split in its stored order (as numpy_mlp: the
             # full-batch gradient is a sum over all images; a shuffle changes only rounding)
+            lr = self._scalar(self.lr_at(epoch))
             state, (l, nc) = self._full_step_jit(state, self.full_batch_inputs(images_dev),
                                                  labels_dev, lr)
             losses, correct = [float(l)], int(nc)
@@ -354,25 +421,10 @@ class Trainer:
             return state, {"lr": self.lr_at(epoch), "train_loss": losses[0],
                            "train_acc": 100.0 * correct / n, "seconds": secs,
                            "images_per_s": n / secs}
-        order = epoch_order(self.seed, key_epoch, n).astype(np.int32)
-        draws = augment_draws(self.seed, key_epoch, n) if self.augment else identity_draws(n)
-        slices = batch_slices(n, self.batch_size)
-        bs = slices[0].stop - slices[0].start
-        n_full = n // bs
-        key = self.put(self.dropout_key(key_epoch))
-        lrs, ema_decays = self.step_hypers(epoch * len(slices), len(slices))
-        if not self.per_step_lr:
-            lrs[:] = self.lr_at(epoch)
-        # The epoch's indices, draws and per-step numbers travel once; each chunk is a
-        # device-side slice. A chunk's losses are read back only after the next chunk is
-        # dispatched, so the device never waits for the host (progress and the NaN check
-        # lag one chunk).
-        full = slice(0, n_full * bs)
-        # (several devices: each batch's images, draws and positions split over them)
-        ep = [self.put(a[full].reshape(n_full, bs), P(None, BATCH_AXIS))
-              for a in (order, draws.dy, draws.dx, draws.flip)]
-        steps_dev = self.put(np.arange(n_full, dtype=np.int32))
-        hyper = [self.put(a[:n_full]) for a in (lrs, ema_decays)]
+        e = self._epoch_inputs(epoch, n)
+        bs, n_full = e["bs"], e["n_full"]
+        # A chunk's losses are read back only after the next chunk is dispatched, so the
+        # device never waits for the host (progress and the NaN check lag one chunk).
         losses, correct = [], 0
         pending = None
 
@@ -386,26 +438,17 @@ class Trainer:
             if on_chunk:
                 on_chunk(c1_ * bs, float(l_[-1]), correct)
 
-        for c0 in range(0, n_full, self.chunk_batches):
-            c1 = min(c0 + self.chunk_batches, n_full)
-            state, l, nc = self._scan_jit(state, images_dev, labels_dev,
-                                          *(a[c0:c1] for a in ep), steps_dev[c0:c1],
-                                          *(a[c0:c1] for a in hyper), key)
+        for c0, c1 in e["chunks"]:
+            state, l, nc = self._scan_jit(*self._scan_args(state, images_dev, labels_dev, e,
+                                                           c0, c1))
             if pending is not None:
                 collect(pending)
             pending = (c1, l, nc)
         if pending is not None:
             collect(pending)
         if n_full * bs < n:  # last partial batch: a second compiled (non-scan) step
-            sl = slice(n_full * bs, n)
-            idx = self.put(order[sl])
-            mask = M.dropout_mask(jax.random.fold_in(key, n_full), n - n_full * bs) \
-                if self.spec.dropout else None
-            state, (l, nc) = self._step_jit(state, images_dev[idx], labels_dev[idx],
-                                            self.put(draws.dy[sl]), self.put(draws.dx[sl]),
-                                            self.put(draws.flip[sl]), mask,
-                                            self._scalar(lrs[n_full]),
-                                            self._scalar(ema_decays[n_full]))
+            state, (l, nc) = self._step_jit(*self._partial_args(state, images_dev, labels_dev,
+                                                                e, n))
             _check_finite([float(l)], epoch, len(losses))
             losses.append(float(l))
             correct += int(nc)
@@ -413,7 +456,7 @@ class Trainer:
                 on_chunk(n, float(l), correct)
         jax.block_until_ready(state)
         secs = time.perf_counter() - t0
-        return state, {"lr": float(lrs[0]), "train_loss": float(np.mean(losses)),
+        return state, {"lr": float(e["lrs"][0]), "train_loss": float(np.mean(losses)),
                        "train_acc": 100.0 * correct / n, "seconds": secs,
                        "images_per_s": n / secs}
 

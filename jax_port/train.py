@@ -282,6 +282,9 @@ class JaxPort(Stack):
             raise NonFiniteLoss(e.step, e.loss) from None
         return row
 
+    def compile(self, epoch):
+        self.trainer.compile_epoch(self.state, self.train_x, self.train_y, epoch)
+
     def set_train_images(self, images):
         # the split's own copy stays for evaluation; several devices: a copy on each
         if self.trainer.mesh is not None:

@@ -49,6 +49,10 @@ def test_gpu_training_summary_separates_the_compiling_first_epoch(tmp_path):
     assert r["train_seconds_without_first"] == 6.0 and r["median_epoch_seconds"] == 2.0
     assert r["epochs_done"] == 4 and r["complete"] and r["test_acc"] == 96.5
     assert gpu.training_summary(tmp_path / "absent") == {}
+    assert r["compile_seconds"] is None  # a run that recorded none
+    m = tmp_path / "r" / "metrics.json"
+    m.write_text(json.dumps({**json.loads(m.read_text()), "compile_seconds": 5.5}))
+    assert gpu.training_summary(tmp_path / "r")["compile_seconds"] == 5.5
 
 
 def test_gpu_refuses_unknown_or_all_skipped_steps(tmp_path):

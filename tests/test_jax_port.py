@@ -291,3 +291,59 @@ def test_ctrl_c_keeps_the_last_epoch(archive, tmp_path, capsys, monkeypatch):
                                          "--epochs", "3"), capsys)
     assert code == 130 and f"--out {tmp_path / 'i'} --resume" in err
     assert json.loads((tmp_path / "i" / "state.json").read_text())["epoch_completed"] == 1
+
+
+@pytest.mark.parametrize("name,batch_size,augment", [("dropout", 5, False), ("v3", 5, True),
+                                                     ("mlp2", 5, False), ("mlp2", None, False)])
+def test_compile_epoch_leaves_nothing_to_compile_and_changes_nothing(name, batch_size, augment):
+    """``compile_epoch`` compiles every program an epoch dispatches (several chunks and the
+    partial batch here), so the epoch itself compiles nothing; and the epoch trains exactly
+    what it trains without it. Shapes unique to this test (13 images, batches of 5)."""
+    spec = M.get_spec(name)
+    imgs = jnp.asarray(np.stack([synthetic_image(i % 2, i) for i in range(13)]))
+    labels = jnp.asarray(np.arange(13) % 2, dtype=jnp.float32)
+    events = []
+
+    def listen(event, _d, **_k):
+        events.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _compile_then_run(spec, batch_size, augment, imgs, labels, events)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _compile_then_run(spec, batch_size, augment, imgs, labels, events):
+
+    def fresh():
+        tr = Trainer(spec, lr=1e-3, batch_size=batch_size, augment=augment, seed=3,
+                     chunk_batches=1)
+        return tr, tr.init_state(M.init_variables(spec, 3))
+
+    def compiles():
+        return sum(e == "/jax/core/compile/backend_compile_duration" for e in events)
+    tr, state = fresh()
+    before = compiles()
+    tr.compile_epoch(state, imgs, labels, 0)
+    assert compiles() > before  # it compiled something (a no-op would fail below instead)
+    before = compiles()
+    state, row = tr.run_epoch(state, imgs, labels, 0)
+    jax.block_until_ready(state)
+    assert compiles() == before, "run_epoch compiled after compile_epoch"
+    tr2, state2 = fresh()
+    state2, row2 = tr2.run_epoch(state2, imgs, labels, 0)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(state2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert row["train_loss"] == row2["train_loss"]
+
+
+def test_driver_reports_compilation_apart_and_sums_it_over_a_resume(archive, tmp_path, capsys):
+    args = ["--model", "baseline", "--batch-size", "4"]
+    code, _, err = run_main(T.main, base(archive, tmp_path, "c", *args, "--epochs", "1"), capsys)
+    assert code == 0, err
+    first = json.loads((tmp_path / "c" / "metrics.json").read_text())["compile_seconds"]
+    assert first > 0
+    code, _, err = run_main(T.main, ["--out", str(tmp_path / "c"), "--resume", "--epochs", "2",
+                                     "--no-progress", "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["compile_seconds"] > first

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from data.catalog import ONECYCLE_KEYS, PRESETS, RECIPE_DEFAULTS
+from data.catalog import DEFAULTS, ONECYCLE_KEYS, PRESETS, RECIPE_DEFAULTS
 from data.errors import UserError
 from data.recipe import StepSchedule, ema_decay_at, onecycle_lr, smooth_targets
 from data.tensors import load_safetensors
@@ -139,7 +139,7 @@ def test_a_preset_schedule_is_overridden_with_its_settings(stack):
     assert cfg["schedule"] == "constant" and cfg["lr"] == 2e-3
     assert all(cfg[k] is None for k in ("warmup_frac", "warmup_shape", "div_factor",
                                         "final_div_factor"))
-    assert cfg["label_smoothing"] == 0.1 and cfg["ema_decay"] == 0.999 and cfg["tta"] == "flip"
+    assert cfg["label_smoothing"] == 0.0 and cfg["ema_decay"] == 0.999 and cfg["tta"] == "flip"
 
 
 def test_numpy_mlp_has_no_recipe_flags(archive, tmp_path):
@@ -251,16 +251,22 @@ def test_predict_applies_the_runs_flip_tta_in_both_stacks(archive, tmp_path):
 def test_the_ladder_adds_one_ingredient_at_a_time_and_ends_at_the_preset():
     from bench import recipe as R
     rungs = R.rungs()
-    assert [r for r, _, _ in rungs] == ["reference", "v3-30", "onecycle", "smoothing", "ema",
-                                        "recipe"]
-    assert rungs[0][2] == PRESETS["v3"] and rungs[-1][2] == PRESETS["v3-recipe"]
-    assert rungs[1][2] == {**PRESETS["v3"], "epochs": PRESETS["v3-recipe"]["epochs"]}
-    for (_, _, before), (_, _, after), (_, _, keys) in zip(rungs[1:], rungs[2:], R.INGREDIENTS):
+    ladder, tried = rungs[:len(R.INGREDIENTS) + 2], rungs[len(R.INGREDIENTS) + 2:]
+    assert [r for r, _, _ in rungs] == ["reference", "v3-30", "onecycle", "ema", "recipe",
+                                        "smoothing"]
+    assert ladder[0][2] == PRESETS["v3"]
+    assert {**DEFAULTS["cnn"], **ladder[-1][2]} == {**DEFAULTS["cnn"], **PRESETS["v3-recipe"]}
+    assert ladder[1][2] == {**PRESETS["v3"], "epochs": PRESETS["v3-recipe"]["epochs"]}
+    for (_, _, before), (_, _, after), (_, _, keys) in zip(ladder[1:], ladder[2:], R.INGREDIENTS):
         changed = {k for k in after if before.get(k) != after.get(k)}
         assert changed and changed <= set(keys) and all(k in after for k in keys)
     assert all(r["epochs"] <= 30 for _, _, r in rungs[1:])
-    assert {k for _, _, keys in R.INGREDIENTS for k in keys} >= set(ONECYCLE_KEYS) | \
-        set(RECIPE_DEFAULTS)
+    # every recipe key the preset turns on is some rung's ingredient
+    on = {k for k in RECIPE_DEFAULTS if PRESETS["v3-recipe"][k] != RECIPE_DEFAULTS[k]}
+    assert {k for _, _, keys in R.INGREDIENTS for k in keys} >= set(ONECYCLE_KEYS) | on
+    # a tried ingredient is the preset with that one change
+    for (_, _, settings), (_, _, change) in zip(tried, R.TRIED):
+        assert settings == {**ladder[-1][2], **change} and settings != ladder[-1][2]
 
 
 def _in_process(cmd, log):
@@ -284,8 +290,8 @@ def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, ca
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["rung"], r["seed"]) for r in rows] == [
-        ("reference", "0"), ("v3-30", "0"), ("onecycle", "0"), ("smoothing", "0"), ("ema", "0"),
-        ("recipe", "0"), ("recipe", "1")]
+        ("reference", "0"), ("v3-30", "0"), ("onecycle", "0"), ("ema", "0"), ("recipe", "0"),
+        ("recipe", "1"), ("smoothing", "0")]
     assert [r["epochs"] for r in rows] == ["2"] + ["1"] * 6
     for r in rows:
         assert r["status"] == "complete" and 0 <= float(r["test_acc"]) <= 100
@@ -293,10 +299,13 @@ def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, ca
     cfgs = {r["rung"]: json.loads((out / "runs" / f"torch_cnn-{r['rung']}-s0" / "config.json")
                                   .read_text()) for r in rows}
     assert cfgs["v3-30"]["schedule"] == "constant" and cfgs["onecycle"]["schedule"] == "onecycle"
-    assert cfgs["onecycle"]["label_smoothing"] == 0.0 and cfgs["smoothing"]["label_smoothing"] > 0
-    assert cfgs["smoothing"]["ema_decay"] == 0.0 and cfgs["ema"]["ema_decay"] > 0
+    assert cfgs["onecycle"]["ema_decay"] == 0.0 and cfgs["ema"]["ema_decay"] > 0
     assert cfgs["ema"]["tta"] == "none" and cfgs["recipe"]["tta"] == "flip"
-    assert cfgs["recipe"]["preset"] == "v3-recipe"
+    assert cfgs["recipe"]["preset"] == "v3-recipe" and cfgs["recipe"]["label_smoothing"] == 0.0
+    # the ingredient left out: the recipe itself plus label smoothing, nothing else changed
+    assert cfgs["smoothing"]["label_smoothing"] == 0.1
+    assert {k: v for k, v in cfgs["smoothing"].items() if k not in ("label_smoothing", "preset")} \
+        == {k: v for k, v in cfgs["recipe"].items() if k not in ("label_smoothing", "preset")}
     md = (out / "table.md").read_text()
     assert "MINIATURE" in md and "not a result" in md and "not judged (miniature)" in md
     doc = json.loads((out / "recipe.json").read_text())
