@@ -136,7 +136,8 @@ def write_summary(out: Path, args, steps: list[dict], runs: dict) -> None:
     for stack, r in runs.items():
         lines.append(f"| {stack} | {r.get('device_kind') or r.get('device') or '—'} | "
                      f"{f(r.get('epochs_done'))} | {f(r.get('train_seconds_sum'))} | "
-                     f"{f(r.get('compile_seconds'))} | {f(r.get('first_epoch_seconds'))} | {f(r.get('train_seconds_without_first'))} | "
+                     f"{f(r.get('compile_seconds'))} | {f(r.get('first_epoch_seconds'))} | "
+                     f"{f(r.get('train_seconds_without_first'))} | "
                      f"{f(r.get('median_epoch_seconds'), 3)} | {f(r.get('images_per_s_median'), 0)} | "
                      f"{f(r.get('train_acc'))} | {f(r.get('test_acc'))} | {f(r.get('gap_pp'))} | "
                      f"{f(r.get('test_dedup_acc'))} |")

@@ -25,8 +25,8 @@ and writes into ``--out`` (default ``results/recipe``)::
 
 Training seconds are the sum of the epochs' training time as each run recorded it
 (evaluation excluded, and a JAX run's compilation too: it is done ahead of the first epoch
-and reported apart as ``compile s``), as in ``bench.side_by_side``. ``--epochs-scale`` and ``--subset`` make a quick miniature,
-labelled as such everywhere; a miniature's numbers say nothing about the goals.
+and reported apart as ``compile s``), as in ``bench.side_by_side``. ``--epochs-scale`` and
+``--subset`` make a quick miniature, labelled as such everywhere; a miniature's numbers say nothing about the goals.
 """
 from __future__ import annotations
 
@@ -278,7 +278,8 @@ def write_tables(out: Path, records: list[dict], summary: dict, label: str) -> N
     lines += ["", "Test accuracies are the last epoch's. Training seconds: the epochs' training "
               "time summed (evaluation excluded; compilation, done ahead of the first epoch, "
               "excluded and shown as compile s; '—' where a run did not record it, and its "
-              f"first epoch then holds it). The time goal compares each seed's seconds to {TARGET}% with "
+              "first epoch then holds it). The time goal compares each seed's seconds to "
+              f"{TARGET}% with "
               f"{GOAL_TIME_FRACTION:g} x the reference run's whole training time"
               + (f" ({_f(summary['time_budget_seconds'], 1)} s)"
                  if summary["time_budget_seconds"] is not None else "") + ".", ""]

@@ -468,8 +468,9 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     cfg.update(stack.build(cfg, ds))
     start, history, wall_before = _resume_point(stack, out) if resume else (0, [], 0.0)
     # compilation ahead of the first epoch, summed over the run's sessions (a resume compiles
-    # again); not in any epoch's seconds
-    compile_seconds = _compile_seconds(out) if resume else 0.0
+    # again); not in any epoch's seconds. None for a resumed run that never recorded it: its
+    # first epoch holds its compilation, and a partial sum would read as the whole.
+    compile_seconds = _compile_seconds(out, history) if resume else 0.0
     epochs = cfg["epochs"]
     if start > epochs:
         raise UserError(f"--resume: {out} already completed {start} epochs, more than "
@@ -504,11 +505,12 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
         feed = DegradeFeed(ds.train.images, cfg["seed"], cfg["degrade"], epochs,
                            workers=max(1, (os.cpu_count() or 1) // _local_processes()))
     epoch, saved = start, start
-    if start < epochs:
-        t0 = time.perf_counter()
-        stack.compile(start)
-        compile_seconds += time.perf_counter() - t0
     try:
+        if start < epochs and type(stack).compile is not Stack.compile:  # eager stacks: 0
+            t0 = time.perf_counter()
+            stack.compile(start)
+            if compile_seconds is not None:
+                compile_seconds += time.perf_counter() - t0
         for epoch in range(start, epochs):
             row = _train_epoch(stack, cfg, ds, out, epoch, bars, primary, feed)
             history.append(row)
@@ -553,12 +555,14 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
     return 0
 
 
-def _compile_seconds(out: Path) -> float:
+def _compile_seconds(out: Path, history: list[dict]) -> float | None:
     path = out / "metrics.json"
     if not path.exists():
         return 0.0
-    return float(field(read_json(path), "compile_seconds", (int, float), path, required=False,
-                       default=0.0))
+    m = read_json(path)
+    if "compile_seconds" not in m:
+        return None if history else 0.0
+    return field(m, "compile_seconds", (int, float, type(None)), path)
 
 
 def _local_processes() -> int:

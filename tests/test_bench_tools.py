@@ -43,7 +43,7 @@ def _run(d, secs, accs, complete=True):
     return d
 
 
-def test_gpu_training_summary_separates_the_compiling_first_epoch(tmp_path):
+def test_gpu_training_summary_separates_the_first_epoch_and_the_compilation(tmp_path):
     r = gpu.training_summary(_run(tmp_path / "r", [7.0, 1.0, 2.0, 3.0], [90, 95, 96, 96.5]))
     assert r["train_seconds_sum"] == 13.0 and r["first_epoch_seconds"] == 7.0
     assert r["train_seconds_without_first"] == 6.0 and r["median_epoch_seconds"] == 2.0

@@ -293,6 +293,16 @@ def test_ctrl_c_keeps_the_last_epoch(archive, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "i" / "state.json").read_text())["epoch_completed"] == 1
 
 
+def test_ctrl_c_during_the_compilation_says_how_to_resume(archive, tmp_path, capsys,
+                                                          monkeypatch):
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T.JaxPort, "compile", interrupted)
+    code, _, err = run_main(T.main, base(archive, tmp_path, "k", "--model", "mlp2",
+                                         "--epochs", "2"), capsys)
+    assert code == 130 and f"--out {tmp_path / 'k'} --resume" in err
+
+
 @pytest.mark.parametrize("name,batch_size,augment", [("dropout", 5, False), ("v3", 5, True),
                                                      ("mlp2", 5, False), ("mlp2", None, False)])
 def test_compile_epoch_leaves_nothing_to_compile_and_changes_nothing(name, batch_size, augment):
@@ -347,3 +357,13 @@ def test_driver_reports_compilation_apart_and_sums_it_over_a_resume(archive, tmp
                                      "--no-progress", "--cache-dir", str(tmp_path / "cache")], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["compile_seconds"] > first
+    # a run that never recorded it (made before it was): its first epoch holds the
+    # compilation, so no partial sum is written as if it were the whole
+    m = tmp_path / "c" / "metrics.json"
+    doc = json.loads(m.read_text())
+    del doc["compile_seconds"]
+    m.write_text(json.dumps(doc))
+    code, _, err = run_main(T.main, ["--out", str(tmp_path / "c"), "--resume", "--epochs", "3",
+                                     "--no-progress", "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    assert json.loads(m.read_text())["compile_seconds"] is None

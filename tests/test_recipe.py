@@ -171,17 +171,21 @@ def _interrupt_second_epoch(monkeypatch, stack):
 def test_recipe_run_resumes_bit_identical_and_saves_the_average(stack, archive, tmp_path,
                                                                  monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert train(stack, archive, full) == (0, None)
+    # with label smoothing too (not in the preset), so that every ingredient is resumed
+    fresh = ("--preset", "v3-recipe", "--batch-size", "8", "--epochs", "3",
+             "--label-smoothing", "0.1")
+    assert train(stack, archive, full, fresh=fresh) == (0, None)
     cfg = json.loads((full / "config.json").read_text())
+    given = {"epochs": 3, "batch_size": 8, "label_smoothing": 0.1}
     for k, v in PRESETS["v3-recipe"].items():
-        assert cfg[k] == (3 if k == "epochs" else 8 if k == "batch_size" else v), k
+        assert cfg[k] == given.get(k, v), k
     hist = json.loads((full / "metrics.json").read_text())["history"]
     sched = StepSchedule.from_config(cfg, steps_per_epoch=3)  # 24 images / 8
     assert [h["lr"] for h in hist] == pytest.approx([sched.lr(3 * e) for e in range(3)])
 
     with monkeypatch.context() as m:
         _interrupt_second_epoch(m, stack)
-        assert train(stack, archive, part)[0] == 130
+        assert train(stack, archive, part, fresh=fresh)[0] == 130
     assert json.loads((part / "state.json").read_text())["epoch_completed"] == 1
     # the schedule spans the epochs the run was started with: --epochs cannot change now
     code, err = train(stack, archive, part, "--resume", "--epochs", "4")
