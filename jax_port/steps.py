@@ -370,16 +370,17 @@ class Trainer:
                 self.put(draws.dy[sl]), self.put(draws.dx[sl]), self.put(draws.flip[sl]), mask,
                 self._scalar(e["lrs"][n_full]), self._scalar(e["ema_decays"][n_full]))
 
-    def _full_batch(self, images_dev, labels_dev) -> bool:
+    def _full_batch(self) -> bool:
         return self.batch_size is None and not self.augment and not self.spec.dropout
 
     def compile_epoch(self, state, images_dev, labels_dev, epoch: int) -> None:
         """Compile every program ``run_epoch(state, images_dev, labels_dev, epoch)`` will
         dispatch (ahead of time: nothing is trained), so that the epoch's seconds are
         training alone and the compilation can be reported apart. Every epoch dispatches
-        the same shapes, so one call before the first epoch covers the run."""
+        the same shapes, so one call before the first epoch covers the run. Full batch: the
+        split's feature-major float copy is made here too (data preparation, once a run)."""
         n = int(labels_dev.shape[0])
-        if self._full_batch(images_dev, labels_dev):
+        if self._full_batch():
             self._full_step_jit.lower(state, self.full_batch_inputs(images_dev), labels_dev,
                                       self._scalar(self.lr_at(epoch))).compile()
             return
@@ -407,7 +408,7 @@ class Trainer:
         """
         t0 = time.perf_counter()
         n = int(labels_dev.shape[0])
-        if self._full_batch(images_dev, labels_dev):
+        if self._full_batch():
             # full batch: one step over the split in its stored order (as numpy_mlp: the
             # full-batch gradient is a sum over all images; a shuffle changes only rounding)
             lr = self._scalar(self.lr_at(epoch))
