@@ -66,7 +66,8 @@ TRIED = (
 )
 # config.json keys that define a run; one made with other values must not stand for a rung
 DEFINING = ("model", "batch_size", "lr", "epochs", "subset", "seed", "eval_every", "degrade",
-            "schedule", *ONECYCLE_KEYS, "label_smoothing", "ema_decay", "tta")
+            "schedule", *ONECYCLE_KEYS, "label_smoothing", "ema_decay", "tta",
+            "dropout_p")
 
 
 def parse_args(argv):

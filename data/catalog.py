@@ -31,6 +31,8 @@ MODELS = MLP_MODELS + CNN_MODELS
 MLP_HIDDEN = {"mlp2": (7,), "mlp4": (20, 7, 5)}
 # augmentation (random crop 32 / padding 4 + horizontal flip) belongs to v3 only
 AUGMENTED_MODELS = ("v3",)
+# the CNNs with a dropout layer after fc1's ReLU (--dropout-p sets its probability)
+DROPOUT_MODELS = ("dropout", "v3")
 
 # The recipe's ingredients: CNN models only (the MLP spec has none of them). These defaults
 # leave every original preset computing exactly what it always did.
@@ -45,6 +47,8 @@ RECIPE_DEFAULTS = {
     "ema_decay": 0.0,          # per optimizer step; 0 = no moving average of the weights
     "tta": "none",             # "flip": evaluation averages the logits of each image and
                                # its mirror image
+    "dropout_p": None,         # probability of zeroing an fc1 activation in training;
+                               # None = the network's own (DROPOUT_P: 0.5, dropout and v3)
 }
 # what --schedule onecycle uses for the keys it leaves unset (the v3-recipe's values)
 ONECYCLE_DEFAULTS = {"warmup_frac": 0.15, "warmup_shape": "cosine", "div_factor": 10.0,
@@ -76,7 +80,8 @@ PRESETS = {
     "v3-recipe": {"model": "v3", "epochs": 30, "batch_size": 64, "lr": 2e-3,
                   "schedule": "onecycle", **ONECYCLE_DEFAULTS,
                   # label smoothing measured in the ablation and left out (docs/results/recipe.md)
-                  "label_smoothing": 0.0, "ema_decay": 0.999, "tta": "flip"},
+                  "label_smoothing": 0.0, "ema_decay": 0.999, "tta": "flip",
+                  "dropout_p": None},  # the network's own Dropout(0.5)
 }
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import content_fingerprint, load_cifake
-from .catalog import (DEFAULTS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS, PRESETS,
+from .catalog import (DEFAULTS, DROPOUT_MODELS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS, PRESETS,
                       RECIPE_DEFAULTS, family_of, presets_for)
 from .degrade import DegradeFeed, check_probability
 from .errors import EXIT_INTERRUPTED, UserError
@@ -147,7 +147,8 @@ CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_
                                                              True)),
           "label_smoothing": flags.optional(flags.number_in("--label-smoothing", 0.0, 1.0)),
           "ema_decay": flags.optional(flags.number_in("--ema-decay", 0.0, 1.0)),
-          "tta": flags.optional(flags.choice("--tta", TTA_MODES))}
+          "tta": flags.optional(flags.choice("--tta", TTA_MODES)),
+          "dropout_p": flags.optional(flags.number_in("--dropout-p", 0.0, 1.0))}
 
 
 def build_parser(stack: Stack) -> argparse.ArgumentParser:
@@ -245,6 +246,9 @@ def add_recipe_flags(ap: argparse.ArgumentParser) -> None:
                     help="CNNs: test-time augmentation; flip averages the logits of each image "
                          "and its mirror image, in evaluation and predict (default: the "
                          "preset's, else none)")
+    ap.add_argument("--dropout-p", type=CHECKS["dropout_p"],
+                    help="dropout and v3: probability in [0, 1) of zeroing an fc1 activation "
+                         "in training (default 0.5, the original's; 0 = no dropout)")
 
 
 class _Given(argparse.Namespace):
@@ -301,6 +305,9 @@ def check_config(stack: Stack, cfg: dict, where: str = "") -> None:
 def _check_recipe(cfg: dict, where: str) -> None:
     """A constant schedule takes no one-cycle settings (they would be ignored); a one-cycle
     one gets ONECYCLE_DEFAULTS for those not set."""
+    if cfg.get("dropout_p") is not None and cfg["model"] not in DROPOUT_MODELS:
+        raise UserError(f"{where}--dropout-p applies to the models with a dropout layer only "
+                        f"({', '.join(DROPOUT_MODELS)}), not {cfg['model']}")
     if cfg.get("schedule", "constant") == "constant":
         given = [k for k in ONECYCLE_KEYS if cfg.get(k) is not None]
         if given:

@@ -19,6 +19,7 @@ convention), the CNN flattens its 8x8x64 feature map in (H, W, C) order (torch u
 from __future__ import annotations
 
 import functools
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -50,7 +51,8 @@ class ModelSpec:
     family: str                      # "mlp" | "cnn"
     layer_dims: tuple[int, ...] = ()  # MLP only: (3072, h1, ..., 1)
     batchnorm: bool = False          # CNN only: BatchNorm2d after each conv
-    dropout: bool = False            # CNN only: Dropout(0.5) after fc1's ReLU
+    dropout: bool = False            # CNN only: Dropout after fc1's ReLU
+    dropout_p: float = DROPOUT_P     # its probability of zeroing a unit (training only)
 
 
 # CNN variants (torch_cnn.model.build_model): baseline = plain; dropout = + Dropout(0.5);
@@ -70,13 +72,18 @@ def layer_dims_for(model: str, hidden: tuple[int, ...] | list[int] | None = None
     return (N_IN, *map(int, h), 1)
 
 
-def get_spec(model: str, hidden=None) -> ModelSpec:
+def get_spec(model: str, hidden=None, dropout_p: float | None = None) -> ModelSpec:
+    """``dropout_p``: the dropout layer's probability (None: DROPOUT_P, the original's)."""
+    if dropout_p is not None and not CNN_VARIANTS.get(model, {}).get("dropout"):
+        raise UserError(f"--dropout-p applies to the models with a dropout layer only, "
+                        f"not {model}")
     if model in MLP_HIDDEN:
         return ModelSpec(model, "mlp", layer_dims=layer_dims_for(model, hidden))
     if model in CNN_VARIANTS:
         if hidden:
             raise UserError("--hidden applies to the MLP models only")
-        return ModelSpec(model, "cnn", **CNN_VARIANTS[model])
+        return ModelSpec(model, "cnn", **CNN_VARIANTS[model],
+                         dropout_p=DROPOUT_P if dropout_p is None else float(dropout_p))
     raise UserError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
 
 
@@ -321,9 +328,9 @@ def _bn_train(x, scale, bias):
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
-def dropout_mask(key, batch: int) -> jax.Array:
-    """Keep-mask (True = kept) for fc1's output, keep probability 1 - DROPOUT_P."""
-    return jax.random.bernoulli(key, 1.0 - DROPOUT_P, (batch, FC_HIDDEN))
+def dropout_mask(key, batch: int, p: float = DROPOUT_P) -> jax.Array:
+    """Keep-mask (True = kept) for fc1's output, keep probability 1 - ``p``."""
+    return jax.random.bernoulli(key, 1.0 - p, (batch, FC_HIDDEN))
 
 
 def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
@@ -360,7 +367,7 @@ def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
     if spec.dropout and train:
         if mask is None:
             raise ValueError("training a dropout model needs a dropout mask")
-        h = jnp.where(mask, h / (1.0 - DROPOUT_P), 0.0)      # inverted dropout, as torch
+        h = jnp.where(mask, h / (1.0 - spec.dropout_p), 0.0)  # inverted dropout, as torch
     logits = (h @ p["fc2"]["kernel"] + p["fc2"]["bias"])[:, 0]
     return logits, new_stats
 
@@ -398,7 +405,7 @@ def fold_batchnorm(spec: ModelSpec, variables: dict) -> tuple[ModelSpec, dict]:
         params[f"conv{i}"] = {
             "kernel": p[f"conv{i}"]["kernel"] * s,
             "bias": (p[f"conv{i}"]["bias"] - st[f"bn{i}"]["mean"]) * s + p[f"bn{i}"]["bias"]}
-    return ModelSpec(spec.name, spec.family, batchnorm=False, dropout=spec.dropout), {"params": params}
+    return dataclasses.replace(spec, batchnorm=False), {"params": params}
 
 
 def bce_with_logits(logits, labels):

@@ -318,7 +318,7 @@ class Trainer:
         ``ema_decays`` (k,) each step's learning rate and EMA decay."""
         def body(st, xs):
             i, a, b_, f, s, lr, ed = xs
-            mask = M.dropout_mask(jax.random.fold_in(key, s), i.shape[0]) \
+            mask = M.dropout_mask(jax.random.fold_in(key, s), i.shape[0], self.spec.dropout_p) \
                 if self.spec.dropout else None
             st, (loss, nc) = self._step(st, images[i], labels[i], a, b_, f, mask, lr, ed)
             return st, (loss, nc)
@@ -363,8 +363,8 @@ class Trainer:
         """The last, partial batch's single step (a second compiled program)."""
         n_full, bs, draws = e["n_full"], e["bs"], e["draws"]
         sl = slice(n_full * bs, n)
-        mask = M.dropout_mask(jax.random.fold_in(e["key"], n_full), n - n_full * bs) \
-            if self.spec.dropout else None
+        mask = M.dropout_mask(jax.random.fold_in(e["key"], n_full), n - n_full * bs,
+                              self.spec.dropout_p) if self.spec.dropout else None
         idx = self.put(e["order"][sl])
         return (state, images_dev[idx], labels_dev[idx],
                 self.put(draws.dy[sl]), self.put(draws.dx[sl]), self.put(draws.flip[sl]), mask,

@@ -211,7 +211,7 @@ class JaxPort(Stack):
         # this process's first device (on several hosts the Mesh's first may be another's)
         dev = next(d for d in devs if d.process_index == jax.process_index())
         jax.config.update("jax_default_device", dev)  # every unsharded array goes there
-        self.spec = spec = get_spec(cfg["model"], cfg.get("hidden"))
+        self.spec = spec = get_spec(cfg["model"], cfg.get("hidden"), cfg.get("dropout_p"))
         dtype = jnp.float64 if cfg["dtype"] == "float64" else jnp.float32
         conv_impl = (default_conv_impl(dev.platform) if cfg["conv_impl"] == "auto"
                      else cfg["conv_impl"])

@@ -120,6 +120,13 @@ def train(stack, archive, out, *extra, fresh=("--preset", "v3-recipe", "--batch-
      "--label-smoothing applies to the CNN models only"),
     ("jax_port", ("--model", "mlp2", "--schedule", "onecycle"),
      "--schedule applies to the CNN models only"),
+    ("torch_cnn", ("--model", "baseline", "--dropout-p", "0.2"),
+     "--dropout-p applies to the models with a dropout layer only (dropout, v3), not baseline"),
+    ("jax_port", ("--model", "baseline", "--dropout-p", "0"),
+     "--dropout-p applies to the models with a dropout layer only"),
+    ("jax_port", ("--model", "v3", "--dropout-p", "1"), "--dropout-p must be in [0, 1)"),
+    ("jax_port", ("--model", "mlp2", "--dropout-p", "0.1"),
+     "--dropout-p applies to the CNN models only"),
 ])
 def test_recipe_flags_refuse_what_they_cannot_honour(stack, flags, needle, archive, tmp_path):
     code, err = train(stack, archive, tmp_path / "r", fresh=flags)
@@ -140,6 +147,29 @@ def test_a_preset_schedule_is_overridden_with_its_settings(stack):
     assert all(cfg[k] is None for k in ("warmup_frac", "warmup_shape", "div_factor",
                                         "final_div_factor"))
     assert cfg["label_smoothing"] == 0.0 and cfg["ema_decay"] == 0.999 and cfg["tta"] == "flip"
+
+
+@pytest.mark.parametrize("stack", ["torch_cnn", "jax_port"])
+def test_dropout_p_is_recorded_and_built(stack, archive, tmp_path):
+    """--dropout-p reaches config.json and the network the stack trains; unset, the
+    network keeps the original's 0.5 and the configuration says so with None."""
+    out = tmp_path / "r"
+    assert train(stack, archive, out, fresh=("--preset", "v3-recipe", "--batch-size", "8",
+                                             "--epochs", "1", "--dropout-p", "0.25")) == (0, None)
+    assert json.loads((out / "config.json").read_text())["dropout_p"] == 0.25
+    st = {"torch_cnn": lambda: importlib.import_module("torch_cnn.train").TorchCNN(),
+          "jax_port": lambda: importlib.import_module("jax_port.train").JaxPort()}[stack]()
+    from data.driver import configure
+    for argv, want in ((["--preset", "v3-recipe", "--dropout-p", "0"], 0.0),
+                       (["--preset", "v3-recipe"], None)):
+        cfg = configure(st, argv)[0]
+        assert cfg["dropout_p"] == want
+        if stack == "torch_cnn":
+            from torch_cnn.model import init_model
+            assert init_model("v3", 0, cfg["dropout_p"]).dropout.p == (0.5 if want is None else want)
+        else:
+            from jax_port.model import get_spec
+            assert get_spec("v3", None, cfg["dropout_p"]).dropout_p == (0.5 if want is None else want)
 
 
 def test_numpy_mlp_has_no_recipe_flags(archive, tmp_path):

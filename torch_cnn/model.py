@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data.catalog import CNN_MODELS
+from data.catalog import CNN_MODELS, DROPOUT_MODELS
 from data.init import cnn_init
 from data.recipe import TTA_MODES
 
@@ -34,13 +34,17 @@ DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in
 
 
 class CifakeCNN(nn.Module):
-    def __init__(self, name: str):
+    def __init__(self, name: str, dropout_p: float | None = None):
+        """``dropout_p``: probability of zeroing an fc1 activation in training (None: the
+        original's DROPOUT_P); only the models with a dropout layer take one."""
         super().__init__()
         if name not in MODELS:
             raise ValueError(f"unknown CNN model {name!r}; choose one of {', '.join(MODELS)}")
         self.name = name
         self.use_bn = name == "v3"
-        self.use_dropout = name in ("dropout", "v3")
+        self.use_dropout = name in DROPOUT_MODELS
+        if dropout_p is not None and not self.use_dropout:
+            raise ValueError(f"{name} has no dropout layer (dropout_p {dropout_p})")
         # Attribute creation order = state_dict order = canonical checkpoint order.
         self.conv1 = nn.Conv2d(3, 32, kernel_size=3, padding=1)
         if self.use_bn:
@@ -50,7 +54,8 @@ class CifakeCNN(nn.Module):
             self.bn2 = nn.BatchNorm2d(64)
         self.fc1 = nn.Linear(64 * 8 * 8, 512)
         self.fc2 = nn.Linear(512, 1)
-        self.dropout = nn.Dropout(DROPOUT_P) if self.use_dropout else None
+        self.dropout = nn.Dropout(DROPOUT_P if dropout_p is None else dropout_p) \
+            if self.use_dropout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
@@ -90,20 +95,20 @@ def with_tta(model: nn.Module, tta: str) -> nn.Module:
     return FlipAverage(model) if tta == "flip" else model
 
 
-def build_model(name: str) -> nn.Module:
+def build_model(name: str, dropout_p: float | None = None) -> nn.Module:
     """An untrained model ("baseline" | "dropout" | "v3") with PyTorch's default init
     drawn from torch's global RNG (use ``init_model`` for a seeded one)."""
-    return CifakeCNN(name)
+    return CifakeCNN(name, dropout_p)
 
 
-def init_model(name: str, seed: int) -> nn.Module:
+def init_model(name: str, seed: int, dropout_p: float | None = None) -> nn.Module:
     """``name`` with the family's seeded initial weights (``data.init.cnn_init``: PyTorch's
     default distributions drawn with NumPy), the same arrays the JAX port starts from.
 
     Torch's global RNG is forked, so building the module does not disturb it.
     """
     with torch.random.fork_rng(devices=[]):
-        model = build_model(name)
+        model = build_model(name, dropout_p)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in cnn_init(name, seed).items()})
     return model
 

@@ -249,7 +249,7 @@ class TorchCNN(Stack):
             self.device = ddp.start(self.device, self.local_rank)
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
-        self.model = init_model(cfg["model"], self.seed).to(self.device)
+        self.model = init_model(cfg["model"], self.seed, cfg.get("dropout_p")).to(self.device)
         if cfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = None
