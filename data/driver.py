@@ -40,8 +40,8 @@ import numpy as np
 from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
 from .cache import content_fingerprint, load_cifake
-from .catalog import (DEFAULTS, DROPOUT_MODELS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS, PRESETS,
-                      RECIPE_DEFAULTS, family_of, presets_for)
+from .catalog import (DEFAULTS, DROPOUT_MODELS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS,
+                      PRESETS, RECIPE_DEFAULTS, family_of, presets_for)
 from .degrade import DegradeFeed, check_probability
 from .errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME

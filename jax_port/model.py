@@ -18,8 +18,8 @@ convention), the CNN flattens its 8x8x64 feature map in (H, W, C) order (torch u
 """
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import jax
