@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from data.errors import UserError
-from data.catalog import MLP_HIDDEN
+from data.catalog import CNN_MODELS, DROPOUT_MODELS, MLP_HIDDEN
 from data.init import cnn_init, mlp_init
 
 from . import convert
@@ -57,9 +57,7 @@ class ModelSpec:
 
 # CNN variants (torch_cnn.model.build_model): baseline = plain; dropout = + Dropout(0.5);
 # v3 = + BatchNorm after both convs (and data augmentation, a training-loop option).
-CNN_VARIANTS = {"baseline": dict(batchnorm=False, dropout=False),
-                "dropout": dict(batchnorm=False, dropout=True),
-                "v3": dict(batchnorm=True, dropout=True)}
+CNN_VARIANTS = {m: dict(batchnorm=m == "v3", dropout=m in DROPOUT_MODELS) for m in CNN_MODELS}
 MODELS = tuple(MLP_HIDDEN) + tuple(CNN_VARIANTS)
 
 
@@ -74,7 +72,7 @@ def layer_dims_for(model: str, hidden: tuple[int, ...] | list[int] | None = None
 
 def get_spec(model: str, hidden=None, dropout_p: float | None = None) -> ModelSpec:
     """``dropout_p``: the dropout layer's probability (None: DROPOUT_P, the original's)."""
-    if dropout_p is not None and not CNN_VARIANTS.get(model, {}).get("dropout"):
+    if dropout_p is not None and model not in DROPOUT_MODELS:
         raise UserError(f"--dropout-p applies to the models with a dropout layer only, "
                         f"not {model}")
     if model in MLP_HIDDEN:

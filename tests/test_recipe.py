@@ -151,8 +151,9 @@ def test_a_preset_schedule_is_overridden_with_its_settings(stack):
 
 @pytest.mark.parametrize("stack", ["torch_cnn", "jax_port"])
 def test_dropout_p_is_recorded_and_built(stack, archive, tmp_path):
-    """--dropout-p reaches config.json and the network the stack trains; unset, the
-    network keeps the original's 0.5 and the configuration says so with None."""
+    """--dropout-p reaches config.json and each stack's model builder; unset, the network
+    keeps the original's 0.5 and the configuration says so with None. (That each stack's
+    training honours it is test_parity_cnn's whole-epoch v3 test at dropout_p 0.)"""
     out = tmp_path / "r"
     assert train(stack, archive, out, fresh=("--preset", "v3-recipe", "--batch-size", "8",
                                              "--epochs", "1", "--dropout-p", "0.25")) == (0, None)
