@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.batching import epoch_order, rng
-from data.catalog import AUGMENTED_MODELS, CNN_MODELS, MLP_MODELS, MODELS, PRESETS  # noqa: F401
+from core.catalog import AUGMENTED_MODELS, CNN_MODELS, MLP_MODELS, MODELS, PRESETS  # noqa: F401
 
 DEVICES = ("cpu", "gpu")
 

@@ -50,8 +50,8 @@ import time
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.flags import ArgumentParser, positive_int
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
 from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE, TORCH_CNN_BACKENDS

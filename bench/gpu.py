@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.flags import ArgumentParser, positive_int
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir
 

@@ -186,7 +186,7 @@ def check_cnn(model: str, conv_impl: str | None = None) -> dict:
 
 
 def _augmented():
-    from data.catalog import AUGMENTED_MODELS
+    from core.catalog import AUGMENTED_MODELS
     return AUGMENTED_MODELS
 
 

@@ -32,9 +32,9 @@ from PIL import Image, JpegImagePlugin
 
 from data.errors import run_cli
 from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, SIZE, shrink
-from data import flags
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.flags import ArgumentParser, positive_int
+from core import flags
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
 

@@ -42,9 +42,9 @@ from data.errors import UserError, run_cli
 from data.images import read_file_bounded
 from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, PIPELINE_FILTER, \
     PIPELINE_JPEG_QUALITY, shrink
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.flags import ArgumentParser, positive_int
-from data.rundir import read_json
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.flags import ArgumentParser, positive_int
+from core.rundir import read_json
 
 from .files import out_dir, png_bytes
 

@@ -38,10 +38,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.catalog import DEFAULTS, ONECYCLE_KEYS, ORIGINAL, PRESETS
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.catalog import DEFAULTS, ONECYCLE_KEYS, ORIGINAL, PRESETS
 from data.errors import run_cli
-from data.flags import ArgumentParser, positive_int
+from core.flags import ArgumentParser, positive_int
 
 from . import reproduce
 from .files import out_dir, png_bytes

@@ -32,13 +32,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data import flags
-from data.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core import flags
+from core.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
 
 from .files import out_dir, png_bytes
 from data.errors import UserError, run_cli
-from data.flags import ArgumentParser, positive_int
+from core.flags import ArgumentParser, positive_int
 
 STACK_OF = {("spec", "mlp"): "numpy_mlp", ("spec", "cnn"): "torch_cnn",
             ("numpy", "mlp"): "numpy_mlp", ("torch", "cnn"): "torch_cnn",

@@ -21,8 +21,8 @@ import time
 from datetime import datetime, timezone
 
 from data.errors import UserError, run_cli
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.flags import ArgumentParser, positive_int
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir
 PROG = "python -m bench.seed_spread"
@@ -51,7 +51,7 @@ def worker(args) -> int:
     import numpy as np
 
     from data import load_cifake
-    from data.metrics import classification_report
+    from core.metrics import classification_report
     from .backends import make_backend, spec_init_weights
     ds = load_cifake(args.data, args.cache_dir, verbose=False)
     bset = ds.train.subset_per_class(args.budget_subset)

@@ -32,9 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import run_cli
-from data.atomic import atomic_write_bytes, atomic_write_json
-from data.flags import ArgumentParser
-from data.catalog import ORIGINAL, ROWS, parse_rows
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.flags import ArgumentParser
+from core.catalog import ORIGINAL, ROWS, parse_rows
 
 from .files import out_dir, png_bytes
 from .reproduce import run_name

@@ -208,8 +208,8 @@ def run(spec: dict) -> dict:
         inits = spec.get("init_weights") or [None] * len(seeds)
         log(spec, f"budget: {spec['budget_epochs']} epoch(s) on {len(bset)} images, "
                   f"then the whole test split ({len(test)}), seed(s) {seeds}")
-        from data.metrics import classification_report
-        from data.tensors import load_safetensors
+        from core.metrics import classification_report
+        from core.tensors import load_safetensors
         if trainer is not None and family == "cnn":
             trainer.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
         runs = []
@@ -360,7 +360,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv and argv[0] == "--init":  # --init MODEL SEED PATH: the spec's initial weights
         from bench.backends import spec_init_weights
-        from data.tensors import save_safetensors
+        from core.tensors import save_safetensors
         model, seed, path = argv[1], int(argv[2]), argv[3]
         save_safetensors(path, spec_init_weights(model, seed), {"model": model, "seed": str(seed)})
         print(RESULT_TAG + json.dumps({"ok": True, "path": path}), flush=True)

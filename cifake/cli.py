@@ -22,7 +22,7 @@ import importlib
 import sys
 
 from data.errors import UserError, run_cli
-from data.flags import ArgumentParser, project_version
+from core.flags import ArgumentParser, project_version
 from .stacks import STACKS, stack_of_run
 
 _ABOUT = {

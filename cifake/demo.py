@@ -23,9 +23,9 @@ from pathlib import Path
 
 from data.errors import UserError, run_cli
 from data.images import MAX_FILE_BYTES
-from data.predict import DEFAULT_THRESHOLD, add_device_flag, check_threshold
-from data.flags import ArgumentParser
-from data.rundir import read_json
+from core.predict import DEFAULT_THRESHOLD, add_device_flag, check_threshold
+from core.flags import ArgumentParser
+from core.rundir import read_json
 from .stacks import STACKS, load_detector
 
 PROG = "python -m cifake.demo"

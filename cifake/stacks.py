@@ -5,7 +5,7 @@ import importlib
 from pathlib import Path
 
 from data.errors import UserError
-from data.rundir import read_json
+from core.rundir import read_json
 # short name (what --stack takes) -> package
 STACKS = {"numpy": "numpy_mlp", "torch": "torch_cnn", "jax": "jax_port"}
 

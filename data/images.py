@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import DataError
+from .photo import SIZE, to_cifake_32  # photo holds the one resize pipeline
 
-SIZE = 32  # pixels: CIFAKE images are 32x32
 # Upper bound on the declared pixel count of any image we agree to decode
 # (user images in predict). 40 Mpx: a large photo is fine, a bomb is refused.
 MAX_PIXELS = 40_000_000
@@ -144,7 +144,6 @@ def resize_to_model(arr: np.ndarray) -> np.ndarray:
     that puts a shrunk photo closest to CIFAKE's own images (docs/realworld.md)."""
     if arr.shape[:2] == (SIZE, SIZE):
         return arr
-    from .photo import to_cifake_32  # photo.py builds on this module's constants
     return to_cifake_32(Image.fromarray(arr))
 
 

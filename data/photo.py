@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .images import SIZE
 
 # Pillow's resampling filters by the names the study and its tables use. Pillow's
 # bilinear/bicubic/lanczos widen their support by the scale factor when shrinking
@@ -32,6 +31,7 @@ FILTERS: dict[str, Image.Resampling] = {
 }
 
 # How CIFAKE's files are encoded (both classes): IJG tables scaled to quality 75, 4:2:0.
+SIZE = 32  # pixels: CIFAKE images, and so the detector's input, are SIZE x SIZE
 CIFAKE_JPEG_QUALITY = 75
 CIFAKE_JPEG_SUBSAMPLING = 2  # Pillow's code for 4:2:0
 

@@ -6,14 +6,15 @@ in train (the leak) and the size of the de-duplicated test view.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
 from .cache import duplicate_count, load_cifake
-from .errors import run_cli
-from .flags import ArgumentParser
+from .errors import DataError, run_cli
 from .source import CLASSES
 
 
@@ -31,9 +32,26 @@ def report(ds) -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """The data layer's own parser (it imports no other package of the project): the same
+    conventions as every command's (no prefix matching, one-line errors, --version)."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         **kw)
+        try:
+            v = version("cifake-detector")
+        except PackageNotFoundError:
+            v = "unknown (not installed with pip)"
+        self.add_argument("--version", action="version", version=f"%(prog)s {v}")
+
+    def error(self, message: str):
+        raise DataError(message)
+
+
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
-                        epilog="example:\n  python -m data.prepare --data cifake.zip")
+    ap = _Parser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
+                 epilog="example:\n  python -m data.prepare --data cifake.zip")
     ap.add_argument("--data", help="Kaggle cifake zip or extracted folder (default: $CIFAKE_PATH, "
                                    "then kagglehub)")
     ap.add_argument("--cache-dir", help="cache base folder (default: ~/.cache/cifake-detector)")

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from data.errors import UserError
-from data.tensors import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
+from core.tensors import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
 
 from . import convert
 from .model import CNN_VARIANTS, ModelSpec, get_spec

@@ -28,8 +28,8 @@ import numpy as np
 from jax import lax
 
 from data.errors import UserError
-from data.catalog import CNN_MODELS, DROPOUT_MODELS, MLP_HIDDEN
-from data.init import cnn_init, mlp_init
+from core.catalog import CNN_MODELS, DROPOUT_MODELS, MLP_HIDDEN
+from core.init import cnn_init, mlp_init
 
 from . import convert
 
@@ -87,7 +87,7 @@ def get_spec(model: str, hidden=None, dropout_p: float | None = None) -> ModelSp
 
 # ---------------------------------------------------------------- init
 def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
-    """Fresh variables, the family's seeded initial weights (``data.init``), so a seed
+    """Fresh variables, the family's seeded initial weights (``core.init``), so a seed
     starts from the same weights as in the spec stacks. MLP: He normal weights, zero
     biases. CNN: PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every
     conv/linear weight and bias, BN scale 1 / bias 0 / running mean 0 / running var 1."""

@@ -10,7 +10,7 @@ Command: ``python -m jax_port.predict --run RUN_DIR IMAGE_OR_FOLDER... [--output
 RUN_DIR may come from any stack of the family (numpy_mlp or jax_port for an MLP,
 torch_cnn or jax_port for a CNN): the weights are read from RUN_DIR/model.safetensors
 under canonical names. Inputs, batching, records and output files are
-``data.predict``'s, the same in every stack.
+``core.predict``'s, the same in every stack.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import numpy as np
 
 from data import run_cli
 from data.errors import UserError
-from data.predict import DetectorBase, normalize_device, predict_cli
-from data.recipe import tta_of
-from data.rundir import read_json
+from core.predict import DetectorBase, normalize_device, predict_cli
+from core.recipe import tta_of
+from core.rundir import read_json
 
 PROG = "python -m jax_port.predict"
 

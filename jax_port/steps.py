@@ -26,12 +26,12 @@ does not recompile) and ``optax.adam`` for the CNNs. torch's Adam divides by
 exactly ``optax.adam``'s formula (eps_root=0); tests/test_parity_cnn.py checks it
 numerically.
 
-The recipe (``schedule``: a ``data.recipe.StepSchedule``; ``label_smoothing``; ``tta``),
+The recipe (``schedule``: a ``core.recipe.StepSchedule``; ``label_smoothing``; ``tta``),
 as torch_cnn computes it:
 - a one-cycle schedule: ``optax.scale_by_adam`` followed by ``-lr * update`` with this
   step's lr, an argument of the step (per step inside the scan, computed on the host by
   the shared schedule), so the epoch's program is compiled once;
-- label smoothing: the BCE target is ``data.recipe.smooth_targets(y, eps)``;
+- label smoothing: the BCE target is ``core.recipe.smooth_targets(y, eps)``;
 - EMA: ``state["ema"]`` holds variables whose params are the moving average,
   ``ema <- d ema + (1 - d) live`` after each step with ``d`` from the schedule, and whose
   batch_stats are the live ones (BatchNorm's running statistics, copied: see
@@ -54,7 +54,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from data.batching import (PAD, AugDraws, augment_draws, batch_slices, dropout_rng, epoch_order,
                            identity_draws)
-from data.recipe import TTA_MODES, StepSchedule, smooth_targets
+from core.recipe import TTA_MODES, StepSchedule, smooth_targets
 
 from . import model as M
 

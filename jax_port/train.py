@@ -1,6 +1,6 @@
 """Train any of the five models with JAX: ``python -m jax_port.train --model mlp2|mlp4|baseline|dropout|v3``.
 
-The shared flags and the run directory are ``data.driver``'s; the port's own flags are
+The shared flags and the run directory are ``core.driver``'s; the port's own flags are
 ``--conv-impl`` and ``--devices``. Runs on CPU, or on a GPU when JAX sees one, with no code
 change.
 
@@ -22,7 +22,7 @@ reproduced).
 
 The recipe's ingredients (``--preset v3-recipe``, or ``--schedule``, ``--label-smoothing``,
 ``--ema-decay``, ``--tta``) follow torch_cnn's computation from the same per-step numbers
-(``data.recipe.StepSchedule``); ``steps.py`` says how.
+(``core.recipe.StepSchedule``); ``steps.py`` says how.
 
 Resume state (``state.safetensors``, one atomic file, metadata ``epoch_completed``):
 MLP: the weights under canonical names (as numpy_mlp; plain GD has no optimizer state).
@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data import flags, run_cli
-from data.catalog import AUGMENTED_MODELS, MODELS, family_of
-from data.driver import NonFiniteLoss, Stack, train
+from core import flags
+from data import run_cli
+from core.catalog import AUGMENTED_MODELS, MODELS, family_of
+from core.driver import NonFiniteLoss, Stack, train
 from data.errors import UserError
-from data.flags import check_fits_memory
-from data.tensors import load_safetensors, save_safetensors
+from core.flags import check_fits_memory
+from core.tensors import load_safetensors, save_safetensors
 
 CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
 # what starts a multi-host run (jax.distributed.initialize reads the first itself)
@@ -195,7 +196,7 @@ class JaxPort(Stack):
         import jax.numpy as jnp
 
         from data.batching import num_batches
-        from data.recipe import StepSchedule
+        from core.recipe import StepSchedule
 
         from .model import default_conv_impl, get_spec
         from .steps import Trainer, make_mesh

@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from data.errors import UserError
-from data.tensors import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
+from core.tensors import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
 
 FAMILY = "mlp"
 

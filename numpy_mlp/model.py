@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from data.batching import to_float
-from data.catalog import MLP_HIDDEN, MLP_MODELS
-from data.init import mlp_init
+from core.catalog import MLP_HIDDEN, MLP_MODELS
+from core.init import mlp_init
 from data.errors import UserError
 
 from .layers import (bce_cost, bce_grad, linear_backward, linear_forward, relu_backward,
@@ -57,7 +57,7 @@ def num_layers(params: dict) -> int:
 def init_params(layer_dims: list[int], seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
     """He initialisation: Wl = randn(n_l, n_{l-1}) * sqrt(2 / n_{l-1}), bl = 0.
 
-    Drawn in float64 from the seed's init stream by ``data.init.mlp_init`` (the draws
+    Drawn in float64 from the seed's init stream by ``core.init.mlp_init`` (the draws
     the JAX port starts from too), layer by layer in order, then cast to ``dtype`` --
     so float32 and float64 runs of one seed start from the same weights (up to rounding).
     """

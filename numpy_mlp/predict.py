@@ -8,7 +8,7 @@ Command: ``python -m numpy_mlp.predict --run RUN_DIR IMAGE_OR_FOLDER... [--outpu
     det.predict(["a.jpg", pil_image, uint8_array])  # -> [{"index", "path", "p_fake", "label", ...}]
 
 RUN_DIR holds config.json and model.safetensors (canonical MLP names, so a JAX-port
-MLP run works too). Inputs, batching, records and output files are ``data.predict``'s,
+MLP run works too). Inputs, batching, records and output files are ``core.predict``'s,
 the same in every stack. NumPy runs on the CPU only.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 from data import run_cli
 from data.errors import UserError
-from data.predict import DetectorBase, normalize_device, predict_cli
-from data.rundir import read_json
+from core.predict import DetectorBase, normalize_device, predict_cli
+from core.rundir import read_json
 
 from . import checkpoint
 from .layers import sigmoid

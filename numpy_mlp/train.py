@@ -8,7 +8,7 @@ full-batch gradient descent: one step per epoch over the whole training set,
 in the natural order (the full-batch gradient is a sum over all images, so a
 shuffle would change only rounding, at the cost of copying the set every epoch).
 
-Configuration, resume, the run directory and the report are ``data.driver``'s; this
+Configuration, resume, the run directory and the report are ``core.driver``'s; this
 module supplies the MLP's own part. The resume point (state.safetensors) is the weights
 of the last completed epoch under canonical names: all randomness derives from
 (seed, epoch) and plain gradient descent has no optimizer state, so a resumed run ends
@@ -21,11 +21,12 @@ import platform
 
 import numpy as np
 
-from data import flags, run_cli
+from core import flags
+from data import run_cli
 from data.batching import batch_slices, epoch_order
-from data.driver import NonFiniteLoss, Stack, train
+from core.driver import NonFiniteLoss, Stack, train
 from data.errors import UserError
-from data.flags import check_fits_memory
+from core.flags import check_fits_memory
 
 from . import checkpoint
 from .model import (MODELS, as_float_batch, backward, cost, forward, images_to_X, init_params,

@@ -302,7 +302,7 @@ def test_predict_unreadable_image_as_unprivileged_user(corpus):
 
 # ------------------------------------------------------------------ predict: run dirs
 def _write_mlp_ckpt(path: Path, tensors: dict, layer_dims=(3072, 7, 1), family="mlp"):
-    from data.tensors import save_safetensors
+    from core.tensors import save_safetensors
     save_safetensors(path, tensors, {"family": family, "model": "mlp2",
                             "layer_dims": json.dumps(list(layer_dims))})
 
@@ -360,7 +360,7 @@ def _break_random_bytes(r: Path):
 
 
 def _break_other_family(r: Path):
-    from data.tensors import save_safetensors
+    from core.tensors import save_safetensors
     save_safetensors(r / "model.safetensors", _cnn_tensors(), {"family": "cnn", "model": "baseline"})
     cfg = json.loads((r / "config.json").read_text())
     cfg.update(stack="torch_cnn", model="baseline")
@@ -480,7 +480,7 @@ def torch_run(corpus):
 def test_torch_resume_refuses_state_with_wrong_shape(corpus, torch_run, tmp_path):
     """A state.safetensors whose fc1.weight has the wrong shape: one line naming it."""
     from safetensors.numpy import load_file
-    from data.tensors import save_safetensors
+    from core.tensors import save_safetensors
     r = _copy_run(torch_run, tmp_path / "run")
     t = load_file(str(r / "state.safetensors"))
     from safetensors import safe_open

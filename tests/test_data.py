@@ -596,7 +596,7 @@ def test_to_float():
 def test_safetensors_files_are_byte_reproducible(tmp_path):
     """Equal tensors and metadata give equal bytes (the library writes metadata in hash
     order), and the reordered header still loads."""
-    from data.tensors import load_safetensors, save_safetensors
+    from core.tensors import load_safetensors, save_safetensors
     t = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float64),
          "n": np.asarray(7, np.int64)}
     meta = {f"key{i}": f"value {i} é" for i in range(12)}

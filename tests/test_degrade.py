@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from data import degrade
-from data.catalog import PRESETS
-from data.driver import Stack, _train_epoch
+from core.catalog import PRESETS
+from core.driver import Stack, _train_epoch
 from data.errors import UserError
 from tests.helpers import assert_same_weights, load_weights, make_archive, train_argv
 

@@ -1,4 +1,4 @@
-"""The run driver (data.driver) through each stack's ``train``: configuration, the resume
+"""The run driver (core.driver) through each stack's ``train``: configuration, the resume
 rule, the run directory's lock, and the reading of run files. Each case here trained the
 wrong thing (or hung, or printed a traceback) before the driver existed."""
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_full_batch_is_a_real_value(data, tmp_path):
 def test_seeds_outside_32_bits_are_one_line_errors(stack, seed, ok, data, tmp_path):
     """``--seed -1`` used to be a traceback deep in NumPy's SeedSequence."""
     if ok:
-        from data.driver import build_parser, explicit_flags
+        from core.driver import build_parser, explicit_flags
         stk = {"numpy_mlp": "NumpyMLP", "torch_cnn": "TorchCNN", "jax_port": "JaxPort"}[stack]
         stack_obj = getattr(importlib.import_module(f"{stack}.train"), stk)()
         assert explicit_flags(build_parser(stack_obj), ["--seed", seed])["seed"] == 2**32 - 1
@@ -298,7 +298,7 @@ def test_metrics_jsonl_holds_one_line_per_epoch_also_after_a_resume(stack, data,
 
 
 def test_one_device_vocabulary():
-    from data import flags
+    from core import flags
     assert [flags.device(v) for v in ("auto", "CPU", "gpu", "cuda", "CUDA", "cuda:0", "cpu:0")] \
         == ["auto", "cpu", "gpu", "gpu", "gpu", "gpu", "cpu"]
     for bad in ("tpu", "gpu:banana", "gpu:", "auto:0"):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from data.init import INIT_SCHEME, cnn_init, mlp_init
+from core.init import INIT_SCHEME, cnn_init, mlp_init
 from jax_port import convert
 from jax_port import model as JM
 from numpy_mlp import model as NM

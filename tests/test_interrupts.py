@@ -1,7 +1,7 @@
 """Interrupted runs lose no work: real training runs (subprocesses, tiny archive, several
 steps per epoch) are SIGKILLed at several points (mid-epoch after >= 1 completed epoch,
 in the middle of each checkpoint file's write via the test-only fault hook
-``CIFAKE_FAULT_KILL_IN_WRITE`` in data/faults.py, during the cache build of
+``CIFAKE_FAULT_KILL_IN_WRITE`` in core/faults.py, during the cache build of
 ``data.prepare``), stopped with SIGINT (Ctrl-C), and resumed. After every kill each run
 file that exists must be whole (JSON parses, safetensors load); the final weights must be
 bit-identical (CPU) to an uninterrupted run. Also: a NaN/inf loss stops the run naming
@@ -277,11 +277,11 @@ def test_divergence_after_epoch_one_keeps_epoch_one(stack, archive, tmp_path):
 
 
 # ------------------------------------------------------------------ every write is atomic
-# Writers allowed to bypass data.atomic's helpers, and why.
+# Writers allowed to bypass core.atomic's helpers, and why.
 ATOMIC_EXEMPT = {
-    "data/atomic.py": "the atomic helpers themselves (temp + fsync + rename)",
-    "data/faults.py": "the test-only fault hook writes half a temp file, then kills itself",
-    "data/rundir.py": "the write probe of the run directory (deleted at once)",
+    "core/atomic.py": "the atomic helpers themselves (temp + fsync + rename)",
+    "core/faults.py": "the test-only fault hook writes half a temp file, then kills itself",
+    "core/rundir.py": "the write probe of the run directory (deleted at once)",
     "data/cache.py": "writes only inside '<key>.tmp-PID/', fsynced, renamed into place whole",
     "bench/reproduce.py": "appends to a run's log file (a log, never read back as state)",
     "bench/gpu.py": "a step's stdout/stderr log file (a log, never read back as state)",
@@ -322,7 +322,7 @@ def test_every_file_the_stacks_write_goes_through_the_atomic_helpers():
         rel = p.relative_to(REPO).as_posix()
         if rel not in ATOMIC_EXEMPT:
             bad += non_atomic_writes(p.read_text(), rel)
-    assert bad == [], "writes that bypass data.atomic.atomic_write_* / save_safetensors:\n" + \
+    assert bad == [], "writes that bypass core.atomic.atomic_write_* / save_safetensors:\n" + \
         "\n".join(bad)
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data.batching import augment, augment_draws
-from data.tensors import load_safetensors
+from core.tensors import load_safetensors
 from jax_port import checkpoint, convert
 from jax_port import model as M
 from jax_port import predict as P

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.tensors import load_safetensors
+from core.tensors import load_safetensors
 from numpy_mlp import checkpoint, layers
 from numpy_mlp import model as M
 from numpy_mlp import predict as P
 from numpy_mlp import train as T
-from data.catalog import MLP_MODELS, presets_for
+from core.catalog import MLP_MODELS, presets_for
 from tests.helpers import make_archive, synthetic_image
 
 TOL = 1e-7  # max relative error of analytic vs centred finite-difference gradients

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from data.batching import AugDraws, augment_draws, dropout_rng, epoch_order, identity_draws
-from data.recipe import StepSchedule, smooth_targets
+from core.recipe import StepSchedule, smooth_targets
 from jax_port import convert
 from jax_port import model as JM
 from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, Trainer
@@ -369,7 +369,7 @@ def _assert_float32_trajectory(got, want, name, lr_sum, what):
 # ------------------------------------------------------------------ the recipe (v3-recipe)
 @pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
 def test_label_smoothed_loss_and_gradients_match_torch(conv_impl):
-    """BCE against y (1 - eps) + eps / 2 (data.recipe.smooth_targets) in both engines: the
+    """BCE against y (1 - eps) + eps / 2 (core.recipe.smooth_targets) in both engines: the
     loss and every gradient of v3 in train mode, with a shared dropout mask."""
     model = _torch_model("v3", random_bn=True)
     v = convert.cnn_from_canonical(state_to_numpy(model))
@@ -497,7 +497,7 @@ def test_recipe_epochs_of_both_stacks_agree(name, dropout_p):
     from types import SimpleNamespace
 
     from data.cache import Split
-    from data.catalog import ONECYCLE_DEFAULTS
+    from core.catalog import ONECYCLE_DEFAULTS
     from jax_port.train import JaxPort
     from torch_cnn.train import TorchCNN
     images, labels = _data(40, seed=3)
@@ -601,7 +601,7 @@ def test_torch_checkpoint_evaluates_the_same_in_jax(mini_zip, tmp_path, capsys):
 
     from data import load_cifake
     from data.errors import run_cli
-    from data.metrics import classification_report
+    from core.metrics import classification_report
     from jax_port import checkpoint
     from torch_cnn import train as TT
     run, cache = tmp_path / "torch-run", tmp_path / "cache"

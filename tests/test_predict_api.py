@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data.errors import UserError
-from data.predict import CSV_FIELDS, iter_image_paths
+from core.predict import CSV_FIELDS, iter_image_paths
 from tests.helpers import image_bytes, synthetic_image
 from tests.helpers import assert_ok, assert_user_error, run
 from tests.helpers import mlp_run

@@ -1,4 +1,4 @@
-"""The v3 recipe beyond the original: the shared per-step formulas (data/recipe.py) against
+"""The v3 recipe beyond the original: the shared per-step formulas (core/recipe.py) against
 optax, the recipe's flags and resume rule in the run driver, both stacks' recipe runs
 (bit-identical resume, the moving average saved and evaluated, TTA in predict), and
 bench.recipe's ablation on a miniature. Parity of the two stacks' arithmetic is in
@@ -15,10 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from data.catalog import DEFAULTS, ONECYCLE_KEYS, PRESETS, RECIPE_DEFAULTS
+from core.catalog import DEFAULTS, ONECYCLE_KEYS, PRESETS, RECIPE_DEFAULTS
 from data.errors import UserError
-from data.recipe import StepSchedule, ema_decay_at, onecycle_lr, smooth_targets
-from data.tensors import load_safetensors
+from core.recipe import StepSchedule, ema_decay_at, onecycle_lr, smooth_targets
+from core.tensors import load_safetensors
 from tests.helpers import assert_same_weights, make_archive, synthetic_image, train_argv
 
 
@@ -139,7 +139,7 @@ def test_a_preset_schedule_is_overridden_with_its_settings(stack):
     """--preset v3-recipe --schedule constant: the preset's one-cycle settings go with its
     schedule (it used to be refused for a --warmup-frac nobody typed); the rest of the
     preset stays."""
-    from data.driver import configure
+    from core.driver import configure
     st = {"torch_cnn": lambda: importlib.import_module("torch_cnn.train").TorchCNN(),
           "jax_port": lambda: importlib.import_module("jax_port.train").JaxPort()}[stack]()
     cfg = configure(st, ["--preset", "v3-recipe", "--schedule", "constant"])[0]
@@ -160,7 +160,7 @@ def test_dropout_p_is_recorded_and_built(stack, archive, tmp_path):
     assert json.loads((out / "config.json").read_text())["dropout_p"] == 0.25
     st = {"torch_cnn": lambda: importlib.import_module("torch_cnn.train").TorchCNN(),
           "jax_port": lambda: importlib.import_module("jax_port.train").JaxPort()}[stack]()
-    from data.driver import configure
+    from core.driver import configure
     for argv, want in ((["--preset", "v3-recipe", "--dropout-p", "0"], 0.0),
                        (["--preset", "v3-recipe"], None)):
         cfg = configure(st, argv)[0]

@@ -39,8 +39,8 @@ def tmpfs(folder: Path, size: str):
 
 def test_fault_hook_is_inert_unless_set(tmp_path, monkeypatch):
     """The kill-in-write hook must not fire for other files or other write counts."""
-    from data import faults
-    from data.atomic import atomic_write_json
+    from core import faults
+    from core.atomic import atomic_write_json
     monkeypatch.setenv(faults.FAULT_ENV, "other.json@1")
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     monkeypatch.setenv(faults.FAULT_ENV, "x.json@5")
@@ -53,7 +53,7 @@ def test_fault_hook_is_inert_unless_set(tmp_path, monkeypatch):
 def test_fault_hook_kills_mid_write_and_keeps_previous_file(tmp_path):
     """A SIGKILL half-way through writing leaves the previous file intact."""
     target = tmp_path / "model.safetensors"
-    code = ("import numpy as np; from data.tensors import save_safetensors as s; import sys; "
+    code = ("import numpy as np; from core.tensors import save_safetensors as s; import sys; "
             "s(sys.argv[1], {'w': np.arange(1000, dtype=np.float32)}); "
             "s(sys.argv[1], {'w': np.zeros(1000, dtype=np.float32)})")
     p = subprocess.run([PY, "-c", code, str(target)], cwd=REPO,
@@ -90,7 +90,7 @@ def test_out_dir_on_a_full_disk_fails_before_training(tmp_path):
 
 
 def test_prepare_out_dir_refuses_a_nearly_full_disk_in_process(tmp_path, monkeypatch):
-    from data import rundir
+    from core import rundir
     from data.errors import UserError
 
     class Usage:  # what shutil.disk_usage returns, with 3 MiB free
@@ -102,7 +102,7 @@ def test_prepare_out_dir_refuses_a_nearly_full_disk_in_process(tmp_path, monkeyp
 
 
 def test_resume_refuses_a_state_json_that_is_not_json(tmp_path):
-    from data import rundir
+    from core import rundir
     from data.errors import UserError
     (tmp_path / "state.json").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="state.json: not valid JSON"):
@@ -113,7 +113,7 @@ def test_classification_report_refuses_non_finite_logits():
     """Diverged weights give NaN/inf logits: one UserError, not a NaN in metrics.json
     (which strict JSON cannot even hold: that used to end in a ValueError traceback)."""
     from data.errors import UserError
-    from data.metrics import classification_report
+    from core.metrics import classification_report
     labels = np.array([0, 1, 1])
     assert classification_report(np.array([-2.0, 3.0, 0.5]), labels)["accuracy"] == 100.0
     for bad in (np.nan, np.inf, -np.inf):
@@ -124,7 +124,7 @@ def test_classification_report_refuses_non_finite_logits():
 def test_save_safetensors_keeps_zero_dim_tensors(tmp_path):
     """BatchNorm's num_batches_tracked has shape (); np.ascontiguousarray would make it
     (1,), and the CNN loaders (which demand ()) would then refuse every v3 checkpoint."""
-    from data.tensors import load_safetensors, save_safetensors
+    from core.tensors import load_safetensors, save_safetensors
     path = tmp_path / "x.safetensors"
     t = {"n": np.array(7, np.int64), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
     save_safetensors(path, t)
@@ -136,7 +136,7 @@ def test_save_safetensors_keeps_zero_dim_tensors(tmp_path):
 def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
     """ENOSPC at fsync (the disk filled up mid-run): UserError, old file intact, no temp."""
     import errno
-    from data import atomic
+    from core import atomic
     from data.errors import UserError
     atomic.atomic_write_json(tmp_path / "metrics.json", {"epoch": 1})
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from data.catalog import ROWS
+from core.catalog import ROWS
 from tests.helpers import REPO
 
 
@@ -54,7 +54,7 @@ def test_reproduce_refuses_bad_rows(tmp_path):
 
 def test_reproduce_refuses_a_run_made_with_other_settings(tmp_path):
     """A finished run of an older preset must not be shown (or resumed) as the current row."""
-    from data.catalog import PRESETS
+    from core.catalog import PRESETS
     run = tmp_path / "rep" / "runs" / "numpy_mlp-mlp2-mini"
     run.mkdir(parents=True)
     cfg = dict(PRESETS["mlp2-mini"], preset="mlp2-mini", subset=None)  # only lr differs below

@@ -26,9 +26,9 @@ import data.cache as cache_mod
 from data import load_cifake
 from data.errors import DataError, UserError
 from data.images import PREDICT_BATCH, load_image_for_model
-from data.predict import DetectorBase
-from data.atomic import atomic_write_bytes
-from data.rundir import read_json
+from core.predict import DetectorBase
+from core.atomic import atomic_write_bytes
+from core.rundir import read_json
 from tests.helpers import REPO, extract_to, image_bytes, make_archive, synthetic_image
 from tests.helpers import (NOBODY, assert_ok, assert_user_error, can_drop_privileges, cmd, env,
                            last_line, mlp_run, run, world_tmpdir)
@@ -154,7 +154,7 @@ class _Stub(DetectorBase):
 
 
 def test_a_non_finite_score_is_an_error_record_and_json_stays_valid(tmp_path, capsys):
-    from data.predict import _print
+    from core.predict import _print
     imgs = [str(good_jpeg(tmp_path / f"{i}.jpg")) for i in range(3)]
     det = _Stub(lambda b: np.array([0.25, np.nan, np.inf])[:len(b)])
     rc = _print(det.predict_iter(imgs), as_json=True)

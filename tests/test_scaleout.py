@@ -35,7 +35,7 @@ from tests.helpers import REPO, assert_ok, assert_same_weights, env, load_weight
     make_archive, require_modules
 
 FRO = {"baseline": 1e-4, "v3": 5e-3, "v3-recipe": 5e-3}
-# v3 with the recipe (data.recipe: one-cycle lr, label smoothing, the EMA that is saved,
+# v3 with the recipe (core.recipe: one-cycle lr, label smoothing, the EMA that is saved,
 # flip TTA in the sharded evaluation); with --degrade as v3 below
 RECIPE = ["--schedule", "onecycle", "--label-smoothing", "0.1", "--ema-decay", "0.99",
           "--tta", "flip"]

@@ -13,7 +13,7 @@ from PIL import Image
 from data import Split
 from data.batching import augment, augment_draws, epoch_order
 from data.errors import UserError
-from data.tensors import load_safetensors
+from core.tensors import load_safetensors
 from tests.helpers import REPO, make_archive, synthetic_image, train_argv
 from torch_cnn import checkpoint, predict, train
 from torch_cnn.model import MODELS, build_model, init_model, param_count

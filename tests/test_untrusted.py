@@ -298,7 +298,7 @@ def _mutations(tensors: dict, key: str, wrong_shape: tuple) -> dict[str, tuple[d
                              "wrong_dtype"])
 def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
     from data.errors import UserError
-    from data.tensors import save_safetensors
+    from core.tensors import save_safetensors
     from numpy_mlp import checkpoint as np_ckpt
     tensors, word = _mutations(_mlp(), "W2", (1, 8))[mutation]
     path = tmp_path / "model.safetensors"
@@ -314,7 +314,7 @@ def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
 def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
     pytest.importorskip("torch")
     from data.errors import UserError
-    from data.tensors import save_safetensors
+    from core.tensors import save_safetensors
     from torch_cnn import checkpoint as t_ckpt
     from torch_cnn.model import init_model
     good = {k: v for k, v in t_ckpt.state_to_numpy(init_model("v3", 0)).items()}
@@ -334,7 +334,7 @@ def test_jax_checkpoint_loader_validates_every_tensor(family, mutation, tmp_path
     """jax_port.checkpoint.load (what jax_port.predict and evaluation use), in-process."""
     pytest.importorskip("jax")
     from data.errors import UserError
-    from data.tensors import save_safetensors
+    from core.tensors import save_safetensors
     from jax_port import checkpoint as j_ckpt
     if family == "mlp":
         tensors, word = _mutations(_mlp(), "W1", (7, 3000))[mutation]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from data.tensors import load_safetensors, save_safetensors
+from core.tensors import load_safetensors, save_safetensors
 
 from .model import MODELS
 

@@ -22,7 +22,7 @@ of every global batch. The global function is the one-process function:
   sums reduced the same way);
 - reported loss / accuracy: all-reduced per step, the global batch's.
 
-Rank 0 alone writes the run directory (``data.driver``); every rank reads it on --resume.
+Rank 0 alone writes the run directory (``core.driver``); every rank reads it on --resume.
 Evaluation is split over the ranks (contiguous parts, gathered in order).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from data.batching import rank_rows
 from data.errors import UserError
-from data.recipe import smooth_targets
+from core.recipe import smooth_targets
 
 
 def world() -> tuple[int, int, int]:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from data.errors import UserError, run_cli
-from data.atomic import atomic_write_bytes
-from data.flags import ArgumentParser
-from data.rundir import read_json
-from data.tensors import FORMAT
+from core.atomic import atomic_write_bytes
+from core.flags import ArgumentParser
+from core.rundir import read_json
+from core.tensors import FORMAT
 from .pipeline import to_input
 from .predict import load_run
 

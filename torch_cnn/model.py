@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data.catalog import CNN_MODELS, DROPOUT_MODELS
-from data.init import cnn_init
-from data.recipe import TTA_MODES
+from core.catalog import CNN_MODELS, DROPOUT_MODELS
+from core.init import cnn_init
+from core.recipe import TTA_MODES
 
 MODELS = CNN_MODELS
 DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in the original
@@ -102,7 +102,7 @@ def build_model(name: str, dropout_p: float | None = None) -> nn.Module:
 
 
 def init_model(name: str, seed: int, dropout_p: float | None = None) -> nn.Module:
-    """``name`` with the family's seeded initial weights (``data.init.cnn_init``: PyTorch's
+    """``name`` with the family's seeded initial weights (``core.init.cnn_init``: PyTorch's
     default distributions drawn with NumPy), the same arrays the JAX port starts from.
 
     Torch's global RNG is forked, so building the module does not disturb it.

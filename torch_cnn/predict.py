@@ -9,7 +9,7 @@ Command: ``python -m torch_cnn.predict --run RUN_DIR IMAGE_OR_FOLDER... [--outpu
 
 RUN_DIR holds config.json (for the model name) and model.safetensors (canonical CNN
 names: written by torch_cnn or the JAX port). Inputs, batching, records and output
-files are ``data.predict``'s, the same in every stack. P(FAKE) = 1 - sigmoid(logit).
+files are ``core.predict``'s, the same in every stack. P(FAKE) = 1 - sigmoid(logit).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from data.errors import UserError, run_cli
-from data.predict import DetectorBase, normalize_device, predict_cli
-from data.recipe import tta_of
-from data.rundir import read_json
+from core.predict import DetectorBase, normalize_device, predict_cli
+from core.recipe import tta_of
+from core.rundir import read_json
 
 from . import checkpoint
 from .model import MODELS, build_model, with_tta

@@ -1,11 +1,11 @@
 """Train one of the CNNs on CIFAKE: ``python -m torch_cnn.train --model baseline|dropout|v3``.
 
-The shared flags and the run directory are ``data.driver``'s; the CNN's own flags are
+The shared flags and the run directory are ``core.driver``'s; the CNN's own flags are
 ``--device cpu|cuda|auto``, ``--pipeline device|torchvision``, ``--workers``
 (torchvision DataLoader workers), ``--channels-last`` and ``--threads``.
 
 Randomness, all derived from (seed, epoch) so --resume needs no saved RNG state:
-  weight init  : data.init.cnn_init(model, seed)                        (model.init_model)
+  weight init  : core.init.cnn_init(model, seed)                        (model.init_model)
   batch order  : data.batching.epoch_order(seed, epoch, n)
   augmentation : device pipeline: augment_draws(seed, epoch, n); torchvision pipeline:
                  per-image torch seeds from rng(seed, 11, epoch) (pipeline.py)
@@ -14,9 +14,9 @@ Randomness, all derived from (seed, epoch) so --resume needs no saved RNG state:
 Epochs are numbered from 1 in the history and in the RNG keys.
 
 Recipe (``--preset v3-recipe`` or the recipe flags; per-step numbers from
-``data.recipe.StepSchedule``, the same in the JAX port):
+``core.recipe.StepSchedule``, the same in the JAX port):
   schedule     : --schedule onecycle sets the param group's lr before every step
-  label smooth : the BCE target of ``train_step`` is ``data.recipe.smooth_targets(y, eps)``
+  label smooth : the BCE target of ``train_step`` is ``core.recipe.smooth_targets(y, eps)``
   EMA          : a second model holds the moving average of the parameters (weights and
                  biases, BatchNorm's scale and shift included), updated after every step
                  with ``ema <- d_t ema + (1 - d_t) live``; its buffers (BatchNorm's
@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from data import flags
+from core import flags
 from data.batching import dropout_rng, num_batches
-from data.catalog import AUGMENTED_MODELS, CNN_MODELS
-from data.driver import NonFiniteLoss, Stack, train
+from core.catalog import AUGMENTED_MODELS, CNN_MODELS
+from core.driver import NonFiniteLoss, Stack, train
 from data.errors import UserError, run_cli
-from data.recipe import StepSchedule, smooth_targets
-from data.tensors import load_safetensors, save_safetensors
+from core.recipe import StepSchedule, smooth_targets
+from core.tensors import load_safetensors, save_safetensors
 
 from . import checkpoint
 from . import distributed as ddp
@@ -115,7 +115,7 @@ def ema_pairs(ema_model: torch.nn.Module, model: torch.nn.Module):
 @torch.no_grad()
 def ema_update(pairs, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * live`` for every parameter (see
-    ``data.recipe.ema_decay_at`` for ``decay``). Buffers are copied: BatchNorm's running
+    ``core.recipe.ema_decay_at`` for ``decay``). Buffers are copied: BatchNorm's running
     statistics are a moving average already, and averaging them again would add their
     own start (mean 0, var 1) and lag to the average's (on the mini archive that turned
     an 85% network into a coin toss)."""

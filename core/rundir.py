@@ -22,8 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import DataError, UserError
-from .images import read_file_bounded
+from data.errors import DataError, UserError
+from data.images import read_file_bounded
 
 RUN_FILES = ("config.json", "metrics.json", "metrics.jsonl", "model.safetensors",
              "state.safetensors", "state.json")

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from data.errors import UserError
 from .faults import maybe_fault
 
 

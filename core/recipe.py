@@ -71,7 +71,7 @@ def ema_decay_at(decay: float, t):
 def tta_of(cfg: dict, where) -> str:
     """A run's test-time augmentation from its config.json (``where``); a run without the
     key predates it and had none."""
-    from .errors import UserError
+    from data.errors import UserError
     tta = cfg.get("tta", "none")
     if tta not in TTA_MODES:
         raise UserError(f"{where}: unknown test-time augmentation 'tta' {tta!r} (this version "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batching import init_rng
+from data.batching import init_rng
 from .catalog import CNN_MODELS
 
 INIT_SCHEME = "numpy/1"  # recorded in each run's config; a resume refuses another scheme

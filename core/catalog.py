@@ -19,7 +19,7 @@ mean/std normalisation, no weight decay, constant lr.
 Beyond the original: ``v3-robust`` (v3 + ``degrade``) and ``v3-recipe``, the unchanged v3
 network with a one-cycle learning rate, a moving average of the weights and flip test-time
 averaging; label smoothing, measured in the ablation, is left out (``RECIPE_DEFAULTS`` below;
-formulas in ``data/recipe.py``; the ablation is ``python -m bench.recipe``,
+formulas in ``core/recipe.py``; the ablation is ``python -m bench.recipe``,
 docs/results/recipe.md). Its ``lr`` is the one-cycle's peak.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ DROPOUT_MODELS = ("dropout", "v3")
 # leave every original preset computing exactly what it always did.
 RECIPE_DEFAULTS = {
     "schedule": "constant",    # "constant": Adam's step size is lr at every step;
-                               # "onecycle": set per step (data/recipe.py)
+                               # "onecycle": set per step (core/recipe.py)
     "warmup_frac": None,       # onecycle: fraction of the run's steps spent rising to lr
     "warmup_shape": None,      # onecycle: "cosine" (optax.cosine_onecycle_schedule) | "linear"
     "div_factor": None,        # onecycle: the first step's lr = lr / div_factor
@@ -120,7 +120,7 @@ def presets_for(models) -> dict[str, dict]:
 
 def parse_rows(text: str) -> tuple[str, ...]:
     """``--rows``: "all" or comma-separated row names -> the rows, in the order given."""
-    from .errors import UserError
+    from data.errors import UserError
     rows = ROWS if text == "all" else tuple(r.strip() for r in text.split(","))
     bad = [r for r in rows if r not in ORIGINAL]
     if bad:

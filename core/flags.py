@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 
-from .errors import UserError
+from data.errors import UserError
 
 SEED_LIMIT = 2**32          # NumPy's SeedSequence takes any int >= 0; 32 bits is the contract
 MAX_EPOCHS = 1_000_000

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .errors import UserError
+from data.errors import UserError
 
 
 def bce_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_bytes
-from .errors import UserError
+from data.errors import UserError
 
 FORMAT = "cifake-detector/1"
 

@@ -6,13 +6,13 @@ model state, training one epoch, logits for a split, and saving/loading its stat
 driver does the rest the same way for all three:
 
 - configuration: defaults < preset < explicit flags, by feeding the family's defaults and
-  the preset to ``parser.set_defaults``; every value checked by ``data.flags``;
+  the preset to ``parser.set_defaults``; every value checked by ``core.flags``;
 - resume: ``--resume --out RUN`` reloads RUN/config.json; only ``--epochs``, the cache
   and the device/progress flags may be given with it, anything else (``--data``,
   ``--preset``, the recipe's flags, ...) or a run of another stack is refused before
   anything is written; a one-cycle run's ``--epochs`` cannot change either (its schedule
   spans the epochs it was started with);
-- the run directory (``data.rundir``): locked for the life of the training; a fresh run
+- the run directory (``core.rundir``): locked for the life of the training; a fresh run
   needs an empty folder;
 - after each epoch a line of metrics.jsonl, and every ``save_every`` epochs (and at the
   last), in this order: metrics.json (history so far), state.safetensors (the resume
@@ -39,11 +39,11 @@ import numpy as np
 
 from . import flags
 from .atomic import append_line, atomic_write_bytes, atomic_write_json
-from .cache import content_fingerprint, load_cifake
+from data.cache import content_fingerprint, load_cifake
 from .catalog import (DEFAULTS, DROPOUT_MODELS, MODELS, ONECYCLE_DEFAULTS, ONECYCLE_KEYS,
                       PRESETS, RECIPE_DEFAULTS, family_of, presets_for)
-from .degrade import DegradeFeed, check_probability
-from .errors import EXIT_INTERRUPTED, UserError
+from data.degrade import DegradeFeed, check_probability
+from data.errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME
 from .metrics import classification_report, final_report
 from .recipe import SCHEDULES, TTA_MODES, WARMUP_SHAPES
@@ -79,7 +79,7 @@ class Stack:
     models: tuple = ()
     default_model: str | None = None
     resume_flags: frozenset = frozenset()  # its own flags allowed with --resume
-    checks: dict = {}                      # config key -> data.flags checker, its own flags
+    checks: dict = {}                      # config key -> core.flags checker, its own flags
 
     def add_flags(self, ap: argparse.ArgumentParser) -> None:
         """Add the stack's own flags, with their defaults (the shared ones are the driver's)."""
@@ -218,7 +218,7 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
 
 
 def add_recipe_flags(ap: argparse.ArgumentParser) -> None:
-    """The recipe's ingredients (CNN models; data/recipe.py has the formulas)."""
+    """The recipe's ingredients (CNN models; core/recipe.py has the formulas)."""
     ap.add_argument("--schedule", choices=SCHEDULES,
                     help="CNNs: Adam's step size per step, constant (the original) or onecycle "
                          "(warm-up to --lr, then a cosine down; default: the preset's, else "

@@ -31,11 +31,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import DataError, UserError, one_line
-from .images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
+from data.errors import DataError, UserError, one_line
+from data.images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
     load_image_for_model, resize_to_model
 from .atomic import atomic_text_writer
-from .photo import is_out_of_distribution
+from data.photo import is_out_of_distribution
 from . import flags
 from .flags import ArgumentParser, positive_int
 # What a folder scan picks up (compared case-insensitively): the formats Pillow decodes
@@ -169,7 +169,7 @@ def check_threshold(t) -> float:
 
 def normalize_device(device: str) -> str:
     """'auto' | 'cpu' | 'gpu' ('cuda' is the same as 'gpu', case-insensitive): the train
-    commands' vocabulary (``data.flags.device``)."""
+    commands' vocabulary (``core.flags.device``)."""
     return flags.device(device)
 
 
