@@ -41,16 +41,20 @@ def _polyline(xs, ys, x0, x1, y0, y1, box) -> str:
 
 
 def curves_svg(history: list[dict]) -> str:
-    """Accuracy and loss per epoch (train and test) as one inline SVG: no plotting library
-    on the server, no script in the browser."""
-    panels = [("accuracy %", "train_acc", "test_acc"), ("loss", "train_loss", "test_loss")]
+    """Accuracy and loss per epoch (train, validation when the run holds a split out, and
+    test) as one inline SVG: no plotting library on the server, no script in the browser."""
+    panels = [("accuracy %", "_acc"), ("loss", "_loss")]
+    series = (("train", "#1f77b4"), ("val", "#2ca02c"), ("test", "#d62728"))
+    shown = [(name, color) for name, color in series
+             if any(isinstance(h.get(name + suffix), (int, float))
+                    for h in history for _, suffix in panels)]
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     W, H, pad = 340, 220, 40
     parts = [f'<svg id="curves" xmlns="http://www.w3.org/2000/svg" width="{2 * W}" '
              f'height="{H}" font-size="11" font-family="sans-serif">']
-    for k, (title, tr, te) in enumerate(panels):
-        vals = [h.get(key) for h in history for key in (tr, te)
-                if isinstance(h.get(key), (int, float))]
+    for k, (title, suffix) in enumerate(panels):
+        vals = [h.get(name + suffix) for h in history for name, _ in shown
+                if isinstance(h.get(name + suffix), (int, float))]
         box = (k * W + pad, 20, W - pad - 10, H - 50)
         left, top, w, h = box
         parts.append(f'<text x="{left}" y="12">{title}</text>'
@@ -64,7 +68,8 @@ def curves_svg(history: list[dict]) -> str:
                      f'<text x="{left - 4}" y="{top + h}" text-anchor="end">{y0:.3g}</text>'
                      f'<text x="{left}" y="{top + h + 14}">epoch {x0}</text>'
                      f'<text x="{left + w}" y="{top + h + 14}" text-anchor="end">{x1}</text>')
-        for key, color, name in ((tr, "#1f77b4", "train"), (te, "#d62728", "test")):
+        for name, color in shown:
+            key = name + suffix
             ys = [h.get(key) if isinstance(h.get(key), (int, float)) else None for h in history]
             pts = _polyline(epochs, ys, x0, x1, y0, y1, box)
             if pts:
@@ -73,8 +78,8 @@ def curves_svg(history: list[dict]) -> str:
                 for p in pts.split():
                     x, y = p.split(",")
                     parts.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>')
-        parts.append(f'<text x="{left + 6}" y="{top + h + 30}" fill="#1f77b4">train</text>'
-                     f'<text x="{left + 50}" y="{top + h + 30}" fill="#d62728">test</text>')
+        parts.extend(f'<text x="{left + 6 + 44 * i}" y="{top + h + 30}" fill="{color}">'
+                     f'{name}</text>' for i, (name, color) in enumerate(shown))
     parts.append("</svg>")
     return "".join(parts)
 

@@ -85,13 +85,21 @@ PRESETS = {
 }
 
 
+# The validation split (data/validation.py): no preset holds images out, so the original
+# presets train on the whole training split, as the original did.
+VALIDATION_DEFAULTS = {
+    "val": 0,       # training images held out for validation (stratified); 0 = none
+    "val_seed": 0,  # seed of the draw, independent of the training seed
+}
+
 # Used when neither a preset nor a flag sets a value, per family.
 DEFAULTS = {
     "mlp": {"epochs": 100, "batch_size": 128, "lr": 0.01, "decay": 0.0, "eval_every": 1,
-            "save_every": 1, "dtype": "float32", "hidden": None, "degrade": 0.0},
+            "save_every": 1, "dtype": "float32", "hidden": None, "degrade": 0.0,
+            **VALIDATION_DEFAULTS},
     "cnn": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "decay": 0.0, "eval_every": 1,
             "save_every": 1, "dtype": "float32", "hidden": None, "degrade": 0.0,
-            **RECIPE_DEFAULTS},
+            **VALIDATION_DEFAULTS, **RECIPE_DEFAULTS},
 }
 
 # The original project's reported figures (test and train accuracy in %, 20k CIFAKE test

@@ -29,6 +29,7 @@ driver does the rest the same way for all three:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ from .catalog import (DEFAULTS, DROPOUT_MODELS, MODELS, ONECYCLE_DEFAULTS, ONECY
 from data.degrade import DegradeFeed, check_probability
 from data.errors import EXIT_INTERRUPTED, UserError
 from .init import INIT_SCHEME
+from data.validation import hold_out, split_digest
 from .metrics import classification_report, final_report
 from .recipe import SCHEDULES, TTA_MODES, WARMUP_SHAPES
 from .rundir import check_init_scheme, field, prepare, read_history, read_json, unlock
@@ -132,7 +134,7 @@ class Stack:
 CHECKS = {"seed": flags.seed, "epochs": flags.epochs, "batch_size": flags.batch_size,
           "lr": flags.lr, "decay": flags.decay, "subset": flags.optional(flags.subset),
           "eval_every": flags.eval_every, "save_every": flags.save_every,
-          "hidden": flags.hidden,
+          "hidden": flags.hidden, "val": flags.val, "val_seed": flags.val_seed,
           "data": flags.optional_str("--data"), "cache_dir": flags.optional_str("--cache-dir"),
           "model": flags.choice("--model", MODELS),
           "preset": flags.choice("--preset", (None, *PRESETS)),
@@ -202,6 +204,14 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                              "the v3-robust preset's 0.5)")
     ap.add_argument("--subset", type=flags.subset,
                     help="use only the first N images per class of each split (quick runs)")
+    ap.add_argument("--val", type=flags.val,
+                    help="hold out N training images as a validation split (stratified by "
+                         "class, never a copy of a trained-on image), evaluated with the test "
+                         "split and reported beside it (default 0: train on every image, as "
+                         "the original presets do)")
+    ap.add_argument("--val-seed", type=flags.val_seed,
+                    help="seed of the validation draw, independent of --seed, so every "
+                         "training seed is validated on the same images (default 0)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its last completed epoch (with "
                          "--epochs to extend it)")
@@ -427,6 +437,7 @@ def train(stack: Stack, argv: list[str] | None = None) -> int:
         cfg = resume_config(stack, given, out)
     ds = load_cifake(cfg["data"], cfg["cache_dir"], subset=cfg["subset"], verbose=bars)
     fingerprint = content_fingerprint(ds.manifest)
+    ds = _hold_out(cfg, ds, resume)
     if resume:
         for key, n in (("n_train", len(ds.train)), ("n_test", len(ds.test))):
             if cfg.get(key, n) != n:
@@ -451,6 +462,21 @@ def train(stack: Stack, argv: list[str] | None = None) -> int:
             unlock(out)
 
 
+def _hold_out(cfg: dict, ds, resume: bool):
+    """``ds`` with ``cfg["val"]`` training images held out as ``ds.val`` (none for 0); a
+    fresh run records which images, a resume refuses another draw."""
+    if not cfg["val"]:
+        return ds
+    train, val = hold_out(ds.train, cfg["val"], cfg["val_seed"])
+    digest = split_digest(val)
+    if resume and cfg.get("val_digest") != digest:
+        raise UserError(f"--resume: this version holds out other validation images than "
+                        f"the run recorded (val_digest); resuming would validate one run on "
+                        f"two splits: start a new run (another --out)")
+    cfg["val_digest"] = digest
+    return dataclasses.replace(ds, train=train, val=val)
+
+
 def _resume_point(stack: Stack, out: Path) -> tuple[int, list[dict], float]:
     """(epoch completed, its history, wall seconds so far) of the run in ``out``."""
     if not (out / "state.safetensors").exists():
@@ -467,7 +493,8 @@ def _resume_point(stack: Stack, out: Path) -> tuple[int, list[dict], float]:
     return start, history, wall
 
 
-TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s")
+TENSORBOARD_SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                       "lr", "images_per_s")
 
 
 def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
@@ -556,7 +583,8 @@ def _run(stack: Stack, cfg: dict, ds, out: Path, resume: bool, bars: bool,
         return 0
     write_metrics(final)
     auc = "n/a" if final["test_auc"] is None else f"{final['test_auc']:.4f}"
-    print(f"done: train {final['train_acc']:.2f}% test {final['test_acc']:.2f}% "
+    val = "" if final.get("val_acc") is None else f"val {final['val_acc']:.2f}% "
+    print(f"done: train {final['train_acc']:.2f}% {val}test {final['test_acc']:.2f}% "
           f"(gap {final['gap_pp']:.2f} pp, test AUC {auc}, dedup test "
           f"{final['test_dedup']['accuracy']:.2f}%) -> {out}", file=sys.stderr)
     return 0
@@ -609,11 +637,14 @@ def _train_epoch(stack: Stack, cfg: dict, ds, out: Path, epoch: int, bars: bool,
            "train_acc": stats["train_acc"], "seconds": seconds,
            "images_per_s": n / max(seconds, 1e-9)}
     if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == epochs:
-        rep = classification_report(stack.logits(ds.test), ds.test.labels)
-        row["test_loss"], row["test_acc"] = rep["loss"], rep["accuracy"]
+        line = f"epoch {epoch + 1}/{epochs}: lr {row['lr']:.4g} train loss " \
+               f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}%"
+        for name, split in (("val", ds.val), ("test", ds.test)):
+            if split is None:
+                continue
+            rep = classification_report(stack.logits(split), split.labels)
+            row[f"{name}_loss"], row[f"{name}_acc"] = rep["loss"], rep["accuracy"]
+            line += f" | {name} loss {rep['loss']:.4f} acc {rep['accuracy']:.2f}%"
         if primary:
-            print(f"epoch {epoch + 1}/{epochs}: lr {row['lr']:.4g} train loss "
-                  f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}% | test loss "
-                  f"{rep['loss']:.4f} acc {rep['accuracy']:.2f}% | "
-                  f"{row['images_per_s']:.0f} img/s", file=sys.stderr)
+            print(f"{line} | {row['images_per_s']:.0f} img/s", file=sys.stderr)
     return row

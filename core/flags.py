@@ -112,6 +112,8 @@ def number_in(name: str, lo: float, hi: float, hi_inclusive: bool = False):
 seed = integer("--seed", 0, SEED_LIMIT - 1)
 epochs = integer("--epochs", 1, MAX_EPOCHS)
 subset = integer("--subset", 1, MAX_SUBSET)
+val = integer("--val", 0, MAX_SUBSET)
+val_seed = integer("--val-seed", 0, SEED_LIMIT - 1)
 eval_every = integer("--eval-every", 1, MAX_EPOCHS)
 save_every = integer("--save-every", 1, MAX_EPOCHS)
 lr = number("--lr", strictly_positive=True)

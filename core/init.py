@@ -21,13 +21,11 @@ from __future__ import annotations
 import numpy as np
 
 from data.batching import init_rng
-from .catalog import CNN_MODELS
+
+from .architecture import cnn_tensors
 
 INIT_SCHEME = "numpy/1"  # recorded in each run's config; a resume refuses another scheme
 
-CONV_CHANNELS = (32, 64)  # output channels of conv1, conv2 (3x3, padding 1)
-FC_HIDDEN = 512           # fc1 width
-FEATURES = 64 * 8 * 8     # fc1 inputs: conv2's 64 channels after two 2x2 poolings of 32x32
 
 
 def mlp_init(layer_dims, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -42,29 +40,21 @@ def mlp_init(layer_dims, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
 
 
 def cnn_init(model: str, seed: int) -> dict[str, np.ndarray]:
-    """A fresh ``model`` ("baseline" | "dropout" | "v3") as a torch ``state_dict`` of NumPy arrays."""
-    if model not in CNN_MODELS:
-        raise ValueError(f"unknown CNN model {model!r}; choose one of {', '.join(CNN_MODELS)}")
+    """A fresh ``model`` ("baseline" | "dropout" | "v3") as a torch ``state_dict`` of NumPy
+    arrays, drawn tensor by tensor in the canonical table's order (``cnn_tensors``)."""
+    table = cnn_tensors(model)
     g = init_rng(seed)
-
-    def uniform(shape, fan_in):
-        bound = 1.0 / np.sqrt(fan_in)
-        return g.uniform(-bound, bound, size=shape).astype(np.float32)
-
+    weights = {k[:-len(".weight")]: shape for k, (shape, _) in table.items()
+               if k.endswith(".weight") and not k.startswith("bn")}
+    constant = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
     sd: dict[str, np.ndarray] = {}
-    c_in = 3
-    for i, c_out in enumerate(CONV_CHANNELS, start=1):
-        fan_in = c_in * 3 * 3
-        sd[f"conv{i}.weight"] = uniform((c_out, c_in, 3, 3), fan_in)
-        sd[f"conv{i}.bias"] = uniform((c_out,), fan_in)
-        if model == "v3":
-            sd[f"bn{i}.weight"] = np.ones(c_out, np.float32)
-            sd[f"bn{i}.bias"] = np.zeros(c_out, np.float32)
-            sd[f"bn{i}.running_mean"] = np.zeros(c_out, np.float32)
-            sd[f"bn{i}.running_var"] = np.ones(c_out, np.float32)
-            sd[f"bn{i}.num_batches_tracked"] = np.zeros((), np.int64)
-        c_in = c_out
-    for name, n_in, n_out in (("fc1", FEATURES, FC_HIDDEN), ("fc2", FC_HIDDEN, 1)):
-        sd[f"{name}.weight"] = uniform((n_out, n_in), n_in)
-        sd[f"{name}.bias"] = uniform((n_out,), n_in)
+    for name, (shape, dtype) in table.items():
+        layer, kind = name.split(".")
+        if layer.startswith("bn"):
+            sd[name] = (np.zeros(shape, np.int64) if kind == "num_batches_tracked"
+                        else np.full(shape, constant[kind], np.float32))
+            continue
+        fan_in = int(np.prod(weights[layer][1:]))  # C_in * k * k, or the linear's inputs
+        bound = 1.0 / np.sqrt(fan_in)
+        sd[name] = g.uniform(-bound, bound, size=shape).astype(np.float32)
     return sd

@@ -64,9 +64,13 @@ def final_report(logits_of, ds) -> dict:
     """The ``final`` block of metrics.json: a report on the train split, the test split and
     the de-duplicated test view, plus the headline numbers. ``logits_of(split)`` -> logits."""
     dedup = ds.test_deduplicated()
+    splits = (("train", ds.train), ("val", getattr(ds, "val", None)), ("test", ds.test),
+              ("test_dedup", dedup))
     final = {name: classification_report(logits_of(split), split.labels)
-             for name, split in (("train", ds.train), ("test", ds.test), ("test_dedup", dedup))}
+             for name, split in splits if split is not None}
     final.update(train_acc=final["train"]["accuracy"], test_acc=final["test"]["accuracy"],
                  gap_pp=final["train"]["accuracy"] - final["test"]["accuracy"],
                  test_loss=final["test"]["loss"], test_auc=final["test"]["roc_auc"])
+    if "val" in final:  # (a run without a validation split has none of these keys)
+        final.update(val_acc=final["val"]["accuracy"], val_loss=final["val"]["loss"])
     return final

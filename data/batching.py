@@ -31,7 +31,7 @@ from .errors import UserError
 PAD = 4  # pixels of zero padding for the random crop, as in the original v3
 
 # Independent random streams derived from one seed (SeedSequence spawn keys).
-_STREAM_ORDER, _STREAM_AUG, _STREAM_INIT, _STREAM_DROPOUT = 0, 1, 2, 3
+_STREAM_ORDER, _STREAM_AUG, _STREAM_INIT, _STREAM_DROPOUT, _STREAM_VAL = 0, 1, 2, 3, 4
 
 
 def rng(seed: int, *keys: int) -> np.random.Generator:
@@ -116,6 +116,12 @@ def augment(images: np.ndarray, draws: AugDraws, pad: int = PAD) -> np.ndarray:
 def dropout_rng(seed: int, epoch: int) -> np.random.Generator:
     """Stream for dropout masks drawn in NumPy (tests that share masks across stacks)."""
     return rng(seed, _STREAM_DROPOUT, epoch)
+
+
+def val_rng(val_seed: int) -> np.random.Generator:
+    """Stream for drawing the validation split. Seeded by ``--val-seed``, not the training
+    seed: runs of every training seed hold out the same images."""
+    return rng(val_seed, _STREAM_VAL)
 
 
 def init_rng(seed: int) -> np.random.Generator:

@@ -82,6 +82,7 @@ class CIFAKE:
     train: Split
     test: Split
     manifest: dict
+    val: Split | None = None  # training images held out (data.validation), when a run asks
 
     def test_deduplicated(self) -> Split:
         """The test split minus every image whose bytes also occur in train (the leak)."""

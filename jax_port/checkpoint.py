@@ -13,34 +13,11 @@ import json
 import numpy as np
 
 from data.errors import UserError
+from core.architecture import cnn_tensors, layer_dims_from_metadata, mlp_tensors
 from core.tensors import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
 
 from . import convert
 from .model import CNN_VARIANTS, ModelSpec, get_spec
-
-
-def cnn_expected(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Canonical tensor name -> (shape, dtype) of CNN ``name`` (torch state_dict order)."""
-    f = "float32"
-    out = {}
-    for i, (c_in, c_out) in enumerate(((3, 32), (32, 64)), start=1):
-        out[f"conv{i}.weight"] = ((c_out, c_in, 3, 3), f)
-        out[f"conv{i}.bias"] = ((c_out,), f)
-        if CNN_VARIANTS[name]["batchnorm"]:
-            for k in ("weight", "bias", "running_mean", "running_var"):
-                out[f"bn{i}.{k}"] = ((c_out,), f)
-            out[f"bn{i}.num_batches_tracked"] = ((), "int64")
-    out.update({"fc1.weight": ((512, 4096), f), "fc1.bias": ((512,), f),
-                "fc2.weight": ((1, 512), f), "fc2.bias": ((1,), f)})
-    return out
-
-
-def mlp_expected(layer_dims) -> dict[str, tuple[tuple[int, ...], None]]:
-    out = {}
-    for l in range(1, len(layer_dims)):
-        out[f"W{l}"] = ((layer_dims[l], layer_dims[l - 1]), None)
-        out[f"b{l}"] = ((layer_dims[l], 1), None)
-    return out
 
 
 def to_tensors(spec: ModelSpec, variables: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -72,22 +49,16 @@ def load(path, model: str | None = None) -> tuple[ModelSpec, dict, dict]:
         raise UserError(f"{path}: checkpoint is for model {name!r}, not {model!r}")
     name = name or model
     if family == "mlp":
-        try:
-            dims = json.loads(meta["layer_dims"])
-            if not (isinstance(dims, list) and len(dims) >= 3 and dims[0] == 3072 and dims[-1] == 1
-                    and all(isinstance(d, int) and d > 0 for d in dims)):
-                raise ValueError
-        except (KeyError, ValueError, TypeError):
-            raise UserError(f"{path}: metadata 'layer_dims' missing or invalid") from None
+        dims = layer_dims_from_metadata(path, meta)
         if name not in ("mlp2", "mlp4"):
             raise UserError(f"{path}: unknown MLP model {name!r}")
-        tensors, _ = load_safetensors(path, mlp_expected(dims))
+        tensors, _ = load_safetensors(path, mlp_tensors(dims))
         check_uniform_float(path, tensors)
         spec = get_spec(name, dims[1:-1])
     elif family == "cnn":
         if name not in CNN_VARIANTS:
             raise UserError(f"{path}: unknown CNN model {name!r}")
-        tensors, _ = load_safetensors(path, cnn_expected(name))
+        tensors, _ = load_safetensors(path, cnn_tensors(name))
         spec = get_spec(name)
     else:
         raise UserError(f"{path}: unknown model family {family!r} (expected 'mlp' or 'cnn')")

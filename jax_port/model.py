@@ -28,21 +28,14 @@ import numpy as np
 from jax import lax
 
 from data.errors import UserError
+from core.architecture import (BN_EPS, BN_MOMENTUM, DROPOUT_P, FC_HIDDEN, has_batchnorm,
+                               has_dropout, mlp_layer_dims)
 from core.catalog import CNN_MODELS, DROPOUT_MODELS, MLP_HIDDEN
 from core.init import cnn_init, mlp_init
 
 from . import convert
 
 # ---------------------------------------------------------------- architectures
-IMAGE_SHAPE = (32, 32, 3)  # H, W, C of a CIFAKE image
-N_IN = 32 * 32 * 3         # MLP input length (3072)
-
-
-BN_EPS = 1e-5        # torch BatchNorm2d eps
-BN_MOMENTUM = 0.1    # torch convention: running = (1 - 0.1) * running + 0.1 * batch statistic
-DROPOUT_P = 0.5      # probability of zeroing a unit of fc1's output (torch nn.Dropout(0.5))
-FC_HIDDEN = 512      # fc1 width
-CONV_CHANNELS = (32, 64)
 
 
 @dataclass(frozen=True)
@@ -57,17 +50,12 @@ class ModelSpec:
 
 # CNN variants (torch_cnn.model.build_model): baseline = plain; dropout = + Dropout(0.5);
 # v3 = + BatchNorm after both convs (and data augmentation, a training-loop option).
-CNN_VARIANTS = {m: dict(batchnorm=m == "v3", dropout=m in DROPOUT_MODELS) for m in CNN_MODELS}
+CNN_VARIANTS = {m: dict(batchnorm=has_batchnorm(m), dropout=has_dropout(m)) for m in CNN_MODELS}
 MODELS = tuple(MLP_HIDDEN) + tuple(CNN_VARIANTS)
 
 
-def layer_dims_for(model: str, hidden: tuple[int, ...] | list[int] | None = None) -> tuple[int, ...]:
-    if model not in MLP_HIDDEN:
-        raise UserError(f"unknown MLP model {model!r} (choose from {', '.join(MLP_HIDDEN)})")
-    h = tuple(hidden) if hidden else MLP_HIDDEN[model]
-    if any(int(x) <= 0 for x in h):
-        raise UserError(f"--hidden sizes must be positive integers, got {list(h)}")
-    return (N_IN, *map(int, h), 1)
+def layer_dims_for(model: str, hidden=None) -> tuple[int, ...]:
+    return tuple(mlp_layer_dims(model, hidden))
 
 
 def get_spec(model: str, hidden=None, dropout_p: float | None = None) -> ModelSpec:
@@ -98,44 +86,6 @@ def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
         variables = convert.cnn_from_canonical(cnn_init(spec.name, seed))
         variables["params"] = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables["params"])
     return jax.tree_util.tree_map(jnp.asarray, variables)
-
-
-def init_variables_from_key(spec: ModelSpec, key: jax.Array, dtype=jnp.float32) -> dict:
-    """The same distributions as ``init_variables``, drawn from a JAX PRNG key (what the Flax
-    wrapper's ``init`` passes; the training CLI uses ``init_variables``)."""
-    params, stats = {}, {}
-    if spec.family == "mlp":
-        dims = spec.layer_dims
-        for l in range(1, len(dims)):
-            key, k = jax.random.split(key)
-            std = np.sqrt(2.0 / dims[l - 1])
-            params[f"dense{l}"] = {
-                "kernel": (jax.random.normal(k, (dims[l - 1], dims[l]), dtype) * std).astype(dtype),
-                "bias": jnp.zeros((dims[l],), dtype)}
-        return {"params": params}
-
-    def uniform(k, shape, fan_in):
-        b = 1.0 / np.sqrt(fan_in)
-        return jax.random.uniform(k, shape, dtype, -b, b)
-
-    c_in = IMAGE_SHAPE[2]
-    for i, c_out in enumerate(CONV_CHANNELS, start=1):
-        key, kw, kb = jax.random.split(key, 3)
-        fan_in = 9 * c_in
-        params[f"conv{i}"] = {"kernel": uniform(kw, (3, 3, c_in, c_out), fan_in),
-                              "bias": uniform(kb, (c_out,), fan_in)}
-        if spec.batchnorm:
-            params[f"bn{i}"] = {"scale": jnp.ones((c_out,), dtype), "bias": jnp.zeros((c_out,), dtype)}
-            stats[f"bn{i}"] = _fresh_bn_stats(params[f"bn{i}"]["scale"])
-        c_in = c_out
-    flat = 8 * 8 * CONV_CHANNELS[-1]
-    for name, n_in, n_out in (("fc1", flat, FC_HIDDEN), ("fc2", FC_HIDDEN, 1)):
-        key, kw, kb = jax.random.split(key, 3)
-        params[name] = {"kernel": uniform(kw, (n_in, n_out), n_in), "bias": uniform(kb, (n_out,), n_in)}
-    out = {"params": params}
-    if spec.batchnorm:
-        out["batch_stats"] = stats
-    return out
 
 
 
@@ -436,15 +386,16 @@ def _flax_module():
         mutable=["batch_stats"])`` runs the same function the port trains with."""
         spec: ModelSpec
         conv_impl: str = "im2col"
+        seed: int = 0  # the family's initial weights for this seed (core.init), as in training
 
         @nn.compact
         def __call__(self, x, train: bool = False, mask=None):
             fresh = {}
 
             def param_init(name):
-                def init(rng, *_):
+                def init(rng, *_):  # the key is not used: the weights are the shared init's
                     if "v" not in fresh:  # one draw of the whole model per init
-                        fresh["v"] = init_variables_from_key(self.spec, rng, x.dtype)
+                        fresh["v"] = init_variables(self.spec, self.seed, x.dtype)
                     return fresh["v"]["params"][name]
                 return init
             params = {k: self.param(k, param_init(k)) for k in _param_names(self.spec)}

@@ -170,13 +170,9 @@ class JaxPort(Stack):
         return jax.process_index(), jax.process_count()
 
     def configure(self, cfg):
-        from .model import MLP_HIDDEN, layer_dims_for
+        from .model import layer_dims_for
         mlp = family_of(cfg["model"]) == "mlp"
         if mlp:
-            want = len(MLP_HIDDEN[cfg["model"]])
-            if cfg["hidden"] is not None and len(cfg["hidden"]) != want:
-                raise UserError(f"--hidden: {cfg['model']} has {want} hidden layer(s), "
-                                f"got {cfg['hidden']}")
             cfg["layer_dims"] = list(layer_dims_for(cfg["model"], cfg["hidden"]))
             cfg["hidden"] = cfg["layer_dims"][1:-1]
             check_fits_memory(sum(a * b for a, b in zip(cfg["layer_dims"], cfg["layer_dims"][1:])),
@@ -227,15 +223,17 @@ class JaxPort(Stack):
                                tta=cfg.get("tta") or "none", mesh=make_mesh(devs))
         self.state = self.trainer.init_state(_init(spec, cfg["seed"], dtype))
         # the dataset lives on the device(s) as uint8 for the whole run
+        evaluated = [s for s in (ds.val, ds.test) if s is not None]
         if self.trainer.mesh is None:
             self.train_x = jax.device_put(ds.train.images)
             self.train_y = jax.device_put(ds.train.labels)
             self.on_device = {id(ds.train): self.train_x,
-                              id(ds.test): jax.device_put(ds.test.images)}
+                              **{id(s): jax.device_put(s.images) for s in evaluated}}
         else:  # a copy on every device; evaluation splits each split over them
             self.train_x = self.trainer.put(ds.train.images)
             self.train_y = self.trainer.put(ds.train.labels)
-            self.on_device = {id(s): self.trainer.eval_set(s.images) for s in (ds.train, ds.test)}
+            self.on_device = {id(s): self.trainer.eval_set(s.images)
+                              for s in (ds.train, *evaluated)}
         return {"device": f"{dev.platform}:{dev.id}", "device_kind": dev.device_kind,
                 "n_devices": len(devs), "processes": jax.process_count(),
                 "conv_impl_used": conv_impl if spec.family == "cnn" else None,

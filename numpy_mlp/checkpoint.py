@@ -14,24 +14,17 @@ import json
 import numpy as np
 
 from data.errors import UserError
+from core.architecture import layer_dims_from_metadata, mlp_tensors
 from core.tensors import check_uniform_float, load_safetensors, read_safetensors_header, save_safetensors
 
 FAMILY = "mlp"
 
 
-def expected_shapes(layer_dims: list[int]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for l in range(1, len(layer_dims)):
-        shapes[f"W{l}"] = (layer_dims[l], layer_dims[l - 1])
-        shapes[f"b{l}"] = (layer_dims[l], 1)
-    return shapes
-
-
 def save(path, params: dict[str, np.ndarray], model: str, layer_dims: list[int],
          extra_meta: dict[str, str] | None = None) -> None:
     """Write ``params`` atomically under canonical names (shapes checked first)."""
-    shapes = expected_shapes(layer_dims)
-    if set(params) != set(shapes) or any(params[k].shape != s for k, s in shapes.items()):
+    shapes = mlp_tensors(layer_dims)
+    if set(params) != set(shapes) or any(params[k].shape != s for k, (s, _) in shapes.items()):
         raise ValueError(f"params do not match layer_dims {layer_dims}")
     dtype = str(params["W1"].dtype)
     meta = {"family": FAMILY, "model": model, "layer_dims": json.dumps(list(layer_dims)),
@@ -47,14 +40,9 @@ def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     _, meta = read_safetensors_header(path)  # the metadata says which shapes to expect
     if meta.get("family") != FAMILY:
         raise UserError(f"{path}: not an MLP checkpoint (family {meta.get('family')!r})")
-    try:
-        dims = json.loads(meta["layer_dims"])
-        if not (isinstance(dims, list) and len(dims) >= 2
-                and all(isinstance(d, int) and d > 0 for d in dims)):
-            raise ValueError
-    except (KeyError, ValueError):
-        raise UserError(f"{path}: metadata 'layer_dims' missing or invalid") from None
-    params, _ = load_safetensors(path, {k: (s, None) for k, s in expected_shapes(dims).items()})
+    dims = layer_dims_from_metadata(path, meta)
+    params, _ = load_safetensors(path, mlp_tensors(dims))
     check_uniform_float(path, params)
     meta = dict(meta, layer_dims=dims)
     return params, meta
+

@@ -20,34 +20,15 @@ from __future__ import annotations
 import numpy as np
 
 from data.batching import to_float
-from core.catalog import MLP_HIDDEN, MLP_MODELS
+from core.architecture import mlp_layer_dims
+from core.catalog import MLP_MODELS
 from core.init import mlp_init
-from data.errors import UserError
 
 from .layers import (bce_cost, bce_grad, linear_backward, linear_forward, relu_backward,
                      relu_forward)
 
-N_IN = 32 * 32 * 3  # input units: one per pixel channel
 MODELS = MLP_MODELS
-
-
-def layer_dims_for(model: str, hidden: list[int] | None = None) -> list[int]:
-    """Units per layer, input first and the single logit last: mlp2 -> [3072, 7, 1].
-
-    ``hidden`` overrides the hidden sizes; mlp2 takes exactly one, mlp4 exactly three.
-    """
-    if model not in MLP_HIDDEN:
-        raise UserError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
-    if hidden is None:
-        hidden = MLP_HIDDEN[model]
-    hidden = [int(h) for h in hidden]
-    want = len(MLP_HIDDEN[model])
-    if len(hidden) != want:
-        raise UserError(f"--hidden: {model} has {want} hidden layer{'s' * (want > 1)}, "
-                        f"got {len(hidden)} size{'s' * (len(hidden) != 1)} {hidden}")
-    if any(h <= 0 for h in hidden):
-        raise UserError(f"--hidden: layer sizes must be positive integers, got {hidden}")
-    return [N_IN, *hidden, 1]
+layer_dims_for = mlp_layer_dims  # the contract's (core.architecture)
 
 
 def num_layers(params: dict) -> int:

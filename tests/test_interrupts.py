@@ -315,7 +315,7 @@ def non_atomic_writes(text: str, where: str) -> list[str]:
 
 
 def test_every_file_the_stacks_write_goes_through_the_atomic_helpers():
-    files = sorted(p for d in ("numpy_mlp", "torch_cnn", "jax_port", "data", "bench", "cifake")
+    files = sorted(p for d in ("numpy_mlp", "torch_cnn", "jax_port", "data", "core", "bench", "cifake")
                    for p in (REPO / d).rglob("*.py"))
     bad = []
     for p in files:

@@ -13,6 +13,7 @@ from PIL import Image
 from data import Split
 from data.batching import augment, augment_draws, epoch_order
 from data.errors import UserError
+from core.architecture import cnn_tensors
 from core.tensors import load_safetensors
 from tests.helpers import REPO, make_archive, synthetic_image, train_argv
 from torch_cnn import checkpoint, predict, train
@@ -56,7 +57,7 @@ def test_shapes_param_counts_and_names(name):
     torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
     shapes = {k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
               for k, v in m.state_dict().items()}
-    assert shapes == checkpoint.expected_shapes(name)
+    assert shapes == cnn_tensors(name)
     assert ("bn1.weight" in shapes) == (name == "v3")
 
 
@@ -198,7 +199,7 @@ def test_cli_run_dir_and_bit_identical_resume(archive, tmp_path, monkeypatch):
     assert fin["gap_pp"] == pytest.approx(fin["train_acc"] - fin["test_acc"])
     assert sum(map(sum, fin["test"]["confusion"])) == 8
     assert json.loads((full / "state.json").read_text())["epoch_completed"] == 3
-    w, meta = load_safetensors(full / "model.safetensors", checkpoint.expected_shapes("v3"))
+    w, meta = load_safetensors(full / "model.safetensors", cnn_tensors("v3"))
     assert meta["family"] == "cnn" and meta["model"] == "v3"
     assert w["bn1.num_batches_tracked"].shape == () and int(w["bn1.num_batches_tracked"]) == 9
     st = load_safetensors(full / "state.safetensors")[0]

@@ -32,7 +32,7 @@ from tests.helpers import REPO, image_bytes, make_archive, synthetic_image
 from tests.helpers import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
                            trusted_caches)
 
-SCANNED = ("numpy_mlp", "torch_cnn", "jax_port", "data", "bench")
+SCANNED = ("numpy_mlp", "torch_cnn", "jax_port", "data", "core", "bench", "cifake")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal",
                   "joblib"}
 NUMPY_NAMES = {"np", "numpy", "jnp", "onp"}

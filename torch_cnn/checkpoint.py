@@ -9,29 +9,8 @@ import numpy as np
 import torch
 
 from data.errors import UserError
+from core.architecture import cnn_tensors
 from core.tensors import load_safetensors, save_safetensors
-
-from .model import MODELS
-
-
-def expected_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Canonical tensor name -> (shape, dtype) for model ``name``, in state_dict order."""
-    if name not in MODELS:
-        raise UserError(f"unknown CNN model {name!r}; choose one of {', '.join(MODELS)}")
-    f = "float32"
-    out = {"conv1.weight": ((32, 3, 3, 3), f), "conv1.bias": ((32,), f)}
-    if name == "v3":
-        out.update({f"bn1.{k}": ((32,), f) for k in ("weight", "bias", "running_mean",
-                                                      "running_var")})
-        out["bn1.num_batches_tracked"] = ((), "int64")
-    out.update({"conv2.weight": ((64, 32, 3, 3), f), "conv2.bias": ((64,), f)})
-    if name == "v3":
-        out.update({f"bn2.{k}": ((64,), f) for k in ("weight", "bias", "running_mean",
-                                                      "running_var")})
-        out["bn2.num_batches_tracked"] = ((), "int64")
-    out.update({"fc1.weight": ((512, 4096), f), "fc1.bias": ((512,), f),
-                "fc2.weight": ((1, 512), f), "fc2.bias": ((1,), f)})
-    return out
 
 
 def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -41,7 +20,7 @@ def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def save(path, model: torch.nn.Module, name: str) -> None:
     """Write the model's state_dict under canonical names, atomically."""
     tensors = state_to_numpy(model)
-    exp = expected_shapes(name)
+    exp = cnn_tensors(name)
     if list(tensors) != list(exp):  # a bug, not a user error
         raise AssertionError(f"state_dict names {list(tensors)} != canonical {list(exp)}")
     save_safetensors(path, tensors, {"family": "cnn", "model": name})
@@ -49,7 +28,7 @@ def save(path, model: torch.nn.Module, name: str) -> None:
 
 def read(path, name: str) -> dict[str, np.ndarray]:
     """Load and validate a canonical checkpoint for model ``name`` (NumPy arrays)."""
-    tensors, meta = load_safetensors(path, expected_shapes(name))
+    tensors, meta = load_safetensors(path, cnn_tensors(name))
     if meta.get("family", "cnn") != "cnn":
         raise UserError(f"{path}: a {meta.get('family')!r} checkpoint, not a CNN one")
     if meta.get("model", name) != name:

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.catalog import CNN_MODELS, DROPOUT_MODELS
+from core.architecture import (CONV_CHANNELS, DROPOUT_P, FC_HIDDEN, FEATURES, KERNEL,
+                               has_batchnorm, has_dropout)
+from core.catalog import CNN_MODELS
 from core.init import cnn_init
 from core.recipe import TTA_MODES
 
 MODELS = CNN_MODELS
-DROPOUT_P = 0.5  # probability of zeroing an FC1 activation (dropout, v3), as in the original
 
 
 class CifakeCNN(nn.Module):
@@ -41,19 +42,20 @@ class CifakeCNN(nn.Module):
         if name not in MODELS:
             raise ValueError(f"unknown CNN model {name!r}; choose one of {', '.join(MODELS)}")
         self.name = name
-        self.use_bn = name == "v3"
-        self.use_dropout = name in DROPOUT_MODELS
+        self.use_bn = has_batchnorm(name)
+        self.use_dropout = has_dropout(name)
         if dropout_p is not None and not self.use_dropout:
             raise ValueError(f"{name} has no dropout layer (dropout_p {dropout_p})")
         # Attribute creation order = state_dict order = canonical checkpoint order.
-        self.conv1 = nn.Conv2d(3, 32, kernel_size=3, padding=1)
+        c1, c2 = CONV_CHANNELS
+        self.conv1 = nn.Conv2d(3, c1, kernel_size=KERNEL, padding=KERNEL // 2)
         if self.use_bn:
-            self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+            self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=KERNEL, padding=KERNEL // 2)
         if self.use_bn:
-            self.bn2 = nn.BatchNorm2d(64)
-        self.fc1 = nn.Linear(64 * 8 * 8, 512)
-        self.fc2 = nn.Linear(512, 1)
+            self.bn2 = nn.BatchNorm2d(c2)
+        self.fc1 = nn.Linear(FEATURES, FC_HIDDEN)
+        self.fc2 = nn.Linear(FC_HIDDEN, 1)
         self.dropout = nn.Dropout(DROPOUT_P if dropout_p is None else dropout_p) \
             if self.use_dropout else None
 

@@ -47,6 +47,7 @@ from torch.nn import functional as F
 
 from core import flags
 from data.batching import dropout_rng, num_batches
+from core.architecture import cnn_tensors
 from core.catalog import AUGMENTED_MODELS, CNN_MODELS
 from core.driver import NonFiniteLoss, Stack, train
 from data.errors import UserError, run_cli
@@ -164,9 +165,9 @@ def optimizer_tensors(model, optimizer) -> dict[str, np.ndarray]:
 def state_shapes(model, name: str, ema: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
     """Expected contents of state.safetensors: weights + Adam tensors per parameter (+ the
     moving average's state_dict when ``ema``)."""
-    out = {f"model.{k}": v for k, v in checkpoint.expected_shapes(name).items()}
+    out = {f"model.{k}": v for k, v in cnn_tensors(name).items()}
     if ema:
-        out.update({f"ema.{k}": v for k, v in checkpoint.expected_shapes(name).items()})
+        out.update({f"ema.{k}": v for k, v in cnn_tensors(name).items()})
     for pname, p in model.named_parameters():
         shape = tuple(p.shape)
         out.update({f"adam.exp_avg.{pname}": (shape, "float32"),
