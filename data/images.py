@@ -37,8 +37,6 @@ MAX_PIXELS = 40_000_000
 # a CIFAKE JPEG is ~2 KB; anything this large is not an image we should read.
 MAX_FILE_BYTES = 64 * 2**20
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-# Filter used to bring a user's image to 32x32. BOX (area averaging) is the
-# anti-aliased choice for large downscales; documented in README.
 # Images scored per forward pass in predict: bounds its memory whatever the number of
 # files (a CNN's activations for 256 images are ~40 MB).
 PREDICT_BATCH = 256
