@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.batching import epoch_order, rng
-from core.catalog import AUGMENTED_MODELS, CNN_MODELS, MLP_MODELS, MODELS, PRESETS  # noqa: F401
+from data.batching import epoch_order
+from core.catalog import AUGMENTED_MODELS, PRESETS, family_of
 
 DEVICES = ("cpu", "gpu")
 
@@ -78,17 +78,13 @@ BACKENDS = {
 }
 # The reference each ratio is taken against, per family (measured in the same run).
 REFERENCE = {"mlp": "numpy-mlp", "cnn": "torch-torchvision"}
-# Every torch row: the JAX CNN's speed goal is taken against the fastest of them.
+# Every torch row: the JAX CNN's headline ratio is taken against the fastest of them.
 TORCH_CNN_BACKENDS = tuple(k for k, v in BACKENDS.items() if v.stack == "torch_cnn")
-
-
-def family_of_model(model: str) -> str:
-    return "mlp" if model in MLP_MODELS else "cnn"
 
 
 def hyperparameters(model: str) -> dict:
     """The spec preset's training hyperparameters for ``model`` (same for every backend)."""
-    if family_of_model(model) == "mlp":
+    if family_of(model) == "mlp":
         p = PRESETS[f"{model}-mini"]
         return {"preset": f"{model}-mini", "batch_size": p["batch_size"], "lr": p["lr"],
                 "decay": p["decay"], "optimizer": "gradient descent, lr0 / (1 + decay * epoch)",
@@ -137,7 +133,7 @@ def spec_init_weights(model: str, seed: int) -> dict[str, np.ndarray]:
     He init for MLPs, torch_cnn's seeded default init for CNNs). The accuracy budget starts
     every backend of a family from these, so its rows differ only by the engine (and by the
     augmentation / dropout draws, which each pipeline makes its own way)."""
-    if family_of_model(model) == "mlp":
+    if family_of(model) == "mlp":
         from numpy_mlp import model as nm
         return nm.init_params(nm.layer_dims_for(model), seed, np.float32)
     from torch_cnn.model import init_model
@@ -235,6 +231,8 @@ class TorchCNN(Backend):
         if self.world > 1:
             self.dist.prepare_model(self.net, self.dev)
         self.opt = self.tt.make_optimizer(self.net, self.hp["lr"])
+        from core.recipe import StepSchedule
+        self.schedule = StepSchedule(lr0=self.hp["lr"])  # the presets' constant Adam step size
         self.fwd = self.net  # what the steps call (a torch.compile wrapper in torch-compile)
         if self.world > 1:
             self.ddp = self.dist.wrap(self.net, self.dev)
@@ -243,23 +241,14 @@ class TorchCNN(Backend):
         raise NotImplementedError
 
     def train_epoch(self, h, epoch):
-        torch = self.torch
-        # dropout masks: torch's global RNG, seeded per epoch as torch_cnn.train does
-        torch.manual_seed(int(rng(self.seed, 3, epoch).integers(0, 2**63 - 1)))
-        losses, correct, n = [], 0, 0
-        for batch in self.batches(h, epoch):
-            if self.ddp is None:
-                x, y = batch
-                loss, nc = self.tt.train_step(self.fwd, self.opt, x, y)
-                n += len(y)
-            else:  # this rank's rows; the global batch's loss and count
-                x, y, rows = batch
-                loss, nc = self.dist.train_step(self.ddp, self.net, self.opt, x, y, rows)
-                n += rows[2]
-            losses.append(loss)
-            correct += nc  # device tensor: no host sync inside the loop
+        # the product's own epoch (torch_cnn.train.run_epoch: the loop ``train`` runs, with
+        # its per-step loss check), dropout masks seeded per epoch as ``train`` seeds them
+        self.tt.seed_dropout(self.seed, epoch)
+        model = self.fwd if self.ddp is None else self.net
+        m = self.tt.run_epoch(model, self.opt, self.batches(h, epoch), self.schedule,
+                              ddp_model=self.ddp)
         self.sync()
-        return {"loss": float(torch.stack(losses).mean()), "acc": 100.0 * float(correct) / n}
+        return {"loss": m["train_loss"], "acc": m["train_acc"]}
 
     def logits(self, h):
         if self.ddp is not None:  # each rank scores a part
@@ -455,7 +444,7 @@ _CLASSES = {"numpy-mlp": NumpyMLP, "torch-torchvision": TorchTorchvision,
 def make_backend(name: str, model: str, device: str, seed: int = 0,
                  n_devices: int = 1) -> Backend:
     info = BACKENDS[name]
-    if family_of_model(model) != info.family:
+    if family_of(model) != info.family:
         raise ValueError(f"backend {name} runs {info.family.upper()} models, not {model}")
     if n_devices > 1 and not info.parallel:
         raise ValueError(f"backend {name} trains on one device")

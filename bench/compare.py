@@ -9,8 +9,9 @@ under ONE fixed budget shared by all (``--budget-epochs`` epochs on the first
 ``--budget-subset`` training images per class, same seeds and batch order, evaluated on
 the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.parity`` checks that the JAX port computes the specs'
 function. Ratios are taken against a reference measured in the same run (NumPy for the
-MLPs, the torchvision pipeline for the CNNs), and the project's speed goals are printed
-with their measured values and PASS/MISS.
+MLPs, the torchvision pipeline for the CNNs), and a few headline figures (the JAX port
+against the fastest torch row, ...). The project's own speed targets and how the committed
+runs measured against them are in docs/bench.md, not in this tool's output.
 
 Outputs (``--out``, default ``results/bench/<UTC timestamp>/``, every file written via
 temp + rename): ``bench.json`` (every figure, how each was obtained, versions, devices,
@@ -51,10 +52,11 @@ from pathlib import Path
 
 from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes, atomic_write_json
+from core.catalog import CNN_MODELS, MLP_MODELS, MODELS, family_of
 from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
-from .backends import BACKENDS, CNN_MODELS, DEVICES, MLP_MODELS, MODELS, REFERENCE, TORCH_CNN_BACKENDS
+from .backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
 from .worker import RESULT_TAG
 
 PROG = "python -m bench.compare"
@@ -73,12 +75,6 @@ DEFAULTS = dict(repeats=3, steps=50, eval_images=5000, budget_epochs=3, budget_s
 QUICK = dict(repeats=2, steps=10, eval_images=1000, budget_epochs=1, budget_subset=200,
              budget_seeds=1, synthetic_train=4000, synthetic_test=1000)
 DEFAULT_MODELS = ("mlp4", "v3")
-
-# Speed goals. Units: ratios are x; throughput images/s; time seconds.
-GOAL_JAX_CNN_VS_TORCH = 1.5      # x the fastest torch row's training images/s (CPU)
-GOAL_JAX_CNN_IPS = 2400.0        # training images/s (CPU)
-GOAL_JAX_MLP_EPOCH = 3.0         # x faster epoch than numpy-mlp (CPU)
-GOAL_GPU_50_EPOCHS_S = 20.0      # seconds for 50 epochs x 100k images of v3 with JAX (GPU)
 FULL_TRAIN = 100_000             # CIFAKE's training images
 TORCH_DEVICE_PIPELINE = ("torch-device", "torch-device-cl", "torch-device-fused", "torch-compile")
 
@@ -273,7 +269,7 @@ def plan_runs(args, probe: dict) -> tuple[list[tuple[str, str, str, int]], list[
         notes.append("gpu: no GPU visible to torch or JAX -- GPU rows skipped")
     runs = []
     for model in args.models:
-        fam = "mlp" if model in MLP_MODELS else "cnn"
+        fam = family_of(model)
         backends = [b for b in args.backends if BACKENDS[b].family == fam]
         if not backends:
             raise UserError(f"--models {model}: none of the chosen backends "
@@ -319,7 +315,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def _one_device(rows: list[dict]) -> dict:
-    """(backend, device, model) -> its successful 1-device row (ratios and goals are
+    """(backend, device, model) -> its successful 1-device row (ratios and headlines are
     between those)."""
     return {(r["backend"], r["device"], r["model"]): r for r in rows
             if r.get("ok") and r.get("n_devices", 1) == 1}
@@ -340,71 +336,46 @@ def add_scaling(rows: list[dict]) -> None:
                                             else a / (n * b))
 
 
-def _goal(name: str, value, target: str, passed, how: str, extra: dict | None = None) -> dict:
-    status = "n/a" if passed is None else ("PASS" if passed else "MISS")
-    return {"goal": name, "target": target, "value": value, "status": status, "how": how,
-            **(extra or {})}
+def _headline(what: str, value, unit: str, how: str, extra: dict | None = None) -> dict:
+    return {"what": what, "value": value, "unit": unit, "how": how, **(extra or {})}
 
 
-def evaluate_goals(rows: list[dict], models: list[str]) -> list[dict]:
+def headlines(rows: list[dict], models: list[str]) -> list[dict]:
+    """The figures a reader looks for first, as measured in this run (value None where
+    the run lacks a row): the JAX CNN's training speed against the fastest torch row,
+    the JAX MLP's epoch against NumPy's, and a GPU's 50 v3 epochs. Targets and verdicts
+    are the project's, kept in docs/bench.md, not in the tool's output."""
     ok = _one_device(rows)
     cnn = "v3" if "v3" in models else next((m for m in models if m in CNN_MODELS), None)
     mlp = "mlp4" if "mlp4" in models else next((m for m in models if m in MLP_MODELS), None)
-    goals = []
-
+    out = []
     jax_cpu = ok.get(("jax-cnn", "cpu", cnn))
-    # against torch at its best: the fastest torch row of this run (spec pipelines and the
-    # tuned variants alike)
     torch_cpu = [ok[(b, "cpu", cnn)] for b in TORCH_CNN_BACKENDS if (b, "cpu", cnn) in ok]
     best_torch = max(torch_cpu, key=lambda r: _med(r, "train"), default=None)
-    if jax_cpu and best_torch:
-        ratio = _med(jax_cpu, "train") / _med(best_torch, "train")
-        goals.append(_goal(f"cpu: jax-cnn {cnn} training >= {GOAL_JAX_CNN_VS_TORCH}x the fastest "
-                           f"torch row ({best_torch['backend']} of {len(torch_cpu)})",
-                           round(ratio, 3), f">= {GOAL_JAX_CNN_VS_TORCH}x",
-                           ratio >= GOAL_JAX_CNN_VS_TORCH,
-                           "ratio of median training images/s, same run"))
-    else:
-        goals.append(_goal(f"cpu: jax-cnn training >= {GOAL_JAX_CNN_VS_TORCH}x the fastest torch "
-                           f"row", None, f">= {GOAL_JAX_CNN_VS_TORCH}x", None,
-                           "not measured in this run (needs jax-cnn and a torch backend on cpu)"))
-    if jax_cpu:
-        v = _med(jax_cpu, "train")
-        goals.append(_goal(f"cpu: jax-cnn {cnn} training >= {GOAL_JAX_CNN_IPS:,.0f} images/s",
-                           round(v, 1), f">= {GOAL_JAX_CNN_IPS:,.0f} images/s",
-                           v >= GOAL_JAX_CNN_IPS, "median training images/s"))
-    else:
-        goals.append(_goal(f"cpu: jax-cnn training >= {GOAL_JAX_CNN_IPS:,.0f} images/s", None,
-                           f">= {GOAL_JAX_CNN_IPS:,.0f} images/s", None, "jax-cnn not run on cpu"))
-
+    ratio = (_med(jax_cpu, "train") / _med(best_torch, "train")
+             if jax_cpu and best_torch else None)
+    vs = f" ({best_torch['backend']} of {len(torch_cpu)})" if best_torch else ""
+    out.append(_headline(f"cpu: jax-cnn {cnn} training / the fastest torch row{vs}",
+                         None if ratio is None else round(ratio, 3), "x",
+                         "ratio of median training images/s, same run"))
+    out.append(_headline(f"cpu: jax-cnn {cnn} training",
+                         round(_med(jax_cpu, "train"), 1) if jax_cpu else None, "images/s",
+                         "median training images/s"))
     jm, nm = ok.get(("jax-mlp", "cpu", mlp)), ok.get(("numpy-mlp", "cpu", mlp))
-    if jm and nm:
-        sp = nm["epoch"]["seconds"] / jm["epoch"]["seconds"]
-        goals.append(_goal(f"cpu: jax-mlp {mlp} epoch >= {GOAL_JAX_MLP_EPOCH}x faster than "
-                           f"numpy-mlp", round(sp, 3), f">= {GOAL_JAX_MLP_EPOCH}x",
-                           sp >= GOAL_JAX_MLP_EPOCH,
-                           f"numpy epoch s / jax epoch s (both {jm['epoch']['how']}, "
-                           f"{jm['epoch']['n_images']} images)"))
-    else:
-        goals.append(_goal(f"cpu: jax-mlp epoch >= {GOAL_JAX_MLP_EPOCH}x faster than numpy-mlp",
-                           None, f">= {GOAL_JAX_MLP_EPOCH}x", None,
-                           "not measured in this run (needs jax-mlp and numpy-mlp on cpu)"))
-
+    sp = nm["epoch"]["seconds"] / jm["epoch"]["seconds"] if jm and nm else None
+    out.append(_headline(f"cpu: numpy-mlp {mlp} epoch s / jax-mlp epoch s",
+                         None if sp is None else round(sp, 3), "x",
+                         f"both {jm['epoch']['how']}, {jm['epoch']['n_images']} images"
+                         if jm and nm else "needs jax-mlp and numpy-mlp on cpu"))
     jg = ok.get(("jax-cnn", "gpu", "v3"))
     if any(r.get("device") == "gpu" for r in rows) or jg:
-        if jg:
-            s, how = _fifty_epochs(jg)
-            tv = ok.get(("torch-torchvision", "gpu", "v3"))
-            tv_s = _fifty_epochs(tv)[0] if tv else None
-            goals.append(_goal(f"gpu: v3, 50 epochs x {FULL_TRAIN:,} images with JAX <= "
-                               f"{GOAL_GPU_50_EPOCHS_S:.0f} s", round(s, 2),
-                               f"<= {GOAL_GPU_50_EPOCHS_S:.0f} s", s <= GOAL_GPU_50_EPOCHS_S, how,
-                               {"torch_torchvision_s": None if tv_s is None else round(tv_s, 2)}))
-        else:
-            goals.append(_goal(f"gpu: v3, 50 epochs with JAX <= {GOAL_GPU_50_EPOCHS_S:.0f} s",
-                               None, f"<= {GOAL_GPU_50_EPOCHS_S:.0f} s", None,
-                               "jax-cnn v3 not run on the GPU"))
-    return goals
+        s, how = _fifty_epochs(jg) if jg else (None, "jax-cnn v3 not run on the GPU")
+        tv = ok.get(("torch-torchvision", "gpu", "v3"))
+        tv_s = _fifty_epochs(tv)[0] if tv else None
+        out.append(_headline(f"gpu: v3, 50 epochs x {FULL_TRAIN:,} images with JAX",
+                             None if s is None else round(s, 2), "s", how,
+                             {"torch_torchvision_s": None if tv_s is None else round(tv_s, 2)}))
+    return out
 
 
 def _fifty_epochs(r: dict) -> tuple[float, str]:
@@ -542,13 +513,12 @@ def render_table(doc: dict) -> str:
                  "(n x img/s on one), 1.00 = perfect")
     lines.extend(full_batch_lines(rows))
     lines.append("")
-    lines.append("speed goals:")
-    for g in doc["goals"]:
-        v = "-" if g["value"] is None else g["value"]
+    lines.append("headline figures (this run):")
+    for g in doc["headlines"]:
+        v = "-" if g["value"] is None else f"{g['value']} {g['unit']}"
         extra = (f"; torch-torchvision: {g['torch_torchvision_s']} s"
                  if g.get("torch_torchvision_s") is not None else "")
-        lines.append(f"  [{g['status']:>4}] {g['goal']}: {v} (target {g['target']}; "
-                     f"{g['how']}{extra})")
+        lines.append(f"  {g['what']}: {v} ({g['how']}{extra})")
     for n in doc["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -612,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                backends=args.backends, models=args.models, devices=args.devices)
 
     for model in args.models:  # before any slow step: a selection that cannot run is one line
-        fam = "mlp" if model in MLP_MODELS else "cnn"
+        fam = family_of(model)
         if not any(BACKENDS[b].family == fam for b in args.backends):
             raise UserError(f"--models {model}: none of the chosen backends "
                             f"({', '.join(args.backends)}) runs {fam.upper()} models")
@@ -695,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             r["parity"] = parity_for(r["backend"], r["device"], r["model"], parity)
     add_ratios(rows)
     add_scaling(rows)
-    goals = evaluate_goals(rows, args.models)
+    heads = headlines(rows, args.models)
     notes += sorted({n for r in rows if r.get("ok") for n in r.get("notes", [])})
     notes.append("the machine may be shared: throughput is what it was during this run "
                  "(see min-max spread)")
@@ -743,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             "parity": "bench.parity: JAX vs spec on one small batch from converted weights"},
         "rows": rows,
         "parity": parity,
-        "goals": goals,
+        "headlines": heads,
         "notes": notes,
         "wall_seconds": None,
     }

@@ -105,10 +105,11 @@ def load_splits(spec: dict):
 
 # ------------------------------------------------------------------ phases
 def run(spec: dict) -> dict:
-    from bench.backends import family_of_model, make_backend
+    from bench.backends import make_backend
+    from core.catalog import family_of
     t_start = time.perf_counter()
     model, seed, repeats = spec["model"], spec["seed"], spec["repeats"]
-    family = family_of_model(model)
+    family = family_of(model)
     log(spec, "importing and loading data")
     train, test = load_splits(spec)
     n_devices = spec.get("n_devices", 1)

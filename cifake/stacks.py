@@ -5,24 +5,22 @@ import importlib
 from pathlib import Path
 
 from data.errors import UserError
-from core.rundir import read_json
+from core.rundir import read_run_config
 # short name (what --stack takes) -> package
 STACKS = {"numpy": "numpy_mlp", "torch": "torch_cnn", "jax": "jax_port"}
 
 
 def stack_of_run(run_dir: str | Path) -> str:
-    """The short name of the stack that trained ``run_dir`` (config.json's "stack"); for
-    a run that does not say, the family's specification (numpy for MLPs, torch for CNNs)."""
+    """The short name of the stack that trained ``run_dir`` (config.json's "stack")."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"--run {run}: not a directory")
-    cfg = read_json(run / "config.json")
+    cfg = read_run_config(run / "config.json")
     for short, package in STACKS.items():
         if cfg.get("stack") == package:
             return short
-    family = cfg.get("family") or ("mlp" if str(cfg.get("model", "")).startswith("mlp")
-                                   else "cnn")
-    return "numpy" if family == "mlp" else "torch"
+    raise UserError(f"{run / 'config.json'}: 'stack' is {cfg.get('stack')!r}, not one of "
+                    f"{', '.join(STACKS.values())}; give --stack")
 
 
 def load_detector(run_dir: str | Path, stack: str | None = None, device: str = "auto"):

@@ -77,6 +77,20 @@ def read_history(path: Path) -> tuple[list[dict], float]:
     return history, float(wall)
 
 
+RUN_FORMAT = 2  # config.json's "run_format": what this version writes, and all it reads
+
+
+def read_run_config(path: str | os.PathLike) -> dict:
+    """A run's config.json, refused with one line when it is of another run format (a
+    folder written by another version: its keys and their meaning may differ)."""
+    cfg = read_json(path)
+    if cfg.get("run_format") != RUN_FORMAT:
+        raise UserError(f"{path}: a run folder of run format {cfg.get('run_format', 1)!r}, "
+                        f"this version reads format {RUN_FORMAT} only; train it again with "
+                        f"this version, or use the version that wrote it")
+    return cfg
+
+
 def check_init_scheme(cfg: dict, config_path: str | os.PathLike) -> None:
     """Refuse to resume a run whose initial weights came from another init scheme: its
     continuation would silently belong to neither scheme's trajectory."""

@@ -22,7 +22,7 @@ from data import run_cli
 from data.errors import UserError
 from core.predict import DetectorBase, normalize_device, predict_cli
 from core.recipe import tta_of
-from core.rundir import read_json
+from core.rundir import read_run_config
 
 PROG = "python -m jax_port.predict"
 
@@ -66,7 +66,7 @@ class Detector(DetectorBase):
         run = Path(run_dir)
         if not run.is_dir():
             raise UserError(f"--run {run}: not a directory")
-        cfg = read_json(run / "config.json")
+        cfg = read_run_config(run / "config.json")
         import jax
         if cfg.get("dtype") == "float64":  # an MLP trained in float64 is scored in float64
             jax.config.update("jax_enable_x64", True)

@@ -20,7 +20,7 @@ import numpy as np
 from data import run_cli
 from data.errors import UserError
 from core.predict import DetectorBase, normalize_device, predict_cli
-from core.rundir import read_json
+from core.rundir import read_run_config
 
 from . import checkpoint
 from .layers import sigmoid
@@ -34,7 +34,7 @@ def load_run(run_dir) -> tuple[dict, dict]:
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"--run: {run} is not a directory")
-    cfg = read_json(run / "config.json")
+    cfg = read_run_config(run / "config.json")
     params, meta = checkpoint.load(run / "model.safetensors")
     if meta["layer_dims"][0] != 32 * 32 * 3 or meta["layer_dims"][-1] != 1:
         raise UserError(f"{run / 'model.safetensors'}: layer_dims {meta['layer_dims']} do not "

@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 from PIL import Image
@@ -312,7 +313,7 @@ def mlp_run(d: Path, nan: bool = False) -> Path:
     if nan:
         params["W1"][3, 5] = np.nan
     checkpoint.save(d / "model.safetensors", params, "mlp2", [3072, 7, 1])
-    (d / "config.json").write_text(json.dumps({"model": "mlp2", "layer_dims": [3072, 7, 1]}))
+    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "mlp2", "layer_dims": [3072, 7, 1]}))
     return d
 
 

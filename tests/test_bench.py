@@ -1,4 +1,4 @@
-"""bench.compare: the JSON/table it writes, its refusals, the synthetic-data path, the goal logic.
+"""bench.compare: the JSON/table it writes, its refusals, the synthetic-data path, the headline figures.
 
 The end-to-end runs are kept small with flags (1 repeat, 1 step, a few eval images, a tiny
 budget); they still start one worker process per backend, so the all-backends run is the
@@ -38,7 +38,7 @@ def validate_bench(doc: dict, expect_rows: set[tuple[str, str, str]], accuracy: 
     """Required keys and types of bench.json, per row."""
     for k, t in (("schema", str), ("timestamp", str), ("command", str), ("config", dict),
                  ("data", dict), ("environment", dict), ("methods", dict), ("rows", list),
-                 ("goals", list), ("notes", list)):
+                 ("headlines", list), ("notes", list)):
         assert isinstance(doc.get(k), t), f"top-level {k!r} missing or not {t.__name__}"
     assert doc["schema"] == compare.SCHEMA
     assert _num(doc["wall_seconds"]) and doc["wall_seconds"] > 0
@@ -74,9 +74,9 @@ def validate_bench(doc: dict, expect_rows: set[tuple[str, str, str]], accuracy: 
             assert sum(map(sum, b["test_confusion"])) == b["n_test"]
         else:
             assert r["budget"] is None, w
-    for g in doc["goals"]:
-        assert g["status"] in ("PASS", "MISS", "n/a") and isinstance(g["how"], str)
-        assert (g["value"] is None) == (g["status"] == "n/a")
+    for g in doc["headlines"]:  # measured figures only: no targets, no verdicts
+        assert set(g) >= {"what", "value", "unit", "how"} and "status" not in g
+        assert g["value"] is None or _num(g["value"])
 
 
 def _run(argv, capsys):
@@ -102,7 +102,8 @@ def test_quick_run_on_a_tiny_archive_reports_every_backend(tmp_path, cache_dir, 
     assert (out / "table.txt").read_text().strip() == stdout.split("\nwrote ")[0].strip()
     for b in BACKENDS:
         assert b in stdout
-    assert "(est.)" in stdout and "speed goals:" in stdout
+    assert "(est.)" in stdout and "headline figures (this run):" in stdout
+    assert "MISS" not in stdout and "PASS" not in stdout
     # references are 1.00x of themselves; the ratios come from the same run
     ref = {r["backend"]: r for r in doc["rows"]}
     assert ref["numpy-mlp"]["train"]["ratio_vs_reference"] == 1.0
@@ -222,46 +223,35 @@ def _row(backend, device, model, ips, epoch_s, how="measured", n=100_000):
             "epoch": {"seconds": epoch_s, "n_images": n, "how": how}}
 
 
-def test_goals_pass_and_miss_on_the_measured_values():
+def test_headlines_are_the_measured_ratios():
     rows = [_row("torch-torchvision", "cpu", "v3", 1000.0, 100.0, "estimated"),
             _row("torch-device", "cpu", "v3", 1500.0, 66.0, "estimated"),
             _row("jax-cnn", "cpu", "v3", 2500.0, 40.0, "estimated"),
             _row("numpy-mlp", "cpu", "mlp4", 50_000.0, 2.0),
             _row("jax-mlp", "cpu", "mlp4", 100_000.0, 1.0)]
-    g = {x["goal"].split(":")[1].split()[0] + str(i): x
-         for i, x in enumerate(compare.evaluate_goals(rows, ["mlp4", "v3"]))}
-    vs_torch, ips, mlp = g["jax-cnn0"], g["jax-cnn1"], g["jax-mlp2"]
-    # 2500 / max(1000, 1500) = 1.67 >= 1.5: PASS, against the FASTEST torch row
-    assert vs_torch["status"] == "PASS" and vs_torch["value"] == pytest.approx(2500 / 1500, 1e-3)
-    assert "torch-device" in vs_torch["goal"]
-    # a tuned torch row that is faster becomes the yardstick: 2500 / 1800 < 1.5
+    vs_torch, ips, mlp = compare.headlines(rows, ["mlp4", "v3"])  # no GPU rows: no GPU line
+    # against the FASTEST torch row of the run
+    assert vs_torch["value"] == pytest.approx(2500 / 1500, 1e-3)
+    assert "torch-device of 2" in vs_torch["what"]
     tuned = rows + [_row("torch-device-cl", "cpu", "v3", 1800.0, 55.0, "estimated")]
-    g2 = compare.evaluate_goals(tuned, ["mlp4", "v3"])[0]
-    assert g2["status"] == "MISS" and g2["value"] == pytest.approx(2500 / 1800, 1e-3)
-    assert "torch-device-cl" in g2["goal"]
-    assert ips["status"] == "PASS" and ips["value"] == 2500.0
-    assert mlp["status"] == "MISS" and mlp["value"] == 2.0   # 2 s / 1 s < 3x
-    assert len(g) == 3  # no GPU rows: no GPU goal
-    rows[2] = _row("jax-cnn", "cpu", "v3", 2000.0, 50.0, "estimated")
-    st = [x["status"] for x in compare.evaluate_goals(rows, ["mlp4", "v3"])]
-    assert st == ["MISS", "MISS", "MISS"]
+    g2 = compare.headlines(tuned, ["mlp4", "v3"])[0]
+    assert g2["value"] == pytest.approx(2500 / 1800, 1e-3) and "torch-device-cl" in g2["what"]
+    assert ips["value"] == 2500.0 and mlp["value"] == 2.0   # 2 s / 1 s
 
 
-def test_gpu_goal_extrapolates_50_epochs_and_is_labelled_estimated():
+def test_gpu_headline_extrapolates_50_epochs_and_is_labelled_estimated():
     rows = [_row("jax-cnn", "gpu", "v3", 400_000.0, 0.25, "estimated"),
             _row("torch-torchvision", "gpu", "v3", 20_000.0, 5.0, "estimated")]
-    gpu = compare.evaluate_goals(rows, ["v3"])[-1]
-    assert gpu["goal"].startswith("gpu:") and gpu["status"] == "PASS"
-    assert gpu["value"] == pytest.approx(12.5) and gpu["torch_torchvision_s"] == 250.0
-    assert "estimated" in gpu["how"]
+    gpu = compare.headlines(rows, ["v3"])[-1]
+    assert gpu["what"].startswith("gpu:") and gpu["value"] == pytest.approx(12.5)
+    assert gpu["torch_torchvision_s"] == 250.0 and "estimated" in gpu["how"]
 
 
-def test_missing_backends_make_goals_not_applicable_and_ratios_absent():
+def test_missing_backends_leave_headlines_and_ratios_empty():
     rows = [_row("jax-cnn", "cpu", "v3", 3000.0, 33.0, "estimated")]
     compare.add_ratios(rows)
     assert rows[0]["train"]["ratio_vs_reference"] is None and rows[0]["reference"] is None
-    st = [x["status"] for x in compare.evaluate_goals(rows, ["v3"])]
-    assert st == ["n/a", "PASS", "n/a"]
+    assert [x["value"] for x in compare.headlines(rows, ["v3"])] == [None, 3000.0, None]
 
 
 def test_a_ratio_to_a_reference_on_another_device_says_so():
@@ -316,7 +306,7 @@ def test_scaling_efficiency_is_n_device_throughput_over_n_times_one():
     assert one["train"]["scaling_efficiency"] is None
     assert two["train"]["scaling_efficiency"] == pytest.approx(0.75)
     assert alone["train"]["scaling_efficiency"] is None
-    # ratios and goals are between 1-device rows: the 2-device row does not replace its twin
+    # ratios and headlines are between 1-device rows: the 2-device row does not replace its twin
     compare.add_ratios(rows)
     assert compare._one_device(rows)[("jax-cnn", "gpu", "v3")] is one
 

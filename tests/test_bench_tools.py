@@ -68,7 +68,7 @@ def test_gpu_continues_only_its_own_training_with_a_command_the_driver_accepts(t
     be given with it') and then report the earlier run under this call's labels; another
     training in the folder (here: another --subset) is now refused before anything runs."""
     import importlib
-    from core.driver import configure
+    from core.config import configure
     data = tmp_path / "cifake"
     data.mkdir()
     run_dir = tmp_path / "out" / "jax_port-v3"

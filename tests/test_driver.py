@@ -74,7 +74,7 @@ def test_full_batch_is_a_real_value(data, tmp_path):
 def test_seeds_outside_32_bits_are_one_line_errors(stack, seed, ok, data, tmp_path):
     """``--seed -1`` used to be a traceback deep in NumPy's SeedSequence."""
     if ok:
-        from core.driver import build_parser, explicit_flags
+        from core.config import build_parser, explicit_flags
         stk = {"numpy_mlp": "NumpyMLP", "torch_cnn": "TorchCNN", "jax_port": "JaxPort"}[stack]
         stack_obj = getattr(importlib.import_module(f"{stack}.train"), stk)()
         assert explicit_flags(build_parser(stack_obj), ["--seed", seed])["seed"] == 2**32 - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 
@@ -27,7 +28,7 @@ def v3_run(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     checkpoint.save(d / "model.safetensors", m, "v3")
-    (d / "config.json").write_text(json.dumps({"model": "v3", "family": "cnn"}))
+    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "v3", "family": "cnn"}))
     return d
 
 
@@ -36,7 +37,7 @@ def test_onnx_logits_match_torch(tta, v3_run, tmp_path, capsys):
     """A run with flip test-time averaging exports it: the graph averages the logits of each
     image and its mirror image, as predict does."""
     require_modules("onnx", "onnxscript", "onnxruntime", extra="export")
-    (v3_run / "config.json").write_text(json.dumps({"model": "v3", "family": "cnn", "tta": tta}))
+    (v3_run / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "v3", "family": "cnn", "tta": tta}))
     from data.errors import run_cli
     from torch_cnn import export
     from torch_cnn.pipeline import to_input

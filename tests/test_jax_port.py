@@ -357,13 +357,11 @@ def test_driver_reports_compilation_apart_and_sums_it_over_a_resume(archive, tmp
                                      "--no-progress", "--cache-dir", str(tmp_path / "cache")], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["compile_seconds"] > first
-    # a run that never recorded it (made before it was): its first epoch holds the
-    # compilation, so no partial sum is written as if it were the whole
+    # metrics.json without it is not a file this version wrote: refused, not guessed
     m = tmp_path / "c" / "metrics.json"
     doc = json.loads(m.read_text())
     del doc["compile_seconds"]
     m.write_text(json.dumps(doc))
     code, _, err = run_main(T.main, ["--out", str(tmp_path / "c"), "--resume", "--epochs", "3",
                                      "--no-progress", "--cache-dir", str(tmp_path / "cache")], capsys)
-    assert code == 0, err
-    assert json.loads(m.read_text())["compile_seconds"] is None
+    assert code == 2 and "'compile_seconds' missing" in err

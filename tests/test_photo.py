@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 
@@ -172,7 +173,7 @@ def test_realworld_end_to_end_on_a_generated_cnn_run(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     checkpoint.save(run / "model.safetensors", build_model("baseline"), "baseline")
-    (run / "config.json").write_text(json.dumps({"family": "cnn", "model": "baseline",
+    (run / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "family": "cnn", "model": "baseline",
                                                  "stack": "torch_cnn", "epochs": 1}))
     out = tmp_path / "out"
     assert realworld.main(["--run", str(run), "--out", str(out)]) == 0

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,7 +31,7 @@ def cnn_run(d: Path) -> Path:
     torch.manual_seed(0)
     d.mkdir(parents=True)
     checkpoint.save(d / "model.safetensors", build_model("baseline"), "baseline")
-    (d / "config.json").write_text(json.dumps({"model": "baseline", "family": "cnn",
+    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "baseline", "family": "cnn",
                                                "stack": "torch_cnn"}))
     return d
 

@@ -19,7 +19,9 @@ from core.catalog import DEFAULTS, ONECYCLE_KEYS, PRESETS, RECIPE_DEFAULTS
 from data.errors import UserError
 from core.recipe import StepSchedule, ema_decay_at, onecycle_lr, smooth_targets
 from core.tensors import load_safetensors
-from tests.helpers import assert_same_weights, make_archive, synthetic_image, train_argv
+from core.rundir import RUN_FORMAT
+from tests.helpers import assert_same_weights, assert_user_error, make_archive, run, \
+    synthetic_image, train_argv
 
 
 # ------------------------------------------------------------------ the formulas
@@ -139,7 +141,7 @@ def test_a_preset_schedule_is_overridden_with_its_settings(stack):
     """--preset v3-recipe --schedule constant: the preset's one-cycle settings go with its
     schedule (it used to be refused for a --warmup-frac nobody typed); the rest of the
     preset stays."""
-    from core.driver import configure
+    from core.config import configure
     st = {"torch_cnn": lambda: importlib.import_module("torch_cnn.train").TorchCNN(),
           "jax_port": lambda: importlib.import_module("jax_port.train").JaxPort()}[stack]()
     cfg = configure(st, ["--preset", "v3-recipe", "--schedule", "constant"])[0]
@@ -160,7 +162,7 @@ def test_dropout_p_is_recorded_and_built(stack, archive, tmp_path):
     assert json.loads((out / "config.json").read_text())["dropout_p"] == 0.25
     st = {"torch_cnn": lambda: importlib.import_module("torch_cnn.train").TorchCNN(),
           "jax_port": lambda: importlib.import_module("jax_port.train").JaxPort()}[stack]()
-    from core.driver import configure
+    from core.config import configure
     for argv, want in ((["--preset", "v3-recipe", "--dropout-p", "0"], 0.0),
                        (["--preset", "v3-recipe"], None)):
         cfg = configure(st, argv)[0]
@@ -237,19 +239,21 @@ def test_recipe_run_resumes_bit_identical_and_saves_the_average(stack, archive, 
     assert not np.array_equal(state["model.fc1.weight"], model["fc1.weight"])
 
 
-def test_a_run_from_before_the_recipe_resumes_as_it_was(archive, tmp_path):
-    """config.json without the recipe's keys (every run before them): resumed with none of
-    the ingredients, and extending it with --epochs stays allowed (constant lr)."""
+def test_a_run_folder_of_another_format_is_refused_with_one_line(archive, tmp_path):
+    """config.json of another run format (e.g. one from before the recipe's keys): refused
+    by --resume and by predict, each with one line that says so; nothing is guessed."""
     out = tmp_path / "old"
     assert train("torch_cnn", archive, out,
                  fresh=("--model", "v3", "--batch-size", "8", "--epochs", "1")) == (0, None)
     cfg = json.loads((out / "config.json").read_text())
-    for k in RECIPE_DEFAULTS:
+    assert cfg["run_format"] == RUN_FORMAT
+    for k in [*RECIPE_DEFAULTS, "run_format"]:
         cfg.pop(k)
     (out / "config.json").write_text(json.dumps(cfg))
-    assert train("torch_cnn", archive, out, "--resume", "--epochs", "2") == (0, None)
-    cfg = json.loads((out / "config.json").read_text())
-    assert {k: cfg[k] for k in RECIPE_DEFAULTS} == RECIPE_DEFAULTS
+    code, err = train("torch_cnn", archive, out, "--resume", "--epochs", "2")
+    assert code == 2 and "run format 1" in err and f"format {RUN_FORMAT} only" in err
+    p = run("torch_cnn.predict", "--run", out, str(archive[0]))
+    assert_user_error(p, "run format 1")
 
 
 def test_predict_applies_the_runs_flip_tta_in_both_stacks(archive, tmp_path):

@@ -18,6 +18,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 from PIL import Image
@@ -188,7 +189,7 @@ def test_torch_predict_scores_many_images(tmp_path):
     r = tmp_path / "run"
     r.mkdir()
     checkpoint.save(r / "model.safetensors", build_model("baseline"), "baseline")
-    (r / "config.json").write_text(json.dumps({"model": "baseline", "family": "cnn"}))
+    (r / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "baseline", "family": "cnn"}))
     img = good_jpeg(tmp_path / "a.jpg")
     p = run("torch_cnn.predict", "--run", r, *[img] * 600, cwd=tmp_path)
     assert_ok(p)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 import torch
@@ -318,7 +319,7 @@ def test_predict_sizes_modes_and_a_broken_file(tmp_path, capsys):
     run.mkdir()
     m = init_model("v3", 0)
     checkpoint.save(run / "model.safetensors", m, "v3")
-    (run / "config.json").write_text(json.dumps({"model": "v3", "stack": "torch_cnn"}))
+    (run / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "v3", "stack": "torch_cnn"}))
     rgb = synthetic_image(1, 0)
     files = []
     for name, size, mode in [("a.png", 32, "RGB"), ("b.jpg", 64, "L"), ("c.png", 20, "RGBA"),

@@ -21,7 +21,7 @@ import torch
 from data.errors import UserError, run_cli
 from core.predict import DetectorBase, normalize_device, predict_cli
 from core.recipe import tta_of
-from core.rundir import read_json
+from core.rundir import read_run_config
 
 from . import checkpoint
 from .model import MODELS, build_model, with_tta
@@ -47,7 +47,7 @@ def load_run(run_dir: str | Path) -> torch.nn.Module:
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"--run {run}: not a directory")
-    cfg = read_json(run / "config.json")
+    cfg = read_run_config(run / "config.json")
     name = cfg.get("model")
     if cfg.get("family", "cnn") != "cnn" or name not in MODELS:
         raise UserError(f"{run / 'config.json'}: model {name!r} is not a CNN of this family "
@@ -80,7 +80,7 @@ class Detector(DetectorBase):
     def load(cls, run_dir, device: str = "auto") -> "Detector":
         dev = torch_device(device)
         model = load_run(run_dir).to(dev)
-        return cls(model, run_dir, read_json(Path(run_dir) / "config.json"), dev)
+        return cls(model, run_dir, read_run_config(Path(run_dir) / "config.json"), dev)
 
     def p_fake_batch(self, images: np.ndarray) -> np.ndarray:
         return p_fake(self.model, images)

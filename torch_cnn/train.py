@@ -81,6 +81,50 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach(), n_correct
 
 
+def seed_dropout(seed: int, epoch: int) -> None:
+    """Seed torch's global RNG, which draws the dropout masks, for ``epoch`` (1-based) of
+    ``seed`` (manual_seed seeds the CPU and every CUDA generator)."""
+    torch.manual_seed(int(dropout_rng(seed, epoch).integers(0, 2**63 - 1)))
+
+
+def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
+              schedule: StepSchedule, first_step: int = 0, label_smoothing: float = 0.0,
+              ema=None, ddp_model=None, progress=None) -> dict:
+    """One pass over ``batches`` (the pipeline's (x, y), or (x, y, rows) under DDP) ->
+    {"lr", "train_loss", "train_acc"}: the epoch ``train`` runs, and what the bench times.
+
+    ``first_step``: global index of the epoch's first step (the schedule's and the EMA's
+    clock); ``ema``: ``ema_pairs`` of a moving average to update after every step;
+    ``ddp_model``: the DistributedDataParallel wrapper of ``model`` when training on
+    several processes; ``progress(images done, loss)`` after each step. Raises
+    NonFiniteLoss (1-based step) at the first non-finite loss. Returns once the device is
+    idle."""
+    loss_sum, correct, seen, n_steps = 0.0, 0, 0, 0
+    for step, batch in enumerate(batches, 1):
+        if schedule.varies:
+            set_lr(optimizer, schedule.lr(first_step + step - 1))
+        if ddp_model is None:
+            x, y = batch
+            loss, nc = train_step(model, optimizer, x, y, label_smoothing)
+            n = len(y)
+        else:  # the global batch's loss and count, the same on every rank
+            x, y, rows = batch
+            loss, nc = ddp.train_step(ddp_model, model, optimizer, x, y, rows, label_smoothing)
+            n = rows[2]
+        if ema is not None:
+            ema_update(ema, schedule.ema_decay(first_step + step - 1))
+        lv = loss.item()  # host sync; also the non-finite check below
+        if not math.isfinite(lv):
+            raise NonFiniteLoss(step, lv)
+        loss_sum, correct, seen, n_steps = loss_sum + lv, correct + int(nc), seen + n, step
+        if progress is not None:
+            progress(seen, lv)
+    if n_steps and x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return {"lr": schedule.lr(first_step), "train_loss": loss_sum / max(n_steps, 1),
+            "train_acc": 100.0 * correct / max(seen, 1)}
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, split, device, batch_size: int = EVAL_BATCH,
              channels_last: bool = False) -> np.ndarray:
@@ -293,8 +337,7 @@ class TorchCNN(Stack):
 
     def train_epoch(self, epoch, progress):
         cfg, epoch = self.cfg, epoch + 1  # the torch stack keys its random streams 1-based
-        # dropout masks of this epoch (manual_seed seeds the CPU and every CUDA generator)
-        torch.manual_seed(int(dropout_rng(self.seed, epoch).integers(0, 2**63 - 1)))
+        seed_dropout(self.seed, epoch)
         part = None if self.ddp is None else (self.rank, self.world)
         if cfg["pipeline"] == "device":
             batches = self.pipe.batches(self.seed, epoch, cfg["batch_size"], cfg["augment"],
@@ -304,31 +347,10 @@ class TorchCNN(Stack):
                                          cfg["augment"], num_workers=cfg["workers"],
                                          device=self.device, channels_last=cfg["channels_last"],
                                          part=part)
-        loss_sum, correct, seen, n_steps = 0.0, 0, 0, 0
-        sched, eps = self.schedule, cfg["label_smoothing"]
-        first = (epoch - 1) * self.steps_per_epoch  # global index of this epoch's first step
-        for step, batch in enumerate(batches, 1):
-            if sched.varies:
-                set_lr(self.optimizer, sched.lr(first + step - 1))
-            if self.ddp is None:
-                x, y = batch
-                loss, nc = train_step(self.model, self.optimizer, x, y, eps)
-                n = len(y)
-            else:  # the global batch's loss and count, the same on every rank
-                x, y, rows = batch
-                loss, nc = ddp.train_step(self.ddp, self.model, self.optimizer, x, y, rows, eps)
-                n = rows[2]
-            if self.ema_pairs is not None:
-                ema_update(self.ema_pairs, sched.ema_decay(first + step - 1))
-            lv = loss.item()  # host sync; also the non-finite check below
-            if not math.isfinite(lv):
-                raise NonFiniteLoss(step, lv)
-            loss_sum, correct, seen, n_steps = loss_sum + lv, correct + int(nc), seen + n, step
-            progress(seen, lv)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return {"lr": sched.lr(first), "train_loss": loss_sum / max(n_steps, 1),
-                "train_acc": 100.0 * correct / max(seen, 1)}
+        return run_epoch(self.model, self.optimizer, batches, self.schedule,
+                         first_step=(epoch - 1) * self.steps_per_epoch,
+                         label_smoothing=cfg["label_smoothing"], ema=self.ema_pairs,
+                         ddp_model=self.ddp, progress=progress)
 
     def set_train_images(self, images):
         # the split's own images stay for evaluation; only training sees the copy
