@@ -93,7 +93,7 @@ def skip_or_fail(reason: str) -> None:
     import pytest
     if os.environ.get(REQUIRE_OPTIONAL_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_OPTIONAL_ENV}=1: required here)")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require_modules(*names: str, extra: str) -> None:
@@ -102,6 +102,19 @@ def require_modules(*names: str, extra: str) -> None:
     missing = [n for n in names if importlib.util.find_spec(n) is None]
     if missing:
         skip_or_fail(f"{', '.join(missing)} not installed (pip install -e \".[{extra}]\")")
+
+
+EXTRA_OF = {"torch": "torch", "torchvision": "torch", "jax": "jax", "flax": "jax",
+            "optax": "jax", "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
+            "tensorflow_datasets": "tfds", "playwright": "test", "starlette": "demo"}
+
+
+def require(name: str):
+    """``import name``, or skip (fail in CI) when it is not installed: the one way a test
+    depends on an optional extra (``pytest.importorskip`` would skip silently in CI too)."""
+    import importlib
+    require_modules(name, extra=EXTRA_OF.get(name, "all"))
+    return importlib.import_module(name)
 
 
 def train_argv(data, cache, out, *extra, fresh=()) -> list[str]:

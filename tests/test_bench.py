@@ -15,7 +15,7 @@ import pytest
 from bench import compare
 from bench.backends import BACKENDS
 from data.errors import run_cli
-from tests.helpers import REPO, make_archive
+from tests.helpers import require, REPO, make_archive
 from tests.helpers import env as helpers_env
 
 SMALL = ["--quick", "--repeats", "1", "--steps", "1", "--eval-images", "6", "--budget-epochs", "1",
@@ -204,7 +204,7 @@ def test_the_module_entry_point_refuses_unknown_backends():
 
 
 def test_explicit_gpu_without_a_gpu_is_an_error(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     # torch backends only: the probe imports torch alone (fast)
@@ -332,7 +332,7 @@ def test_jax_on_two_forced_host_devices_reports_its_scaling(tmp_path):
 
 def test_torch_device_on_two_processes_reports_one_row(tmp_path):
     """The bench's DDP worker under torchrun (gloo), as a GPU machine runs it per GPU."""
-    pytest.importorskip("torch")
+    require("torch")
     z = make_archive(tmp_path / "tiny.zip", n_train=40, n_test=5)
     spec = {"backend": "torch-device", "device": "cpu", "model": "v3", "n_devices": 2,
             "data": str(z), "cache_dir": str(tmp_path / "cache"), "repeats": 1, "steps": 2,

@@ -13,7 +13,7 @@ from data import degrade
 from core.catalog import PRESETS
 from core.driver import Stack, _train_epoch
 from data.errors import UserError
-from tests.helpers import assert_same_weights, load_weights, make_archive, train_argv
+from tests.helpers import require, assert_same_weights, load_weights, make_archive, train_argv
 
 
 def images(n=64, seed=0):
@@ -139,7 +139,7 @@ def train(stack, data, out, *extra):
 
 @pytest.mark.parametrize("stack", ["torch_cnn", "jax_port"])
 def test_both_cnn_stacks_train_the_robust_preset_and_resume_it_bit_for_bit(stack, data, tmp_path):
-    pytest.importorskip("torch" if stack == "torch_cnn" else "jax")
+    require("torch" if stack == "torch_cnn" else "jax")
     fresh = ("--preset", "v3-robust", "--batch-size", "8")
     assert train(stack, data, tmp_path / "whole", *fresh, "--epochs", "2") == 0
     cfg = json.loads((tmp_path / "whole" / "config.json").read_text())
@@ -157,7 +157,7 @@ def test_both_cnn_stacks_train_the_robust_preset_and_resume_it_bit_for_bit(stack
 
 
 def test_degrade_is_refused_for_the_mlps_with_one_line(data, tmp_path):
-    pytest.importorskip("jax")
+    require("jax")
     with pytest.raises(UserError, match="--degrade applies to the CNN models only"):
         train("jax_port", data, tmp_path / "m", "--model", "mlp2", "--degrade", "0.5",
               "--epochs", "1")

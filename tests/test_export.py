@@ -8,10 +8,10 @@ from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 
-from tests.helpers import require_modules, synthetic_image
+from tests.helpers import require, require_modules, synthetic_image
 from tests.helpers import assert_user_error, run
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 
-from tests.helpers import require_modules
+from tests.helpers import require, require_modules
 from PIL import Image
 
 from data import photo
@@ -165,7 +165,7 @@ def test_implied_quality_recovers_pillow_quality():
 # ------------------------------------------------------------------ bench.realworld
 def test_realworld_end_to_end_on_a_generated_cnn_run(tmp_path, capsys):
     require_modules("skimage", extra="realworld")
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from bench import realworld
     from torch_cnn import checkpoint
     from torch_cnn.model import build_model

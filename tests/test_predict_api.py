@@ -16,7 +16,7 @@ from PIL import Image
 
 from data.errors import UserError
 from core.predict import CSV_FIELDS, iter_image_paths
-from tests.helpers import image_bytes, synthetic_image
+from tests.helpers import require, image_bytes, synthetic_image
 from tests.helpers import assert_ok, assert_user_error, run
 from tests.helpers import mlp_run
 
@@ -25,7 +25,7 @@ RECORD_KEYS = {"index", "path", "p_fake", "label", "resized", "original_size",
 
 
 def cnn_run(d: Path) -> Path:
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from torch_cnn import checkpoint
     from torch_cnn.model import build_model
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ STACKS = [("numpy_mlp", mlp_run), ("torch_cnn", cnn_run), ("jax_port", mlp_run)]
 
 def detector(stack: str, tmp_path: Path):
     if stack != "numpy_mlp":
-        pytest.importorskip("torch" if stack == "torch_cnn" else "jax")
+        require("torch" if stack == "torch_cnn" else "jax")
     builder = dict(STACKS)[stack]
     mod = importlib.import_module(f"{stack}.predict")
     return mod.Detector.load(builder(tmp_path / f"run-{stack}"), device="cpu")
@@ -100,7 +100,7 @@ def test_detector_same_shape_for_paths_pil_arrays_and_bytes(stack, tmp_path):
 
 
 def test_stacks_agree_on_the_same_mlp_run(tmp_path):
-    pytest.importorskip("jax")
+    require("jax")
     run_dir = mlp_run(tmp_path / "run")
     imgs = np.stack([synthetic_image(i % 2, i) for i in range(5)])
     from jax_port.predict import Detector as J

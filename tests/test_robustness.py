@@ -30,7 +30,7 @@ from data.images import PREDICT_BATCH, load_image_for_model
 from core.predict import DetectorBase
 from core.atomic import atomic_write_bytes
 from core.rundir import read_json
-from tests.helpers import REPO, extract_to, image_bytes, make_archive, synthetic_image
+from tests.helpers import require, REPO, extract_to, image_bytes, make_archive, synthetic_image
 from tests.helpers import (NOBODY, assert_ok, assert_user_error, can_drop_privileges, cmd, env,
                            last_line, mlp_run, run, world_tmpdir)
 
@@ -181,7 +181,7 @@ def test_predict_scores_in_bounded_batches(tmp_path):
 
 def test_torch_predict_scores_many_images(tmp_path):
     """The CNN entry point through the shared batched loop, end to end (600 files)."""
-    pytest.importorskip("torch")
+    require("torch")
     from torch_cnn import checkpoint
     from torch_cnn.model import build_model
     import torch

@@ -2,19 +2,13 @@
 and holds exactly what data.load_cifake returns for the same archive."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 from data import DataError, load_cifake
-from tests.helpers import image_bytes, make_archive, synthetic_image
+from tests.helpers import image_bytes, make_archive, require, synthetic_image
 
-if importlib.util.find_spec("tensorflow_datasets") is None:
-    pytest.skip("tensorflow_datasets is not installed (optional extra: "
-                "pip install 'cifake-detector[tfds]')", allow_module_level=True)
-
-import tensorflow_datasets as tfds  # noqa: E402
+tfds = require("tensorflow_datasets")
 
 from data.tfds_cifake import load_data_source  # noqa: E402
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, image_bytes, make_archive, synthetic_image
+from tests.helpers import require, REPO, image_bytes, make_archive, synthetic_image
 from tests.helpers import (RUN_FILES, assert_ok, assert_user_error, last_line, run,
                            trusted_caches)
 
@@ -234,7 +234,7 @@ def test_jax_predict_refuses_pickle_bombs(name, runs_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def torch_run(runs_dir):
-    pytest.importorskip("torch")
+    require("torch")
     out = runs_dir["dir"] / "cnn"
     assert_ok(run("torch_cnn.train", "--data", runs_dir["zip"], "--cache-dir", runs_dir["cache"],
                   "--out", out, "--epochs", 1, "--batch-size", 4, "--no-progress",
@@ -312,7 +312,7 @@ def test_mlp_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
 @pytest.mark.parametrize("mutation", ["wrong_shape", "extra_tensor", "missing_tensor",
                              "wrong_dtype"])
 def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
-    pytest.importorskip("torch")
+    require("torch")
     from data.errors import UserError
     from core.tensors import save_safetensors
     from torch_cnn import checkpoint as t_ckpt
@@ -332,7 +332,7 @@ def test_cnn_checkpoint_loaders_validate_every_tensor(mutation, tmp_path):
                              "wrong_dtype"])
 def test_jax_checkpoint_loader_validates_every_tensor(family, mutation, tmp_path):
     """jax_port.checkpoint.load (what jax_port.predict and evaluation use), in-process."""
-    pytest.importorskip("jax")
+    require("jax")
     from data.errors import UserError
     from core.tensors import save_safetensors
     from jax_port import checkpoint as j_ckpt
@@ -374,9 +374,6 @@ def test_archive_members_are_never_extracted(tmp_path):
 @pytest.mark.parametrize("module", ["numpy_mlp.predict", "jax_port.predict", "torch_cnn.predict",
                            "data.prepare"])
 def test_image_decoding_is_bounded_in_every_entry_point(module):
-    import importlib.util
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not written yet")
     code = (f"import {module}, PIL.Image as I, data.images as d; "
             "print(I.MAX_IMAGE_PIXELS, d.MAX_PIXELS)")
     import subprocess
