@@ -326,7 +326,8 @@ def mlp_run(d: Path, nan: bool = False) -> Path:
     if nan:
         params["W1"][3, 5] = np.nan
     checkpoint.save(d / "model.safetensors", params, "mlp2", [3072, 7, 1])
-    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "mlp2", "layer_dims": [3072, 7, 1]}))
+    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "stack": "numpy_mlp",
+                                               "model": "mlp2", "layer_dims": [3072, 7, 1]}))
     return d
 
 

@@ -57,7 +57,7 @@ def test_predict_is_the_stacks_predict(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_cli(predict.main, ["--run", str(run_dir), str(img), "--json"])
     want = json.loads(capsys.readouterr().out)
-    # no --stack: the run's own (an MLP run without "stack" in config.json -> numpy)
+    # no --stack: the run's own (config.json's "stack")
     code, out, _ = call("cifake-predict", ["--run", str(run_dir), str(img), "--json"],
                         monkeypatch, capsys)
     assert code == 0 and json.loads(out) == want
