@@ -1,13 +1,13 @@
 """``python -m bench.compare``: what does each backend cost and what does it reach, on this machine?
 
-For every selected (backend, device, model) a fresh worker process (``bench.worker``)
+For every selected (backend, device, model) a fresh worker process (``bench.speed.worker``)
 measures training and evaluation throughput (median and min/max over ``--repeats``
 timed passes; compilation and warm-up excluded and reported apart), the time of one
 epoch over the whole training split (measured for MLPs; for CNNs estimated from the
 throughput unless ``--measure-cnn-epoch``), peak memory, and the test accuracy reached
 under ONE fixed budget shared by all (``--budget-epochs`` epochs on the first
 ``--budget-subset`` training images per class, same seeds and batch order, evaluated on
-the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.parity`` checks that the JAX port computes the specs'
+the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.speed.parity`` checks that the JAX port computes the specs'
 function. Ratios are taken against a reference measured in the same run (NumPy for the
 MLPs, the torchvision pipeline for the CNNs), and a few headline figures (the JAX port
 against the fastest torch row, ...). The project's own speed targets and how the committed
@@ -56,8 +56,8 @@ from core.catalog import CNN_MODELS, MLP_MODELS, MODELS, family_of
 from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
-from .backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
-from .worker import RESULT_TAG
+from .speed.backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
+from .speed.worker import RESULT_TAG
 
 PROG = "python -m bench.compare"
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +175,8 @@ def worker_argv(backend: str, spec: dict) -> list[str]:
     n = spec.get("n_devices", 1)
     if n > 1 and BACKENDS[backend].stack == "torch_cnn":
         return ["torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                "-m", "bench.worker", json.dumps(spec)]
-    return ["bench.worker", json.dumps(spec)]
+                "-m", "bench.speed.worker", json.dumps(spec)]
+    return ["bench.speed.worker", json.dumps(spec)]
 
 
 def run_worker(argv: list[str], env: dict, timeout: float) -> tuple[dict | None, str]:
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[bench] probing libraries and devices", file=sys.stderr, flush=True)
     libs = sorted({BACKENDS[b].gpu for b in args.backends if BACKENDS[b].gpu})
-    probe, err = run_worker(["bench.worker", "--probe", *libs], worker_env("numpy-mlp", "cpu"),
+    probe, err = run_worker(["bench.speed.worker", "--probe", *libs], worker_env("numpy-mlp", "cpu"),
                             300)
     if probe is None:
         raise UserError(f"could not probe the environment: {err}")
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.models:
             paths = [str(Path(tmp.name) / f"init-{m}-s{sd}.safetensors") for sd in budget_seeds]
             for sd, path in zip(budget_seeds, paths):
-                res, err = run_worker(["bench.worker", "--init", m, str(sd), path],
+                res, err = run_worker(["bench.speed.worker", "--init", m, str(sd), path],
                                       worker_env("numpy-mlp", "cpu"), 300)
                 if res is None:
                     notes.append(f"{m}: could not write the spec's initial weights ({err}); "
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  for b, _, _, _ in runs) else [])
         if checks:
             print(f"[bench] parity checks: {', '.join(checks)}", file=sys.stderr, flush=True)
-            parity, err = run_worker(["bench.parity", "--json", "--checks", ",".join(checks)],
+            parity, err = run_worker(["bench.speed.parity", "--json", "--checks", ",".join(checks)],
                                      worker_env("jax-cnn", "cpu"), args.worker_timeout)
             if parity is None:
                 notes.append(f"parity run failed: {err}")
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                          "per GPU under torchrun); the global batch is the preset's",
             "scaling_efficiency": "images/s on n devices / (n x images/s of the same "
                                   "backend's 1-device row), training and evaluation",
-            "parity": "bench.parity: JAX vs spec on one small batch from converted weights"},
+            "parity": "bench.speed.parity: JAX vs spec on one small batch from converted weights"},
         "rows": rows,
         "parity": parity,
         "headlines": heads,
