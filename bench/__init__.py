@@ -3,10 +3,10 @@
 Modules:
 - ``compare``  : the command (orchestrates one worker subprocess per backend x device x model,
                  then writes the table, ``bench.json`` and ``bench.png``);
-- ``worker``   : ``python -m bench.worker`` -- measures ONE (backend, device, model) in its own
+- ``worker``   : ``python -m bench.speed.worker`` -- measures ONE (backend, device, model) in its own
                  process (so peak memory and thread pools are its own) and prints one JSON line;
 - ``backends`` : the five backends behind one small interface (put data, train an epoch,
                  evaluate), built on each stack's public API;
 - ``parity``   : quick in-process checks that the JAX port computes the specs' function
-                 (``python -m bench.parity --json``).
+                 (``python -m bench.speed.parity --json``).
 """

@@ -1,13 +1,13 @@
 """``python -m bench.compare``: what does each backend cost and what does it reach, on this machine?
 
-For every selected (backend, device, model) a fresh worker process (``bench.worker``)
+For every selected (backend, device, model) a fresh worker process (``bench.speed.worker``)
 measures training and evaluation throughput (median and min/max over ``--repeats``
 timed passes; compilation and warm-up excluded and reported apart), the time of one
 epoch over the whole training split (measured for MLPs; for CNNs estimated from the
 throughput unless ``--measure-cnn-epoch``), peak memory, and the test accuracy reached
 under ONE fixed budget shared by all (``--budget-epochs`` epochs on the first
 ``--budget-subset`` training images per class, same seeds and batch order, evaluated on
-the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.parity`` checks that the JAX port computes the specs'
+the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.speed.parity`` checks that the JAX port computes the specs'
 function. Ratios are taken against a reference measured in the same run (NumPy for the
 MLPs, the torchvision pipeline for the CNNs), and a few headline figures (the JAX port
 against the fastest torch row, ...). The project's own speed targets and how the committed
@@ -56,8 +56,8 @@ from core.catalog import CNN_MODELS, MLP_MODELS, MODELS, family_of
 from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
-from .backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
-from .worker import RESULT_TAG
+from .speed.backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
+from .speed.worker import RESULT_TAG
 
 PROG = "python -m bench.compare"
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +175,8 @@ def worker_argv(backend: str, spec: dict) -> list[str]:
     n = spec.get("n_devices", 1)
     if n > 1 and BACKENDS[backend].stack == "torch_cnn":
         return ["torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                "-m", "bench.worker", json.dumps(spec)]
-    return ["bench.worker", json.dumps(spec)]
+                "-m", "bench.speed.worker", json.dumps(spec)]
+    return ["bench.speed.worker", json.dumps(spec)]
 
 
 def run_worker(argv: list[str], env: dict, timeout: float) -> tuple[dict | None, str]:
@@ -570,63 +570,84 @@ def render_chart(doc: dict) -> bytes:
 
 
 # ------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
-    t_start = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    if args.cache_dir:
-        args.cache_dir = user_path(args.cache_dir)
+# What each figure of bench.json is, written into the file itself.
+METHODS = {
+    "train_images_per_s": "images per second over whole training steps (batch gather, "
+                          "augmentation, host->device input, forward, backward, update), "
+                          "device synchronised before each clock read; median/min/max of "
+                          "the timed passes; first pass excluded (compile_s / warmup_s)",
+    "eval_images_per_s": "eval-mode logits, after one untimed warm-up call",
+    "epoch": "MLP: measured (timed full-epoch passes); CNN: measured on a GPU or with "
+             "--measure-cnn-epoch (one full epoch after warm-up), else 'estimated' = "
+             "n_train / median train images/s",
+    "full_batch": "MLPs: seconds per full-batch gradient-descent epoch over the "
+                  "whole training split, median of the timed epochs after one "
+                  "untimed warm-up epoch (data preparation, compilation)",
+    "memory": "peak ru_maxrss of the backend's own worker process; GPU: "
+              "torch.cuda.max_memory_allocated / JAX memory_stats peak_bytes_in_use",
+    "budget": "per seed: the spec's initial weights for the seed (same for every "
+              "backend of a family), budget_epochs epochs over the first "
+              "budget_subset training images per class with the spec preset's "
+              "hyperparameters, test accuracy on the whole test split; "
+              "test_accuracy is the mean over the seeds, test_accuracy_std their "
+              "sample std (None for one seed), per_seed each seed's figures",
+    "ratio_vs_reference": "median / the reference backend's median, same model, same run",
+    "n_devices": "devices the row trains on, data-parallel when more than one (JAX: "
+                 "a jax.sharding Mesh; torch: DistributedDataParallel, one process "
+                 "per GPU under torchrun); the global batch is the preset's",
+    "scaling_efficiency": "images/s on n devices / (n x images/s of the same "
+                          "backend's 1-device row), training and evaluation",
+    "parity": "bench.speed.parity: JAX vs spec on one small batch from converted weights"}
+
+
+def _config(args) -> tuple[dict, dict]:
+    """(the measurement sizes and selection of this run, the defaults they came from)."""
     base = QUICK if args.quick else DEFAULTS
     cfg = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v)
            for k, v in base.items()}
     cfg.update(seed=args.seed, measure_cnn_epoch=args.measure_cnn_epoch, quick=args.quick,
                backends=args.backends, models=args.models, devices=args.devices)
-
     for model in args.models:  # before any slow step: a selection that cannot run is one line
         fam = family_of(model)
         if not any(BACKENDS[b].family == fam for b in args.backends):
             raise UserError(f"--models {model}: none of the chosen backends "
                             f"({', '.join(args.backends)}) runs {fam.upper()} models")
+    return cfg, base
+
+
+def _data_info(args, cfg: dict) -> dict:
+    """Where the images come from; CIFAKE's decoded cache is built once, before the workers."""
     data_path, how = resolve_data(args)
-    timestamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = out_dir(args.out or Path("results") / "bench" / timestamp)
-
-    data_info = {"synthetic": data_path is None, "path": data_path, "how": how}
-    if data_path is not None:
-        from data import load_cifake  # builds the decoded cache once, before the workers
-        print(f"[bench] data: {data_path} ({how})", file=sys.stderr, flush=True)
-        ds = load_cifake(data_path, args.cache_dir, verbose=True)
-        data_info.update(n_train=len(ds.train), n_test=len(ds.test))
-        del ds
-    else:
-        data_info.update(n_train=cfg["synthetic_train"], n_test=cfg["synthetic_test"])
+    info = {"synthetic": data_path is None, "path": data_path, "how": how}
+    if data_path is None:
         print(f"[bench] data: {how}", file=sys.stderr, flush=True)
+        return {**info, "n_train": cfg["synthetic_train"], "n_test": cfg["synthetic_test"]}
+    from data import load_cifake
+    print(f"[bench] data: {data_path} ({how})", file=sys.stderr, flush=True)
+    ds = load_cifake(data_path, args.cache_dir, verbose=True)
+    return {**info, "n_train": len(ds.train), "n_test": len(ds.test)}
 
-    print("[bench] probing libraries and devices", file=sys.stderr, flush=True)
-    libs = sorted({BACKENDS[b].gpu for b in args.backends if BACKENDS[b].gpu})
-    probe, err = run_worker(["bench.worker", "--probe", *libs], worker_env("numpy-mlp", "cpu"),
-                            300)
-    if probe is None:
-        raise UserError(f"could not probe the environment: {err}")
-    runs, notes = plan_runs(args, probe)
 
-    # The accuracy budget starts every backend of a family from the same weights: the
-    # spec's init for the seed, written once per model (a temporary file, not a result).
-    tmp = tempfile.TemporaryDirectory(prefix="bench-init-")
-    init_files = {}
-    budget_seeds = [cfg["seed"] + k for k in range(cfg["budget_seeds"])]
-    if data_path is not None:
-        for m in args.models:
-            paths = [str(Path(tmp.name) / f"init-{m}-s{sd}.safetensors") for sd in budget_seeds]
-            for sd, path in zip(budget_seeds, paths):
-                res, err = run_worker(["bench.worker", "--init", m, str(sd), path],
-                                      worker_env("numpy-mlp", "cpu"), 300)
-                if res is None:
-                    notes.append(f"{m}: could not write the spec's initial weights ({err}); "
-                                 f"each backend starts the budget from its own init")
-                    break
-            else:
-                init_files[m] = paths
+def _write_inits(models, seeds, folder: str, notes: list[str]) -> dict[str, list[str]]:
+    """The accuracy budget starts every backend of a family from the same weights: the
+    spec's init for each seed, written once per model into ``folder`` (not a result)."""
+    files = {}
+    for m in models:
+        paths = [str(Path(folder) / f"init-{m}-s{sd}.safetensors") for sd in seeds]
+        for sd, path in zip(seeds, paths):
+            res, err = run_worker(["bench.speed.worker", "--init", m, str(sd), path],
+                                  worker_env("numpy-mlp", "cpu"), 300)
+            if res is None:
+                notes.append(f"{m}: could not write the spec's initial weights ({err}); "
+                             f"each backend starts the budget from its own init")
+                break
+        else:
+            files[m] = paths
+    return files
 
+
+def _run_rows(args, runs, cfg: dict, base: dict, data_path, seeds, inits) -> list[dict]:
+    """One worker process per (backend, device, model, devices): its row, or its error."""
     rows = []
     for i, (b, d, m, n) in enumerate(runs, 1):
         on = f"{n} x {d}" if n > 1 else d
@@ -634,90 +655,82 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"backend": b, "device": d, "model": m, "n_devices": n, "data": data_path,
                 "cache_dir": args.cache_dir, **{k: cfg[k] for k in base},
                 "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"],
-                "budget_seed_list": budget_seeds, "init_weights": init_files.get(m)}
+                "budget_seed_list": seeds, "init_weights": inits.get(m)}
         res, err = run_worker(worker_argv(b, spec), worker_env(b, d), args.worker_timeout)
         if res is None:
             res = {"ok": False, "backend": b, "device": d, "model": m, "error": err}
         res.setdefault("family", BACKENDS[b].family)
         res.setdefault("n_devices", n)
         rows.append(res)
-    tmp.cleanup()
+    return rows
+
+
+def _run_parity(args, runs, notes: list[str]) -> dict | None:
+    """bench.speed.parity for the models and formulations this run timed (None: not run)."""
+    if args.no_parity:
+        return None
+    want = sorted({m for (b, _, m, _) in runs if b.startswith("jax")})
+    # the port uses lax.conv on a GPU: check that formulation too (computed on the CPU)
+    want += sorted({f"{m}:xla" for (b, d, m, _) in runs if b == "jax-cnn" and d == "gpu"})
+    checks = want + (["torch-device"] if any(b in TORCH_DEVICE_PIPELINE
+                                             for b, _, _, _ in runs) else [])
+    if not checks:
+        return None
+    print(f"[bench] parity checks: {', '.join(checks)}", file=sys.stderr, flush=True)
+    parity, err = run_worker(["bench.speed.parity", "--json", "--checks", ",".join(checks)],
+                             worker_env("jax-cnn", "cpu"), args.worker_timeout)
+    if parity is None:
+        notes.append(f"parity run failed: {err}")
+    return parity
+
+
+def _environment(probe: dict) -> dict:
+    keys = ("python", "numpy", "torch", "torchvision", "jax", "flax", "optax", "platform",
+            "threads", "torch_threads", "jax_backend")
+    return {"cpu_model": cpu_model(), "gpu": probe.get("torch_gpu") or probe.get("jax_gpu"),
+            **{k: probe.get(k) for k in keys}, "probe": probe, "git": git_commit()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    if args.cache_dir:
+        args.cache_dir = user_path(args.cache_dir)
+    cfg, base = _config(args)
+    data_info = _data_info(args, cfg)
+    timestamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out_dir(args.out or Path("results") / "bench" / timestamp)
+
+    print("[bench] probing libraries and devices", file=sys.stderr, flush=True)
+    libs = sorted({BACKENDS[b].gpu for b in args.backends if BACKENDS[b].gpu})
+    probe, err = run_worker(["bench.speed.worker", "--probe", *libs],
+                            worker_env("numpy-mlp", "cpu"), 300)
+    if probe is None:
+        raise UserError(f"could not probe the environment: {err}")
+    runs, notes = plan_runs(args, probe)
+    seeds = [cfg["seed"] + k for k in range(cfg["budget_seeds"])]
+    with tempfile.TemporaryDirectory(prefix="bench-init-") as tmp:
+        inits = _write_inits(args.models, seeds, tmp, notes) if data_info["path"] else {}
+        rows = _run_rows(args, runs, cfg, base, data_info["path"], seeds, inits)
     if any(n > 1 and d == "cpu" for _, d, _, n in runs):
         notes.append("the CPU rows on several devices are JAX's forced host devices: they "
                      "share this machine's cores with each other, so their scaling says "
                      "how the split costs, not what more hardware gives")
-
-    parity = None
-    if not args.no_parity:
-        want = sorted({m for (b, _, m, _) in runs if b.startswith("jax")})
-        # the port uses lax.conv on a GPU: check that formulation too (computed on the CPU)
-        want += sorted({f"{m}:xla" for (b, d, m, _) in runs if b == "jax-cnn" and d == "gpu"})
-        checks = want + (["torch-device"] if any(b in TORCH_DEVICE_PIPELINE
-                                                 for b, _, _, _ in runs) else [])
-        if checks:
-            print(f"[bench] parity checks: {', '.join(checks)}", file=sys.stderr, flush=True)
-            parity, err = run_worker(["bench.parity", "--json", "--checks", ",".join(checks)],
-                                     worker_env("jax-cnn", "cpu"), args.worker_timeout)
-            if parity is None:
-                notes.append(f"parity run failed: {err}")
+    parity = _run_parity(args, runs, notes)
     for r in rows:
         if r.get("ok"):
             r["parity"] = parity_for(r["backend"], r["device"], r["model"], parity)
     add_ratios(rows)
     add_scaling(rows)
-    heads = headlines(rows, args.models)
     notes += sorted({n for r in rows if r.get("ok") for n in r.get("notes", [])})
     notes.append("the machine may be shared: throughput is what it was during this run "
                  "(see min-max spread)")
-
-    doc = {
-        "schema": SCHEMA,
-        "timestamp": timestamp,
-        "command": " ".join([PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                               else argv)]),
-        "config": cfg,
-        "data": data_info,
-        "environment": {"cpu_model": cpu_model(), "gpu": probe.get("torch_gpu") or probe.get(
-            "jax_gpu"), "python": probe.get("python"), "numpy": probe.get("numpy"),
-            "torch": probe.get("torch"), "torchvision": probe.get("torchvision"),
-            "jax": probe.get("jax"), "flax": probe.get("flax"), "optax": probe.get("optax"),
-            "platform": probe.get("platform"), "threads": probe.get("threads"),
-            "torch_threads": probe.get("torch_threads"), "jax_backend": probe.get("jax_backend"),
-            "probe": probe, "git": git_commit()},
-        "methods": {
-            "train_images_per_s": "images per second over whole training steps (batch gather, "
-                                  "augmentation, host->device input, forward, backward, update), "
-                                  "device synchronised before each clock read; median/min/max of "
-                                  "the timed passes; first pass excluded (compile_s / warmup_s)",
-            "eval_images_per_s": "eval-mode logits, after one untimed warm-up call",
-            "epoch": "MLP: measured (timed full-epoch passes); CNN: measured on a GPU or with "
-                     "--measure-cnn-epoch (one full epoch after warm-up), else 'estimated' = "
-                     "n_train / median train images/s",
-            "full_batch": "MLPs: seconds per full-batch gradient-descent epoch over the "
-                          "whole training split, median of the timed epochs after one "
-                          "untimed warm-up epoch (data preparation, compilation)",
-            "memory": "peak ru_maxrss of the backend's own worker process; GPU: "
-                      "torch.cuda.max_memory_allocated / JAX memory_stats peak_bytes_in_use",
-            "budget": "per seed: the spec's initial weights for the seed (same for every "
-                      "backend of a family), budget_epochs epochs over the first "
-                      "budget_subset training images per class with the spec preset's "
-                      "hyperparameters, test accuracy on the whole test split; "
-                      "test_accuracy is the mean over the seeds, test_accuracy_std their "
-                      "sample std (None for one seed), per_seed each seed's figures",
-            "ratio_vs_reference": "median / the reference backend's median, same model, same run",
-            "n_devices": "devices the row trains on, data-parallel when more than one (JAX: "
-                         "a jax.sharding Mesh; torch: DistributedDataParallel, one process "
-                         "per GPU under torchrun); the global batch is the preset's",
-            "scaling_efficiency": "images/s on n devices / (n x images/s of the same "
-                                  "backend's 1-device row), training and evaluation",
-            "parity": "bench.parity: JAX vs spec on one small batch from converted weights"},
-        "rows": rows,
-        "parity": parity,
-        "headlines": heads,
-        "notes": notes,
-        "wall_seconds": None,
-    }
-    doc["wall_seconds"] = time.perf_counter() - t_start
+    command = [PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
+    doc = {"schema": SCHEMA, "timestamp": timestamp, "command": " ".join(command),
+           "config": cfg, "data": data_info, "environment": _environment(probe),
+           "methods": METHODS, "rows": rows, "parity": parity,
+           "headlines": headlines(rows, args.models), "notes": notes,
+           "wall_seconds": time.perf_counter() - t_start}
     table = render_table(doc)
     atomic_write_json(out / "bench.json", doc)
     atomic_write_bytes(out / "table.txt", (table + "\n").encode())

@@ -7,7 +7,7 @@ never disagree:
     cifake-train --stack S ...    python -m {numpy_mlp,torch_cnn,jax_port}.train ...
     cifake-predict [--stack S]    python -m {numpy_mlp,torch_cnn,jax_port}.predict ...
     cifake-bench                  python -m bench.compare
-    cifake-reproduce              python -m bench.reproduce
+    cifake-reproduce              python -m bench.studies.reproduce
     cifake-prepare                python -m data.prepare
     cifake-export                 python -m torch_cnn.export
     cifake-demo                   python -m cifake.demo
@@ -91,7 +91,7 @@ def bench() -> None:
 
 def reproduce() -> None:
     from bench import reproduce as r
-    run_cli(r.main, prog="bench.reproduce")
+    run_cli(r.main, prog="bench.studies.reproduce")
 
 
 def prepare() -> None:

@@ -221,8 +221,8 @@ drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); score(
 
 
 def find_realworld(realworld: str | None, run_dir: Path) -> Path | None:
-    """--realworld (a bench.realworld realworld.json or its folder), else the run's own
-    ``realworld.json`` if ``bench.realworld --out RUN`` wrote one; None when there is none."""
+    """--realworld (a cifake.realworld realworld.json or its folder), else the run's own
+    ``realworld.json`` if ``cifake.realworld --out RUN`` wrote one; None when there is none."""
     if realworld:
         return given_file(realworld, "--realworld", "realworld.json")
     p = run_dir / "realworld.json"
@@ -235,7 +235,7 @@ def realworld_html(path: Path | None, run_dir: Path) -> str:
     e = html.escape
     if path is None:
         return ("How often this run calls a genuine photo FAKE has <b>not been measured</b>: "
-                f"<code>python -m bench.realworld --run {e(str(run_dir))} --out "
+                f"<code>python -m cifake.realworld --run {e(str(run_dir))} --out "
                 f"{e(str(run_dir))}</code> measures it.")
     try:
         doc = read_json(path)
@@ -250,7 +250,7 @@ def realworld_html(path: Path | None, run_dir: Path) -> str:
                      f"shrunk back: on a resized image, neither verdict is strong evidence.")
         return text
     except (UserError, KeyError, StopIteration, TypeError, ValueError) as err:
-        raise UserError(f"{path}: not a bench.realworld result ({err})") from None
+        raise UserError(f"{path}: not a cifake.realworld result ({err})") from None
 
 
 def build_app(detector, threshold: float, bench: Path | None, realworld: Path | None = None):
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one")
     ap.add_argument("--bench", help="a bench table.txt or its folder (default: the newest "
                                     "results/bench/*/table.txt here, if any)")
-    ap.add_argument("--realworld", help="a bench.realworld realworld.json (or its folder) "
+    ap.add_argument("--realworld", help="a cifake.realworld realworld.json (or its folder) "
                     "measured for this run; the page shows its real-photo false-positive "
                     "rate (default: RUN/realworld.json, if any)")
     args = ap.parse_args(argv)

@@ -19,7 +19,7 @@ mean/std normalisation, no weight decay, constant lr.
 Beyond the original: ``v3-robust`` (v3 + ``degrade``) and ``v3-recipe``, the unchanged v3
 network with a one-cycle learning rate, a moving average of the weights and flip test-time
 averaging; label smoothing, measured in the ablation, is left out (``RECIPE_DEFAULTS`` below;
-formulas in ``core/recipe.py``; the ablation is ``python -m bench.recipe``,
+formulas in ``core/recipe.py``; the ablation is ``python -m bench.studies.recipe``,
 docs/results/recipe.md). Its ``lr`` is the one-cycle's peak.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bringing a photograph of any size to a 32x32 input that looks like CIFAKE's own images.
 
 CIFAKE's images (both classes) are 32x32 RGB JPEGs at the IJG quality-75 tables with 4:2:0
-chroma subsampling (measured on every sampled file: ``python -m bench.photo_study``). A
+chroma subsampling (measured on every sampled file: ``python -m bench.photo.study``). A
 detector trained on them has learned, among other things, how they were shrunk and
 compressed, so the way a large photo is brought to 32x32 moves its verdict. ``shrink``
 is every candidate way (the study scores each of them); ``to_cifake_32`` is the one

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from bench import compare
-from bench.backends import BACKENDS
+from bench.speed.backends import BACKENDS
 from data.errors import run_cli
 from tests.helpers import require, REPO, make_archive
 from tests.helpers import env as helpers_env
@@ -290,7 +290,7 @@ def test_rows_on_several_devices_are_planned_where_a_library_sees_several():
     assert all((b, d, m, 1) in runs for b, d, m, _ in runs)
     assert compare.worker_argv("torch-device", {"n_devices": 8})[:4] == [
         "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
-    assert compare.worker_argv("jax-cnn", {"n_devices": 8})[0] == "bench.worker"
+    assert compare.worker_argv("jax-cnn", {"n_devices": 8})[0] == "bench.speed.worker"
     args = ap.parse_args(["--backends", "jax-cnn", "--models", "v3", "--devices", "cpu",
                           "--no-scaling"])
     assert compare.plan_runs(args, probe)[0] == [("jax-cnn", "cpu", "v3", 1)]

@@ -1,4 +1,4 @@
-"""bench.seed_spread's statistics and bench.gpu's summary, on made-up inputs."""
+"""bench.studies.seed_spread's statistics and bench.speed.gpu's summary, on made-up inputs."""
 from __future__ import annotations
 
 import json

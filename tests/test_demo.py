@@ -40,7 +40,7 @@ def demo_run(tmp_path):
                                                 "final": {"test_acc": 70.0, "roc_auc": 0.8}}))
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "table.txt").write_text(BENCH_TABLE)
-    # what bench.realworld --out RUN leaves: the page shows the chosen row's figures
+    # what cifake.realworld --out RUN leaves: the page shows the chosen row's figures
     (r / "realworld.json").write_text(json.dumps({
         "rows": [{"key": "box", "chosen": False, "n": 16, "n_fake": 9, "mean_p_fake": 0.6},
                  {"key": "bilinear+jpeg75", "chosen": True, "n": 16, "n_fake": 3,

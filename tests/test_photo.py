@@ -1,5 +1,5 @@
-"""data.photo (the documented preprocessing for photos), the statistic of bench.photo_study,
-and bench.realworld end to end on a generated run (skipped without scikit-image)."""
+"""data.photo (the documented preprocessing for photos), the statistic of bench.photo.study,
+and cifake.realworld end to end on a generated run (skipped without scikit-image)."""
 from __future__ import annotations
 
 import json
@@ -68,7 +68,7 @@ def test_shrink_without_crop_keeps_the_whole_picture():
 
 
 def test_cifake_quality_gives_the_tables_measured_on_cifake():
-    from bench.photo_study import pillow_tables
+    from bench.photo.study import pillow_tables
     luma, chroma = pillow_tables(CIFAKE_JPEG_QUALITY)
     assert luma[:8] == (8, 6, 5, 8, 12, 20, 26, 31)  # CIFAKE's, both classes
     assert chroma[:8] == (9, 9, 12, 24, 50, 50, 50, 50)
@@ -124,7 +124,7 @@ def test_ood_rejects_empty_size():
 
 # ------------------------------------------------------------------ the statistic
 def test_radial_spectrum_shape_and_normalisation():
-    from bench.photo_study import radial_log_spectrum
+    from bench.photo.study import radial_log_spectrum
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
     s = radial_log_spectrum(imgs)
@@ -135,7 +135,7 @@ def test_radial_spectrum_shape_and_normalisation():
 
 
 def test_spectrum_sees_blur_and_distance_is_zero_on_itself():
-    from bench.photo_study import radial_log_spectrum, spectral_distance
+    from bench.photo.study import radial_log_spectrum, spectral_distance
     rng = np.random.default_rng(1)
     noise = rng.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
     blurred = np.stack([np.asarray(Image.fromarray(a).resize((8, 8), Image.Resampling.BOX)
@@ -147,7 +147,7 @@ def test_spectrum_sees_blur_and_distance_is_zero_on_itself():
 
 
 def test_lattice_residual_tells_jpeg_from_never_quantised():
-    from bench.photo_study import lattice_residual, pillow_tables
+    from bench.photo.study import lattice_residual, pillow_tables
     luma_q = np.array(pillow_tables(CIFAKE_JPEG_QUALITY)[0])
     # texture at every frequency, so that the high-frequency coefficients are not all ~0
     raw = np.random.default_rng(3).integers(0, 256, (32, 32, 3)).astype(np.uint8)
@@ -156,13 +156,13 @@ def test_lattice_residual_tells_jpeg_from_never_quantised():
 
 
 def test_implied_quality_recovers_pillow_quality():
-    from bench.photo_study import implied_quality, pillow_tables
+    from bench.photo.study import implied_quality, pillow_tables
     assert implied_quality(pillow_tables(75)) == 75
     assert implied_quality(pillow_tables(90)) == 90
     assert implied_quality(((1,) * 64,)) is None
 
 
-# ------------------------------------------------------------------ bench.realworld
+# ------------------------------------------------------------------ cifake.realworld
 def test_realworld_end_to_end_on_a_generated_cnn_run(tmp_path, capsys):
     require_modules("skimage", extra="realworld")
     torch = require("torch")

@@ -1,7 +1,7 @@
 """The v3 recipe beyond the original: the shared per-step formulas (core/recipe.py) against
 optax, the recipe's flags and resume rule in the run driver, both stacks' recipe runs
 (bit-identical resume, the moving average saved and evaluated, TTA in predict), and
-bench.recipe's ablation on a miniature. Parity of the two stacks' arithmetic is in
+bench.studies.recipe's ablation on a miniature. Parity of the two stacks' arithmetic is in
 test_parity_cnn.py."""
 from __future__ import annotations
 
@@ -286,7 +286,7 @@ def test_predict_applies_the_runs_flip_tta_in_both_stacks(archive, tmp_path):
         JaxDetector.load(out, "cpu")
 
 
-# ------------------------------------------------------------------ bench.recipe
+# ------------------------------------------------------------------ bench.studies.recipe
 def test_the_ladder_adds_one_ingredient_at_a_time_and_ends_at_the_preset():
     from bench import recipe as R
     rungs = R.rungs()
@@ -309,7 +309,7 @@ def test_the_ladder_adds_one_ingredient_at_a_time_and_ends_at_the_preset():
 
 
 def _in_process(cmd, log):
-    """bench.reproduce.launch, in this process: ``[python, -m, <stack>.train, args...]``."""
+    """bench.studies.reproduce.launch, in this process: ``[python, -m, <stack>.train, args...]``."""
     main = importlib.import_module(cmd[2]).main
     try:
         return main(cmd[3:])

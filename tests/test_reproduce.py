@@ -1,4 +1,4 @@
-"""bench.reproduce end to end: a clearly labelled miniature of the seven-row table."""
+"""bench.studies.reproduce end to end: a clearly labelled miniature of the seven-row table."""
 import csv
 import json
 import subprocess
@@ -11,7 +11,7 @@ from tests.helpers import REPO
 
 
 def _run(args, **kw):
-    return subprocess.run([sys.executable, "-m", "bench.reproduce", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "bench.studies.reproduce", *args], cwd=REPO,
                           capture_output=True, text=True, **kw)
 
 

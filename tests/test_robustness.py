@@ -468,7 +468,7 @@ def test_bench_cache_dir_and_data_are_relative_to_the_users_cwd(tmp_path, monkey
     real = compare.run_worker
 
     def fake_worker(argv, env_, timeout):  # records each backend's spec instead of running it
-        if argv[:1] == ["bench.worker"] and argv[1].startswith("{"):
+        if argv[:1] == ["bench.speed.worker"] and argv[1].startswith("{"):
             specs.append(json.loads(argv[1]))
             return None, "not run in this test"
         return real(argv, env_, timeout)

@@ -1,4 +1,4 @@
-"""bench.side_by_side: the spec and JAX runs of a row side by side, time to the original."""
+"""bench.studies.side_by_side: the spec and JAX runs of a row side by side, time to the original."""
 from __future__ import annotations
 
 import json
@@ -70,7 +70,7 @@ def test_seeds_table_averages_finished_runs_of_each_stack(tmp_path):
 
 
 def test_runs_smaller_than_the_original_are_labelled_and_not_compared(tmp_path):
-    """A bench.reproduce miniature (--subset, --epochs-scale) used to be shown as a full
+    """A bench.studies.reproduce miniature (--subset, --epochs-scale) used to be shown as a full
     CIFAKE result and compared with a full run."""
     f = {"train_acc": 97.0, "test_acc": 96.5, "gap_pp": 0.5, "test_auc": 0.99,
          "test_dedup": {"accuracy": 96.4}}

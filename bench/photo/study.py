@@ -1,4 +1,4 @@
-"""``python -m bench.photo_study --data cifake.zip [--out results/photo-study]``: how CIFAKE's
+"""``python -m bench.photo.study --data cifake.zip [--out results/photo-study]``: how CIFAKE's
 images were made, and which way of shrinking a photo makes it look most like them.
 
 1. JPEG survey of ``--per-class`` files per class (train and test alike): quantisation
@@ -15,7 +15,7 @@ images were made, and which way of shrinking a photo makes it look most like the
 3. A second, JPEG-specific check: how closely the 8x8-block DCT coefficients of the luma
    sit on the lattice of CIFAKE's quantisation steps (0 for a JPEG decoded from those
    tables, up to rounding; about 0.25 for an image that was never quantised).
-4. Every candidate pipeline of ``bench.realworld`` scored by both, on the same photos,
+4. Every candidate pipeline of ``cifake.realworld`` scored by both, on the same photos,
    plus the sampling noise of the statistic itself (random sets of as many CIFAKE images
    as there are photos).
 
@@ -36,9 +36,9 @@ from core import flags
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.flags import ArgumentParser, positive_int
 
-from .files import out_dir, png_bytes
+from ..files import out_dir, png_bytes
 
-PROG = "python -m bench.photo_study"
+PROG = "python -m bench.photo.study"
 R_MAX = SIZE // 2  # radial frequencies 1..16 cycles per image: the ring the Nyquist limit bounds
 
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     from data import load_cifake
     from data.source import open_source, resolve_path
 
-    from .realworld import PHOTOS, load_photo
+    from data.realphotos import PHOTOS, load_photo
     path = resolve_path(args.data)
     ds = load_cifake(str(path), args.cache_dir, verbose=False)
     src = open_source(path)

@@ -1,4 +1,4 @@
-"""Measure ONE (backend, device, model) in this process: ``python -m bench.worker SPEC_JSON``.
+"""Measure ONE (backend, device, model) in this process: ``python -m bench.speed.worker SPEC_JSON``.
 
 Run by ``bench.compare`` in a fresh subprocess per backend, so the peak memory
 (``ru_maxrss``) and the thread pools are this backend's alone. Progress goes to
@@ -6,7 +6,7 @@ stderr, one line per phase; the result is ONE line on stdout, prefixed ``RESULT_
 A row on several devices (``n_devices``) trains data-parallel; for torch that is one
 process per device under torchrun, every one measuring, rank 0 alone reporting (the
 clock is the same for all: every step waits for every rank).
-``python -m bench.worker --probe [torch] [jax]`` instead prints the environment (versions,
+``python -m bench.speed.worker --probe [torch] [jax]`` instead prints the environment (versions,
 threads, the GPUs those libraries see) as that line.
 
 Phases (all clocks read with ``time.perf_counter`` after the device is idle):
@@ -27,7 +27,7 @@ Phases (all clocks read with ``time.perf_counter`` after the device is idle):
 5. full batch   -- MLPs: seconds per full-batch gradient-descent epoch over the whole
                    training split (one untimed warm-up epoch, then ``repeats`` timed ones),
                    with the ``<model>-full`` preset's learning rate.
-``python -m bench.worker --init MODEL SEED PATH`` writes those initial weights (safetensors).
+``python -m bench.speed.worker --init MODEL SEED PATH`` writes those initial weights (safetensors).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def load_splits(spec: dict):
 
 # ------------------------------------------------------------------ phases
 def run(spec: dict) -> dict:
-    from bench.backends import make_backend
+    from bench.speed.backends import make_backend
     from core.catalog import family_of
     t_start = time.perf_counter()
     model, seed, repeats = spec["model"], spec["seed"], spec["repeats"]
@@ -258,7 +258,7 @@ def full_batch_phase(spec: dict, b, train) -> dict:
     """One untimed full-batch epoch (compilation; JAX's float copy of the split), then
     ``repeats`` timed ones, from the spec's initial weights with the ``<model>-full``
     preset's learning rate: the figure that dominates the 7000-epoch full-batch rows."""
-    from bench.backends import full_batch_hyperparameters
+    from bench.speed.backends import full_batch_hyperparameters
     b.init(spec["seed"])
     rss_before = rss_peak_mib()
     log(spec, f"full-batch warm-up ({len(train)} images)")
@@ -360,7 +360,7 @@ def main(argv: list[str]) -> int:
         print(RESULT_TAG + json.dumps(probe(argv[1:])), flush=True)
         return 0
     if argv and argv[0] == "--init":  # --init MODEL SEED PATH: the spec's initial weights
-        from bench.backends import spec_init_weights
+        from bench.speed.backends import spec_init_weights
         from core.tensors import save_safetensors
         model, seed, path = argv[1], int(argv[2]), argv[3]
         save_safetensors(path, spec_init_weights(model, seed), {"model": model, "seed": str(seed)})

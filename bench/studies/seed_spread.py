@@ -1,8 +1,8 @@
-"""``python -m bench.seed_spread``: the bench's accuracy budget over many seeds, per backend.
+"""``python -m bench.studies.seed_spread``: the bench's accuracy budget over many seeds, per backend.
 
 One seed's budget accuracy (a few epochs on a small subset) swings by several points with
 the seed, so two backends that compute the same function can look different at any one
-seed. This runs exactly the bench's budget (``bench.worker``: the spec's initial weights
+seed. This runs exactly the bench's budget (``bench.speed.worker``: the spec's initial weights
 for the seed, ``--budget-epochs`` epochs on the first ``--budget-subset`` training images
 per class, scored on the whole test split) for seeds 0..N-1 on each backend, in one
 process per backend, and reports mean ± standard deviation, the standard error of each
@@ -24,8 +24,8 @@ from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.flags import ArgumentParser, positive_int
 
-from .files import out_dir
-PROG = "python -m bench.seed_spread"
+from ..files import out_dir
+PROG = "python -m bench.studies.seed_spread"
 WORKER_TAG = "SEED_SPREAD_RESULT "
 
 
@@ -52,7 +52,7 @@ def worker(args) -> int:
 
     from data import load_cifake
     from core.metrics import classification_report
-    from .backends import make_backend, spec_init_weights
+    from bench.speed.backends import make_backend, spec_init_weights
     ds = load_cifake(args.data, args.cache_dir, verbose=False)
     bset = ds.train.subset_per_class(args.budget_subset)
     b = make_backend(args.backend, args.model, args.device, seed=0)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     out = out_dir(args.out)
     per = {}
     for be in backends:
-        cmd = [sys.executable, "-m", "bench.seed_spread", "--worker", "--backend", be,
+        cmd = [sys.executable, "-m", "bench.studies.seed_spread", "--worker", "--backend", be,
                "--data", args.data, "--model", args.model, "--device", args.device,
                "--seeds", str(args.seeds), "--budget-epochs", str(args.budget_epochs),
                "--budget-subset", str(args.budget_subset)]

@@ -1,7 +1,7 @@
-"""``python -m bench.side_by_side``: the reproduction table with the spec stacks and the JAX
+"""``python -m bench.studies.side_by_side``: the reproduction table with the spec stacks and the JAX
 port side by side.
 
-Reads the run directories that ``python -m bench.reproduce --backend spec`` and
+Reads the run directories that ``python -m bench.studies.reproduce --backend spec`` and
 ``--backend jax`` left (``<dir>/runs/<stack>-<row>/``) and writes into ``--out``:
 
     side_by_side.md, side_by_side.csv   per row: the original test (train, gap); spec and JAX
@@ -10,7 +10,7 @@ Reads the run directories that ``python -m bench.reproduce --backend spec`` and
                                         difference; and the time to the original's accuracy
     compare_<row>.png                   both stacks' train and test accuracy per epoch, overlaid
     side_by_side.json                   everything above as data
-    seeds.md                            where a row was also run with other seeds (``bench.reproduce
+    seeds.md                            where a row was also run with other seeds (``bench.studies.reproduce
                                         --seeds``): each stack's last-epoch test accuracy per seed,
                                         mean ± sample std, and the JAX - spec difference of the
                                         means with its standard error
@@ -36,19 +36,19 @@ from core.atomic import atomic_write_bytes, atomic_write_json
 from core.flags import ArgumentParser
 from core.catalog import ORIGINAL, ROWS, parse_rows
 
-from .files import out_dir, png_bytes
+from ..files import out_dir, png_bytes
 from .reproduce import run_name
 
-PROG = "python -m bench.side_by_side"
+PROG = "python -m bench.studies.side_by_side"
 SPEC_STACK = {"mlp": "numpy_mlp", "cnn": "torch_cnn"}
 
 
 def parse_args(argv):
     ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--spec", default="results/reproduce-spec",
-                    help="bench.reproduce --out of the spec backend (default results/reproduce-spec)")
+                    help="bench.studies.reproduce --out of the spec backend (default results/reproduce-spec)")
     ap.add_argument("--jax", default="results/reproduce-jax",
-                    help="bench.reproduce --out of the jax backend (default results/reproduce-jax)")
+                    help="bench.studies.reproduce --out of the jax backend (default results/reproduce-jax)")
     ap.add_argument("--out", default="results/reproduce-side-by-side", help="output folder")
     ap.add_argument("--rows", default="all", help=f"comma-separated rows: {','.join(ROWS)}")
     ap.add_argument("--machine", default="", help="a few words on the machine, for the title")
@@ -99,7 +99,7 @@ def run_summary(run_dir: Path, target: float, original_epochs: int | None = None
     secs = [float(h["seconds"]) for h in hist if h.get("seconds") is not None]
     ep, t = time_to(hist, target)
     status = "complete" if m.get("complete") else f"unfinished ({len(hist)} epochs)"
-    # a run of another size than the original row (bench.reproduce --subset/--epochs-scale)
+    # a run of another size than the original row (bench.studies.reproduce --subset/--epochs-scale)
     # says so in its status, and is not compared with a run of another size
     size = []
     if c.get("subset") is not None:

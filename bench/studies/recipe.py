@@ -1,8 +1,8 @@
-"""python -m bench.recipe: the v3 recipe's ablation, one ingredient added at a time.
+"""python -m bench.studies.recipe: the v3 recipe's ablation, one ingredient added at a time.
 
 The same v3 network throughout; each run with a stack's own entry point (``--backend
 jax``: jax_port, the default; ``spec`` or ``torch``: torch_cnn) in a subprocess, one after
-the other, resumably (``bench.reproduce``'s runner: a finished run is not run again, an
+the other, resumably (``bench.studies.reproduce``'s runner: a finished run is not run again, an
 interrupted one resumes), in this order:
 
     reference   the original v3 preset as it is (50 epochs, Adam at a constant 1e-3): the
@@ -25,7 +25,7 @@ and writes into ``--out`` (default ``results/recipe``)::
 
 Training seconds are the sum of the epochs' training time as each run recorded it
 (evaluation excluded, and a JAX run's compilation too: it is done ahead of the first epoch
-and reported apart as ``compile s``), as in ``bench.side_by_side``. ``--epochs-scale`` and
+and reported apart as ``compile s``), as in ``bench.studies.side_by_side``. ``--epochs-scale`` and
 ``--subset`` make a quick miniature, labelled as such everywhere; a miniature's numbers say nothing about the goals.
 """
 from __future__ import annotations
@@ -44,10 +44,10 @@ from data.errors import run_cli
 from core.flags import ArgumentParser, positive_int
 
 from . import reproduce
-from .files import out_dir, png_bytes
+from ..files import out_dir, png_bytes
 from .side_by_side import run_summary
 
-PROG = "python -m bench.recipe"
+PROG = "python -m bench.studies.recipe"
 BACKENDS = ("jax", "spec", "torch")
 BASE, RECIPE = "v3", "v3-recipe"
 TARGET = ORIGINAL[BASE][3]            # the original's v3 test accuracy, %
@@ -358,4 +358,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="bench.recipe")
+    run_cli(main, prog="bench.studies.recipe")

@@ -1,9 +1,9 @@
-"""python -m bench.reproduce: rebuild the original seven-row results table.
+"""python -m bench.studies.reproduce: rebuild the original seven-row results table.
 
 Runs each row's preset with a stack's own entry point (``python -m
 <stack>.train --preset ROW``) in a subprocess, one after the other, then
 writes into ``--out`` (default ``results/reproduce-spec`` for the spec stacks,
-``results/reproduce-jax`` for the port: where ``bench.side_by_side`` looks)::
+``results/reproduce-jax`` for the port: where ``bench.studies.side_by_side`` looks)::
 
     table.md, table.csv       train / test / gap per row next to the original and the difference,
                               de-duplicated-test accuracy, ROC-AUC, wall time, device
@@ -36,7 +36,7 @@ from core.atomic import atomic_write_bytes, atomic_write_json
 from core import flags
 from core.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
 
-from .files import out_dir, png_bytes
+from ..files import out_dir, png_bytes
 from data.errors import UserError, run_cli
 from core.flags import ArgumentParser, positive_int
 
@@ -64,14 +64,14 @@ def _device(s: str) -> str:
 
 
 def default_out(backend: str) -> str:
-    """Where a backend's table goes unless --out says: the two folders bench.side_by_side
+    """Where a backend's table goes unless --out says: the two folders bench.studies.side_by_side
     reads by default, so the two backends' tables do not overwrite each other."""
     return "results/reproduce-jax" if backend == "jax" else "results/reproduce-spec"
 
 
 def parse_args(argv):
-    ap = ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n")[0],
-                        epilog="example:\n  python -m bench.reproduce --data cifake.zip "
+    ap = ArgumentParser(prog="python -m bench.studies.reproduce", description=__doc__.split("\n")[0],
+                        epilog="example:\n  python -m bench.studies.reproduce --data cifake.zip "
                                "--epochs-scale 0.01 --subset 500   # a quick, labelled miniature")
     ap.add_argument("--backend", default="spec", choices=BACKENDS)
     ap.add_argument("--rows", default="all",
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     plots = write_plots(out, records, label)
     atomic_write_json(out / "reproduce.json", {
         "label": label, "miniature": is_miniature(args),
-        "command": " ".join(["python -m bench.reproduce"] + (argv if argv is not None
+        "command": " ".join(["python -m bench.studies.reproduce"] + (argv if argv is not None
                                                               else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": [{k: v for k, v in r.items() if k != "history"} for r in records],
@@ -370,4 +370,4 @@ def finish(out: Path, failed: list[str], what: str) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="bench.reproduce")
+    run_cli(main, prog="bench.studies.reproduce")

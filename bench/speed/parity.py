@@ -1,6 +1,6 @@
 """Quick parity checks for the bench: does each non-reference backend compute the spec's function?
 
-``python -m bench.parity [--checks mlp4,v3,torch-device] [--json]`` (exit 1 if a check fails).
+``python -m bench.speed.parity [--checks mlp4,v3,torch-device] [--json]`` (exit 1 if a check fails).
 
 - ``mlp2`` / ``mlp4``: numpy_mlp (the spec) vs the JAX MLP, float64, weights converted with
   ``jax_port.convert``: logits, mean BCE and every gradient on one batch of 16 images.
@@ -204,7 +204,7 @@ def check_torch_device() -> dict:
     import torch
     from torch_cnn.pipeline import DevicePipeline, augment_torch, torchvision_loader
 
-    from bench.worker import _Split
+    from bench.speed.worker import _Split
     imgs, labels = _images(64, 5)
     draws = _edge_draws(64)
     aug_t = augment_torch(torch.from_numpy(imgs), torch.from_numpy(draws.dy),
@@ -248,7 +248,7 @@ def run_checks(names) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.speed.parity", description=__doc__.split("\n")[0])
     ap.add_argument("--checks", default="mlp4,v3,torch-device",
                     help=f"comma-separated from {','.join(CHECKS)}")
     ap.add_argument("--json", action="store_true", help="print one JSON line (for bench.compare)")
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     checks = run_checks(names)
     doc = {"checks": checks, "passed": all(c["passed"] for c in checks.values())}
     if args.json:
-        from bench.worker import RESULT_TAG
+        from bench.speed.worker import RESULT_TAG
         print(RESULT_TAG + json.dumps(doc), flush=True)
     return 0 if doc["passed"] else 1
 

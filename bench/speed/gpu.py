@@ -1,4 +1,4 @@
-"""``python -m bench.gpu --data PATH``: every GPU measurement of the project in one command.
+"""``python -m bench.speed.gpu --data PATH``: every GPU measurement of the project in one command.
 
 On a machine with one GPU it runs, one after the other, each in its own process:
 
@@ -33,9 +33,9 @@ from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.flags import ArgumentParser, positive_int
 
-from .files import out_dir
+from ..files import out_dir
 
-PROG = "python -m bench.gpu"
+PROG = "python -m bench.speed.gpu"
 
 
 def parse_args(argv):

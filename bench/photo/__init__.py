@@ -1,0 +1,1 @@
+"""Photo studies: how resizing pipelines move real photographs relative to CIFAKE (study)."""
