@@ -57,9 +57,9 @@ class Detector(DetectorBase):
 
     stack = "jax_port"
 
-    def __init__(self, trainer, variables, run_dir, config: dict, device):
+    def __init__(self, step_cfg, variables, run_dir, config: dict, device):
         super().__init__(run_dir, config, str(device))
-        self.trainer, self.variables, self._device = trainer, variables, device
+        self.step_cfg, self.variables, self._device = step_cfg, variables, device
 
     @classmethod
     def load(cls, run_dir, device: str = "auto") -> "Detector":
@@ -72,21 +72,22 @@ class Detector(DetectorBase):
             jax.config.update("jax_enable_x64", True)
         dev = jax_device(device)
         from . import checkpoint
-        from .steps import Trainer
+        from .steps import StepConfig
         spec, variables, _ = checkpoint.load(run / "model.safetensors", cfg.get("model"))
         dtype = np.asarray(variables["params"][next(iter(variables["params"]))]["kernel"]).dtype
-        trainer = Trainer(spec, lr=1.0, batch_size=1, dtype=dtype,
-                          tta=tta_of(cfg, run / "config.json"))
-        return cls(trainer, jax.device_put(variables, dev), run, cfg, dev)
+        step_cfg = StepConfig.of(spec, dtype=dtype, tta=tta_of(cfg, run / "config.json"))
+        return cls(step_cfg, jax.device_put(variables, dev), run, cfg, dev)
 
     def p_fake_batch(self, images: np.ndarray) -> np.ndarray:
         import jax
+
+        from . import steps
         n = len(images)
         b = _bucket(n)
         if b > n:
             images = np.concatenate([images, np.zeros((b - n,) + images.shape[1:], images.dtype)])
         with jax.default_device(self._device):
-            logits = np.asarray(self.trainer.logits(self.variables, images),
+            logits = np.asarray(steps.logits(self.step_cfg, self.variables, images),
                                 np.float64)[:n]
         return 0.5 * (1.0 - np.tanh(logits / 2))  # 1 - sigmoid(logit), no overflow
 

@@ -16,7 +16,7 @@ devices. Process 0 alone writes the run directory.
 Each family follows its spec's trajectory: the same batches (``epoch_order``), the same
 augmentation draws (v3), the same learning-rate schedule. The spec stacks key their
 per-epoch random streams differently -- numpy_mlp by the 0-based epoch, torch_cnn by the
-1-based one -- and so does the port (``Trainer.rng_epoch_offset``). Dropout masks come
+1-based one -- and so does the port (``EpochRunner``'s ``rng_epoch_offset``). Dropout masks come
 from JAX's RNG keyed by ``data.batching.dropout_rng`` (torch's own RNG cannot be
 reproduced).
 
@@ -32,18 +32,32 @@ run keeps one), so the formats agree across the family.
 """
 from __future__ import annotations
 
+import os
 import platform
+import sys
 from pathlib import Path
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from core import flags
-from data import run_cli
 from core.catalog import AUGMENTED_MODELS, MODELS, family_of
 from core.driver import NonFiniteLoss, Stack, train
-from data.errors import UserError
 from core.flags import check_fits_memory
+from core.recipe import StepSchedule
 from core.tensors import load_safetensors, save_safetensors
+from data import run_cli
+from data.batching import num_batches
+from data.errors import UserError
+
+from . import checkpoint, convert
+from . import steps as S
+from .checkpoint import jax_to_numpy
+from .model import default_conv_impl, get_spec, init_variables, layer_dims_for
+from .steps import EpochRunner, StepConfig, TrainState, final_variables, init_state
 
 CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
 # what starts a multi-host run (jax.distributed.initialize reads the first itself)
@@ -51,26 +65,21 @@ MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID
 
 
 def versions() -> dict:
-    import flax
-    import jax
-    import optax
     return {"python": platform.python_version(), "jax": jax.__version__,
             "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
 
 
 # ------------------------------------------------------------------ resume state
-def state_tensors(trainer, state) -> dict[str, np.ndarray]:
+def state_tensors(state: TrainState) -> dict[str, np.ndarray]:
     """What --resume needs beyond model.safetensors, in the spec stacks' format."""
-    from . import convert
-    from .checkpoint import jax_to_numpy
-    v = jax_to_numpy(state["variables"])
-    if trainer.tx is None:
+    v = jax_to_numpy(state.variables)
+    if state.opt == ():  # an MLP: the weights are the whole state (as numpy_mlp)
         return convert.to_canonical(v)
     out = {f"model.{k}": a for k, a in convert.to_canonical(v).items()}
-    if "ema" in state:
+    if state.ema is not None:
         out.update({f"ema.{k}": a
-                    for k, a in convert.to_canonical(jax_to_numpy(state["ema"])).items()})
-    adam = jax_to_numpy(state["opt"][0])
+                    for k, a in convert.to_canonical(jax_to_numpy(state.ema)).items()})
+    adam = jax_to_numpy(state.opt)
     step = np.asarray(adam.count, np.float32)  # torch keeps Adam's step as a float32 tensor
     for key, tree in (("exp_avg", adam.mu), ("exp_avg_sq", adam.nu)):
         for name, a in convert.cnn_params_to_canonical(tree).items():
@@ -79,53 +88,38 @@ def state_tensors(trainer, state) -> dict[str, np.ndarray]:
     return out
 
 
-def load_state(trainer, path: Path, spec) -> tuple[dict, int]:
-    """-> (trainer state, epoch_completed) from state.safetensors."""
-    import jax.numpy as jnp
-
-    from . import convert
+def load_state(cfg: StepConfig, path: Path) -> tuple[TrainState, int]:
+    """-> (the resumed state, epoch_completed) from state.safetensors."""
+    spec = cfg.spec
     tensors, meta = load_safetensors(path)
     try:
         start = int(meta["epoch_completed"])
     except (KeyError, ValueError):
         raise UserError(f"{path}: metadata 'epoch_completed' missing") from None
+
+    def part(prefix):
+        return {k[len(prefix):]: a for k, a in tensors.items() if k.startswith(prefix)}
     try:
-        if trainer.tx is None:
-            variables = convert.from_canonical(tensors)
-            state = trainer.init_state(variables)
+        if spec.family == "mlp":
+            state = init_state(cfg, convert.from_canonical(tensors))
         else:
-            weights = {k[len("model."):]: a for k, a in tensors.items() if k.startswith("model.")}
-            state = trainer.init_state(convert.cnn_from_canonical(weights))
-            adam = state["opt"][0]
-            mu = convert.cnn_params_from_canonical(
-                {k[len("adam.exp_avg."):]: a for k, a in tensors.items() if k.startswith("adam.exp_avg.")})
-            nu = convert.cnn_params_from_canonical(
-                {k[len("adam.exp_avg_sq."):]: a for k, a in tensors.items()
-                 if k.startswith("adam.exp_avg_sq.")})
-            count = int(tensors["adam.step.fc2.bias"])
-            import jax
-            adam = adam._replace(count=jnp.asarray(count, adam.count.dtype),
-                                 mu=jax.tree_util.tree_map(jnp.asarray, mu),
-                                 nu=jax.tree_util.tree_map(jnp.asarray, nu))
-            state = {**state, "opt": (adam,) + tuple(state["opt"][1:])}
-            if trainer.ema:
-                state["ema"] = jax.tree_util.tree_map(jnp.asarray, convert.cnn_from_canonical(
-                    {k[len("ema."):]: a for k, a in tensors.items() if k.startswith("ema.")}))
+            state = init_state(cfg, convert.cnn_from_canonical(part("model.")))
+            adam = state.opt._replace(
+                count=jnp.asarray(int(tensors["adam.step.fc2.bias"]), state.opt.count.dtype),
+                mu=jax.tree_util.tree_map(jnp.asarray,
+                                          convert.cnn_params_from_canonical(part("adam.exp_avg."))),
+                nu=jax.tree_util.tree_map(jnp.asarray, convert.cnn_params_from_canonical(
+                    part("adam.exp_avg_sq."))))
+            ema = jax.tree_util.tree_map(jnp.asarray, convert.cnn_from_canonical(part("ema."))) \
+                if cfg.ema else None
+            state = TrainState(state.variables, adam, ema)
     except KeyError as e:
         raise UserError(f"{path}: tensor {e} missing (not a {spec.name} run?)") from None
     # shapes must match a fresh model's
-    import jax
-    fresh = trainer.init_state(_init(spec, 0, trainer.dtype))
-    got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), state)
-    want = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), fresh)
-    if got != want:
+    fresh = init_state(cfg, init_variables(spec, 0, cfg.dtype))
+    if jax.tree_util.tree_map(np.shape, state) != jax.tree_util.tree_map(np.shape, fresh):
         raise UserError(f"{path}: tensors do not fit model {spec.name}")
     return state, start
-
-
-def _init(spec, seed, dtype):
-    from .model import init_variables
-    return init_variables(spec, seed, dtype)
 
 
 # ------------------------------------------------------------------ the stack
@@ -150,10 +144,8 @@ class JaxPort(Stack):
                              "the batch size must be divisible by N)")
 
     def processes(self):
-        import os
         if not any(os.environ.get(k) for k in MULTIHOST_ENV):
             return 0, 1
-        import jax
 
         def env_int(name):
             v = os.environ.get(name)
@@ -170,7 +162,6 @@ class JaxPort(Stack):
         return jax.process_index(), jax.process_count()
 
     def configure(self, cfg):
-        from .model import layer_dims_for
         mlp = family_of(cfg["model"]) == "mlp"
         if mlp:
             cfg["layer_dims"] = list(layer_dims_for(cfg["model"], cfg["hidden"]))
@@ -182,20 +173,11 @@ class JaxPort(Stack):
         cfg.update(family="mlp" if mlp else "cnn", augment=cfg["model"] in AUGMENTED_MODELS,
                    optimizer="gd" if mlp else "adam")
         if not mlp:
-            from .steps import ADAM_B1, ADAM_B2, ADAM_EPS
-            cfg.update(adam_betas=[ADAM_B1, ADAM_B2], adam_eps=ADAM_EPS)
+            cfg.update(adam_betas=[S.ADAM_B1, S.ADAM_B2], adam_eps=S.ADAM_EPS)
 
     def build(self, cfg, ds):
-        import jax
         if cfg["dtype"] == "float64":
             jax.config.update("jax_enable_x64", True)  # before any array exists
-        import jax.numpy as jnp
-
-        from data.batching import num_batches
-        from core.recipe import StepSchedule
-
-        from .model import default_conv_impl, get_spec
-        from .steps import Trainer, make_mesh
         self.cfg = cfg
         kind = flags.device(cfg["device"])
         try:
@@ -208,44 +190,44 @@ class JaxPort(Stack):
         # this process's first device (on several hosts the Mesh's first may be another's)
         dev = next(d for d in devs if d.process_index == jax.process_index())
         jax.config.update("jax_default_device", dev)  # every unsharded array goes there
-        self.spec = spec = get_spec(cfg["model"], cfg.get("hidden"), cfg.get("dropout_p"))
-        dtype = jnp.float64 if cfg["dtype"] == "float64" else jnp.float32
-        conv_impl = (default_conv_impl(dev.platform) if cfg["conv_impl"] == "auto"
-                     else cfg["conv_impl"])
+        spec = get_spec(cfg["model"], cfg.get("hidden"), cfg.get("dropout_p"))
         cnn = spec.family == "cnn"
-        schedule = StepSchedule.from_config(cfg, num_batches(len(ds.train), cfg["batch_size"])) \
-            if cnn else None
-        self.trainer = Trainer(spec, lr=cfg["lr"], batch_size=cfg["batch_size"],
-                               decay=cfg["decay"], augment=cfg["augment"], seed=cfg["seed"],
-                               conv_impl=conv_impl, dtype=dtype,
-                               rng_epoch_offset=1 if cnn else 0, schedule=schedule,
-                               label_smoothing=cfg.get("label_smoothing") or 0.0,
-                               tta=cfg.get("tta") or "none", mesh=make_mesh(devs))
-        self.state = self.trainer.init_state(_init(spec, cfg["seed"], dtype))
-        # the dataset lives on the device(s) as uint8 for the whole run
-        evaluated = [s for s in (ds.val, ds.test) if s is not None]
-        if self.trainer.mesh is None:
-            self.train_x = jax.device_put(ds.train.images)
-            self.train_y = jax.device_put(ds.train.labels)
-            self.on_device = {id(ds.train): self.train_x,
-                              **{id(s): jax.device_put(s.images) for s in evaluated}}
-        else:  # a copy on every device; evaluation splits each split over them
-            self.train_x = self.trainer.put(ds.train.images)
-            self.train_y = self.trainer.put(ds.train.labels)
-            self.on_device = {id(s): self.trainer.eval_set(s.images)
-                              for s in (ds.train, *evaluated)}
+        schedule = StepSchedule.from_config(cfg, num_batches(len(ds.train), cfg["batch_size"]))
+        self.step_cfg = StepConfig.of(
+            spec, conv_impl=(default_conv_impl(dev.platform) if cfg["conv_impl"] == "auto"
+                             else cfg["conv_impl"]),
+            dtype=jnp.float64 if cfg["dtype"] == "float64" else jnp.float32,
+            augment=cfg["augment"], ema=bool(schedule.ema),
+            label_smoothing=cfg.get("label_smoothing") or 0.0, tta=cfg.get("tta") or "none",
+            mesh=S.make_mesh(devs))
+        self.runner = EpochRunner(self.step_cfg, batch_size=cfg["batch_size"], seed=cfg["seed"],
+                                  schedule=schedule, decay=cfg["decay"],
+                                  rng_epoch_offset=1 if cnn else 0)
+        self.state = init_state(self.step_cfg, init_variables(spec, cfg["seed"],
+                                                              self.step_cfg.dtype))
+        self._put_data(ds)
         return {"device": f"{dev.platform}:{dev.id}", "device_kind": dev.device_kind,
                 "n_devices": len(devs), "processes": jax.process_count(),
-                "conv_impl_used": conv_impl if spec.family == "cnn" else None,
+                "conv_impl_used": self.step_cfg.conv_impl if cnn else None,
                 "versions": versions()}
+
+    def _put_data(self, ds):
+        """The dataset lives on the device(s) as uint8 for the whole run: the training
+        split for the steps; on several devices a copy on each, and every evaluated split
+        laid out over them."""
+        c = self.step_cfg
+        evaluated = [s for s in (getattr(ds, "val", None), ds.test) if s is not None]
+        self.train_x, self.train_y = S.put(c, ds.train.images), S.put(c, ds.train.labels)
+        if c.mesh is None:
+            self.on_device = {id(ds.train): self.train_x,
+                              **{id(s): jax.device_put(s.images) for s in evaluated}}
+        else:
+            self.on_device = {id(s): S.eval_set(c, s.images) for s in (ds.train, *evaluated)}
 
     def _device_count(self, cfg, visible: int, platform: str) -> int:
         """How many of the ``visible`` devices to train on: ``--devices N`` (refused when
         more than are visible, or when N does not divide the batch), else all of them, or
         the most that split the batch evenly."""
-        import sys
-
-        import jax
         bs, want = cfg["batch_size"], cfg.get("devices")
         if want is not None:
             if want > visible:
@@ -267,47 +249,40 @@ class JaxPort(Stack):
         return n
 
     def load(self, path):
-        state, epoch = load_state(self.trainer, path, self.spec)
-        self.state = self.trainer.place(state)
+        state, epoch = load_state(self.step_cfg, path)
+        self.state = S.place(self.step_cfg, state)
         return epoch
 
     def train_epoch(self, epoch, progress):
-        from .steps import NonFiniteLoss as StepNonFinite
         try:
-            self.state, row = self.trainer.run_epoch(
+            self.state, row = self.runner.run_epoch(
                 self.state, self.train_x, self.train_y, epoch,
                 lambda done, loss, correct: progress(done, loss))
-        except StepNonFinite as e:
+        except S.NonFiniteLoss as e:
             raise NonFiniteLoss(e.step, e.loss) from None
         return row
 
     def compile(self, epoch):
-        self.trainer.compile_epoch(self.state, self.train_x, self.train_y, epoch)
+        self.runner.compile_epoch(self.state, self.train_x, self.train_y, epoch)
 
     def set_train_images(self, images):
         # the split's own copy stays for evaluation; several devices: a copy on each
-        if self.trainer.mesh is not None:
-            self.train_x = self.trainer.put(images)
-            return
-        import jax
-        self.train_x = jax.device_put(images)
+        self.train_x = S.put(self.step_cfg, images)
 
     def logits(self, split):
         images = self.on_device.get(id(split), split.images)
-        return self.trainer.logits(self.trainer.final_variables(self.state), images)
+        return S.logits(self.step_cfg, final_variables(self.state), images)
 
     def save_state(self, path, epoch):
-        from . import checkpoint
         meta = {"epoch_completed": str(epoch)}
-        if self.trainer.tx is None:  # MLP: the weights are the whole state (as numpy_mlp)
-            checkpoint.save(path, self.spec, self.state["variables"], meta)
+        if self.step_cfg.spec.family == "mlp":  # the weights are the whole state (as numpy_mlp)
+            checkpoint.save(path, self.step_cfg.spec, self.state.variables, meta)
         else:
-            save_safetensors(path, state_tensors(self.trainer, self.state),
-                             {"family": "cnn", "model": self.spec.name, **meta})
+            save_safetensors(path, state_tensors(self.state),
+                             {"family": "cnn", "model": self.step_cfg.spec.name, **meta})
 
     def save_model(self, path):
-        from . import checkpoint
-        checkpoint.save(path, self.spec, self.trainer.final_variables(self.state))
+        checkpoint.save(path, self.step_cfg.spec, final_variables(self.state))
 
 
 def main(argv: list[str] | None = None) -> int:

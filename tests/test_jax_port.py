@@ -16,7 +16,9 @@ from jax_port import checkpoint, convert
 from jax_port import model as M
 from jax_port import predict as P
 from jax_port import train as T
-from jax_port.steps import Trainer, augment_device
+from jax_port import steps as S
+from jax_port.steps import StepConfig, augment_device, init_state
+from tests.jax_helpers import runner
 from tests.helpers import make_archive, synthetic_image
 
 
@@ -198,7 +200,7 @@ def test_mlp_cli_run_dir_resume_bit_identical_and_numpy_reads_it(archive, tmp_pa
     params, _ = NC.load(run / "model.safetensors")
     imgs = np.stack([synthetic_image(i % 2, i) for i in range(6)])
     spec, v, _ = checkpoint.load(run / "model.safetensors")
-    z_j = Trainer(spec, lr=1.0, batch_size=1).logits(v, imgs)
+    z_j = S.logits(StepConfig.of(spec), v, imgs)
     np.testing.assert_allclose(z_j, predict_logits(images_to_X(imgs), params), rtol=1e-5, atol=1e-5)
 
 
@@ -230,7 +232,7 @@ def test_cnn_cli_resume_bit_identical_and_predict(archive, tmp_path, capsys):
     with torch.no_grad():
         z_t = tm(to_input(torch.from_numpy(imgs))).numpy()
     spec, v, _ = checkpoint.load(tmp_path / "u" / "model.safetensors")
-    np.testing.assert_allclose(Trainer(spec, lr=1e-3, batch_size=4).logits(v, imgs), z_t,
+    np.testing.assert_allclose(S.logits(StepConfig.of(spec), v, imgs), z_t,
                                atol=1e-5)
 
     # predict: a 32x32 image, a resized one, and a broken file
@@ -279,14 +281,14 @@ def test_missing_data_and_non_finite_loss(archive, tmp_path, capsys):
 
 def test_ctrl_c_keeps_the_last_epoch(archive, tmp_path, capsys, monkeypatch):
     from jax_port import steps
-    real, calls = steps.Trainer.run_epoch, []
+    real, calls = steps.EpochRunner.run_epoch, []
 
     def interrupted_on_second(self, *a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(self, *a, **k)
-    monkeypatch.setattr(steps.Trainer, "run_epoch", interrupted_on_second)
+    monkeypatch.setattr(steps.EpochRunner, "run_epoch", interrupted_on_second)
     code, _, err = run_main(T.main, base(archive, tmp_path, "i", "--model", "mlp2",
                                          "--epochs", "3"), capsys)
     assert code == 130 and f"--out {tmp_path / 'i'} --resume" in err
@@ -326,9 +328,9 @@ def test_compile_epoch_leaves_nothing_to_compile_and_changes_nothing(name, batch
 def _compile_then_run(spec, batch_size, augment, imgs, labels, events):
 
     def fresh():
-        tr = Trainer(spec, lr=1e-3, batch_size=batch_size, augment=augment, seed=3,
-                     chunk_batches=1)
-        return tr, tr.init_state(M.init_variables(spec, 3))
+        cfg, tr = runner(spec, lr=1e-3, batch_size=batch_size, augment=augment, seed=3,
+                         chunk_batches=1)
+        return tr, init_state(cfg, M.init_variables(spec, 3))
 
     def compiles():
         return sum(e == "/jax/core/compile/backend_compile_duration" for e in events)

@@ -4,6 +4,8 @@ gradients compared, then whole Adam trajectories; float32 throughout.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +14,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from data.batching import AugDraws, augment_draws, dropout_rng, epoch_order, identity_draws
+from data.batching import augment_draws, dropout_rng, epoch_order, identity_draws
 from core.recipe import StepSchedule, smooth_targets
 from jax_port import convert
 from jax_port import model as JM
-from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, Trainer
+from jax_port import steps as S
+from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, StepConfig, init_state, loss_fn
+from tests.jax_helpers import runner
 from tests.helpers import assert_close_tree
 from torch_cnn.checkpoint import state_to_numpy
 from torch_cnn.model import DROPOUT_P, FlipAverage, init_model
@@ -230,7 +234,7 @@ def test_logits_and_gradients_match_torch(name, conv_impl):
 @pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
 @pytest.mark.parametrize("name", MODELS)
 def test_trainer_logits_match_torch_eval(name, conv_impl):
-    """The evaluation path (Trainer.logits: BatchNorm folded into the convolutions, lax.conv
+    """The evaluation path (steps.logits: BatchNorm folded into the convolutions, lax.conv
     forward on the CPU, lax.map over chunks, whole blocks per call, a padded remainder)
     against torch's eval-mode forward, with non-trivial BN running statistics so the fold
     is exercised; 7 images per chunk, 3 chunks per call: two full calls, a padded one."""
@@ -239,12 +243,13 @@ def test_trainer_logits_match_torch_eval(name, conv_impl):
     model.eval()
     with torch.no_grad():
         want = model(to_input(torch.from_numpy(images))).numpy()
-    tr = Trainer(JM.get_spec(name), lr=LR, batch_size=BATCH, conv_impl=conv_impl)
-    got = tr.logits(convert.cnn_from_canonical(state_to_numpy(model)), images, chunk=7, block=3)
+    cfg = StepConfig.of(JM.get_spec(name), conv_impl=conv_impl)
+    got = S.logits(cfg, convert.cnn_from_canonical(state_to_numpy(model)), images, chunk=7,
+                   block=3)
     assert got.shape == (50,)
     assert_close_tree({"logits": got}, {"logits": want}, EVAL_ATOL,
-                      f"{name}/{conv_impl} Trainer.logits", relative=False)
-    one = tr.logits(convert.cnn_from_canonical(state_to_numpy(model)), images[:1])  # unpadded
+                      f"{name}/{conv_impl} steps.logits", relative=False)
+    one = S.logits(cfg, convert.cnn_from_canonical(state_to_numpy(model)), images[:1])  # unpadded
     assert abs(float(one[0]) - float(want[0])) < EVAL_ATOL
 
 
@@ -261,7 +266,7 @@ RECIPE_EPS = 0.1
 
 
 def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col", recipe=None, eps=0.0):
-    """ADAM_STEPS steps of torch_cnn.train.train_step and Trainer.train_step on identical
+    """ADAM_STEPS steps of torch_cnn.train.train_step and EpochRunner.step on identical
     batches, identical augmentation draws (v3) and identical dropout masks, from the same
     weights; with ``recipe`` (a StepSchedule) and label smoothing ``eps``, each step's lr and
     EMA decay from it, as both stacks' epochs take them. Returns (jax canonical tensors,
@@ -275,10 +280,10 @@ def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col", recipe=None,
     pairs = ema_pairs(ema_model, model) if ema_model is not None else None
     spec = JM.get_spec(name)
     augment = name == "v3"
-    tr = Trainer(spec, lr=lr0, batch_size=BATCH, augment=augment, seed=SEED, conv_impl=conv_impl,
+    cfg, tr = runner(spec, lr=lr0, batch_size=BATCH, augment=augment, seed=SEED, conv_impl=conv_impl,
                  dtype=jnp.float64 if dtype == np.float64 else jnp.float32, schedule=recipe,
                  label_smoothing=eps)
-    state = tr.init_state(convert.cnn_from_canonical(state_to_numpy(model)))
+    state = init_state(cfg, convert.cnn_from_canonical(state_to_numpy(model)))
     images, labels = _data(64)
     n = len(labels)
     steps = steps or ADAM_STEPS
@@ -301,18 +306,18 @@ def _adam_trajectories(name, dtype, steps=None, conv_impl="im2col", recipe=None,
         loss_t, _ = train_step(model, opt, x_in, torch.from_numpy(y.astype(dtype)), eps)
         if pairs is not None:
             ema_update(pairs, recipe.ema_decay(step))
-        state, (loss_j, _) = tr.train_step(state, x_u8, y, draws, mask)
-    got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["variables"]))
+        state, (loss_j, _) = tr.step(state, x_u8, y, draws, mask)
+    got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state.variables))
     want = state_to_numpy(model)
     if spec.batchnorm:
         for k in ("bn1", "bn2"):
             assert int(got[f"{k}.num_batches_tracked"]) == steps
             assert int(want[f"{k}.num_batches_tracked"]) == steps
-    assert int(state["opt"][0].count) == steps
+    assert int(state.opt.count) == steps
     drop = lambda d: {k: v for k, v in d.items() if "num_batches" not in k}  # noqa: E731
     if ema_model is None:
         return drop(got), drop(want), state, None, None
-    got_ema = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["ema"]))
+    got_ema = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state.ema))
     want_ema = state_to_numpy(ema_model)
     for tree in (got, want):  # BN's buffers are copied from the live model, not averaged
         ema = got_ema if tree is got else want_ema
@@ -383,12 +388,12 @@ def test_label_smoothed_loss_and_gradients_match_torch(conv_impl):
     np.testing.assert_allclose(y_t.numpy(), np.where(labels == 1, 0.95, 0.05), rtol=1e-6)
     loss_t = F.binary_cross_entropy_with_logits(model(to_input(torch.from_numpy(images))), y_t)
     loss_t.backward()
-    tr = Trainer(spec, lr=LR, batch_size=BATCH, conv_impl=conv_impl, label_smoothing=RECIPE_EPS)
+    cfg = StepConfig.of(spec, conv_impl=conv_impl, label_smoothing=RECIPE_EPS)
     x_j = jnp.asarray(images, jnp.float32) / 255.0
-    (loss_j, _), g = jax.value_and_grad(tr._loss, has_aux=True)(
+    (loss_j, _), g = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)(
         v["params"], v["batch_stats"], x_j, jnp.asarray(labels), jnp.asarray(mask))
     assert abs(float(loss_j) - loss_t.item()) < EVAL_ATOL
-    plain, _ = Trainer(spec, lr=LR, batch_size=BATCH, conv_impl=conv_impl)._loss(
+    plain, _ = loss_fn(StepConfig.of(spec, conv_impl=conv_impl),
         v["params"], v["batch_stats"], x_j, jnp.asarray(labels), jnp.asarray(mask))
     assert abs(float(plain) - float(loss_j)) > 1e-3  # the smoothing is really applied
     g_j, g_t = convert.cnn_params_to_canonical(g), _torch_grads(model)
@@ -419,11 +424,11 @@ def test_dropout_p_loss_and_gradients_match_torch(conv_impl):
                                                 torch.from_numpy(labels.astype(np.float32)))
     loss_t.backward()
     x_j, m_j = jnp.asarray(images, jnp.float32) / 255.0, jnp.asarray(mask)
-    tr = Trainer(spec, lr=LR, batch_size=BATCH, conv_impl=conv_impl)
-    (loss_j, _), g = jax.value_and_grad(tr._loss, has_aux=True)(
+    cfg = StepConfig.of(spec, conv_impl=conv_impl)
+    (loss_j, _), g = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)(
         v["params"], v["batch_stats"], x_j, jnp.asarray(labels), m_j)
     assert abs(float(loss_j) - loss_t.item()) < EVAL_ATOL
-    half, _ = Trainer(JM.get_spec("v3"), lr=LR, batch_size=BATCH, conv_impl=conv_impl)._loss(
+    half, _ = loss_fn(StepConfig.of(JM.get_spec("v3"), conv_impl=conv_impl),
         v["params"], v["batch_stats"], x_j, jnp.asarray(labels), m_j)
     assert abs(float(half) - float(loss_j)) > 1e-4  # the scale 1 / (1 - p) is p's
     g_j, g_t = convert.cnn_params_to_canonical(g), _torch_grads(model)
@@ -461,7 +466,7 @@ def test_recipe_trajectory_matches_torch_in_float32(name):
 
 @pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
 def test_flip_tta_logits_match_torch(conv_impl):
-    """Trainer(tta="flip").logits (folded BN, chunks, padding) against torch's
+    """steps.logits with tta="flip" (folded BN, chunks, padding) against torch's
     FlipAverage(model) in eval mode, and it is not the plain forward."""
     model = _torch_model("v3")
     with torch.no_grad():
@@ -473,8 +478,8 @@ def test_flip_tta_logits_match_torch(conv_impl):
         want = tta(to_input(torch.from_numpy(images))).numpy()
         plain = model(to_input(torch.from_numpy(images))).numpy()
     v = convert.cnn_from_canonical(state_to_numpy(model))
-    got = Trainer(JM.get_spec("v3"), lr=LR, batch_size=BATCH, conv_impl=conv_impl,
-                  tta="flip").logits(v, images, chunk=7, block=3)
+    got = S.logits(StepConfig.of(JM.get_spec("v3"), conv_impl=conv_impl, tta="flip"), v,
+                   images, chunk=7, block=3)
     assert_close_tree({"logits": got}, {"logits": want}, EVAL_ATOL, f"v3/{conv_impl} flip TTA",
                       relative=False)
     assert np.abs(want - plain).max() > 1e-3
@@ -524,8 +529,8 @@ def test_recipe_epochs_of_both_stacks_agree(name, dropout_p):
     # Six Adam steps on noise images let single rarely-used weights drift apart by rounding
     # (see test_adam_trajectory_matches_torch_in_float32), so whole tensors are compared, by
     # relative Frobenius norm: a schedule off by one step moves them by ~1e-2.
-    for what, jtree, tmodel in (("live", js.state["variables"], ts.model),
-                                ("EMA", js.state["ema"], ts.ema_model)):
+    for what, jtree, tmodel in (("live", js.state.variables, ts.model),
+                                ("EMA", js.state.ema, ts.ema_model)):
         got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, jtree))
         want = state_to_numpy(tmodel)
         # Under BatchNorm a conv bias has an exactly-zero true gradient: Adam turns each
@@ -553,16 +558,16 @@ def test_compiled_epoch_follows_torch_device_pipeline():
     opt = make_optimizer(model, LR)
     images, labels = _data(40, seed=3)
     split = Split(images, labels, np.zeros(40, np.uint8), np.zeros(40, "S20"), np.zeros(40, "U1"))
-    tr = Trainer(JM.get_spec("baseline"), lr=LR, batch_size=16, seed=SEED, conv_impl="im2col",
-                 rng_epoch_offset=1)  # torch_cnn keys its epochs from 1
-    state = tr.init_state(convert.cnn_from_canonical(state_to_numpy(model)))
+    cfg, tr = runner(JM.get_spec("baseline"), lr=LR, batch_size=16, seed=SEED,
+                     conv_impl="im2col", rng_epoch_offset=1)  # torch_cnn keys its epochs from 1
+    state = init_state(cfg, convert.cnn_from_canonical(state_to_numpy(model)))
     pipe = DevicePipeline(split)
     losses = []
     for x, y in pipe.batches(SEED, 1, 16, augment=False):
         losses.append(train_step(model, opt, x, y)[0].item())
     state, row = tr.run_epoch(state, jnp.asarray(images), jnp.asarray(labels), 0)
     assert abs(row["train_loss"] - np.mean(losses)) < 1e-4
-    assert_close_tree(convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state["variables"])),
+    assert_close_tree(convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state.variables)),
                       state_to_numpy(model), EPOCH_RTOL, "baseline after one compiled epoch")
 
 
@@ -614,7 +619,7 @@ def test_torch_checkpoint_evaluates_the_same_in_jax(mini_zip, tmp_path, capsys):
 
     spec, variables, _ = checkpoint.load(run / "model.safetensors", "baseline")
     ds = load_cifake(mini_zip, cache, subset=200, verbose=False)
-    z = Trainer(spec, lr=LR, batch_size=64).logits(variables, ds.test.images)
+    z = S.logits(StepConfig.of(spec), variables, ds.test.images)
     rep = classification_report(z, ds.test.labels)
     assert rep["n"] == torch_final["test"]["n"] == 400
     # an image can only change side if its logit is within rounding of 0

@@ -14,7 +14,9 @@ import pytest
 from data.batching import epoch_order
 from jax_port import convert
 from jax_port import model as JM
-from jax_port.steps import Trainer
+from jax_port import steps as S
+from jax_port.steps import init_state
+from tests.jax_helpers import runner
 from numpy_mlp import model as NM
 from numpy_mlp.train import train_epoch
 from tests.helpers import assert_close_tree
@@ -90,9 +92,9 @@ def test_50_full_batch_gd_steps_with_decay_match_numpy(x64):
     images, labels = _batch(24, seed=1)
     X, Y = NM.images_to_X(images, np.float64), labels.reshape(1, -1)
 
-    tr = Trainer(JM.get_spec("mlp4"), lr=lr0, batch_size=None, decay=decay, seed=SEED,
+    cfg, tr = runner(JM.get_spec("mlp4"), lr=lr0, batch_size=None, decay=decay, seed=SEED,
                  dtype=jnp.float64)
-    state = tr.init_state(convert.mlp_from_canonical(params))
+    state = init_state(cfg, convert.mlp_from_canonical(params))
     xd, yd = jnp.asarray(images), jnp.asarray(labels)
     for e in range(epochs):
         params, loss_np, acc_np = train_epoch(params, X, Y, None, None, NM.lr_at(lr0, decay, e))
@@ -100,7 +102,7 @@ def test_50_full_batch_gd_steps_with_decay_match_numpy(x64):
         assert row["lr"] == NM.lr_at(lr0, decay, e)
         assert abs(row["train_loss"] - loss_np) <= 1e-10 * abs(loss_np)
         assert row["train_acc"] == acc_np
-    err = assert_close_tree(convert.mlp_to_canonical(state["variables"]), params, TRAIN_RTOL,
+    err = assert_close_tree(convert.mlp_to_canonical(state.variables), params, TRAIN_RTOL,
                             "mlp4 after 50 GD steps")
     assert err < TRAIN_RTOL
 
@@ -112,9 +114,9 @@ def test_minibatch_epochs_visit_the_same_batches_as_numpy(x64):
     params = NM.init_params(NM.layer_dims_for("mlp2"), seed, np.float64)
     images, labels = _batch(40, seed=2)  # 2 full batches + a partial one of 8
     U, Y = images.reshape(40, -1).T, labels.reshape(1, -1)
-    tr = Trainer(JM.get_spec("mlp2"), lr=lr0, batch_size=bs, decay=decay, seed=seed,
+    cfg, tr = runner(JM.get_spec("mlp2"), lr=lr0, batch_size=bs, decay=decay, seed=seed,
                  dtype=jnp.float64, chunk_batches=1)  # chunk 1: also exercises chunking
-    state = tr.init_state(convert.mlp_from_canonical(params))
+    state = init_state(cfg, convert.mlp_from_canonical(params))
     xd, yd = jnp.asarray(images), jnp.asarray(labels)
     for e in range(4):
         params, loss_np, acc_np = train_epoch(params, U, Y, epoch_order(seed, e, 40), bs,
@@ -122,7 +124,7 @@ def test_minibatch_epochs_visit_the_same_batches_as_numpy(x64):
         state, row = tr.run_epoch(state, xd, yd, e)
         assert abs(row["train_loss"] - loss_np) <= 1e-10 * abs(loss_np)
         assert row["train_acc"] == acc_np
-    assert_close_tree(convert.mlp_to_canonical(state["variables"]), params, TRAIN_RTOL,
+    assert_close_tree(convert.mlp_to_canonical(state.variables), params, TRAIN_RTOL,
                       "mlp2 after 4 mini-batch epochs")
 
 
@@ -133,22 +135,22 @@ def test_feature_major_full_batch_step_is_the_batch_major_step(x64, name):
     spec = JM.get_spec(name)
     params = NM.init_params(NM.layer_dims_for(name), SEED, np.float64)
     images, labels = _batch(24, seed=4)
-    tr = Trainer(spec, lr=0.1, batch_size=None, seed=SEED, dtype=jnp.float64)
-    state = tr.init_state(convert.mlp_from_canonical(params))
+    cfg, tr = runner(spec, lr=0.1, batch_size=None, seed=SEED, dtype=jnp.float64)
+    state = init_state(cfg, convert.mlp_from_canonical(params))
     xd, yd = jnp.asarray(images), jnp.asarray(labels)
     xt = tr.full_batch_inputs(xd)
     assert xt.shape == (3072, 24) and tr.full_batch_inputs(xd) is xt  # made once per split
     # exactly the pixels the batch-major step feeds its first layer (XLA's compiled / 255 may
     # differ from NumPy's by an ulp, which the tolerances below cover)
-    batch_major = jax.jit(lambda x: tr._inputs(x, None, None, None))(xd)
+    batch_major = jax.jit(lambda x: S.inputs(cfg, x))(xd)
     np.testing.assert_array_equal(np.asarray(xt), np.asarray(batch_major).reshape(24, -1).T)
     lr = jnp.asarray(0.1, jnp.float64)
-    fm, (l_fm, nc_fm) = tr._full_step_jit(state, xt, yd, lr)
-    bm, (l_bm, nc_bm) = tr.train_step(state, images, labels, lr=0.1)
+    fm, (l_fm, nc_fm) = S.full_batch_step(cfg, state, xt, yd, lr)
+    bm, (l_bm, nc_bm) = tr.step(state, images, labels, lr=0.1)
     assert int(nc_fm) == int(nc_bm)
     assert abs(float(l_fm) - float(l_bm)) <= FORWARD_RTOL * abs(float(l_bm))
-    assert_close_tree(convert.mlp_to_canonical(fm["variables"]),
-                      convert.mlp_to_canonical(bm["variables"]), GRAD_RTOL,
+    assert_close_tree(convert.mlp_to_canonical(fm.variables),
+                      convert.mlp_to_canonical(bm.variables), GRAD_RTOL,
                       f"{name} feature-major step")
     other = jnp.asarray(images[::-1].copy())
     assert tr.full_batch_inputs(other) is not xt  # a new training split gets its own copy

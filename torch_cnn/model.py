@@ -80,7 +80,8 @@ class CifakeCNN(nn.Module):
 class FlipAverage(nn.Module):
     """Flip test-time augmentation around a CNN: the mean of the logits of each image and
     of its mirror image (flipped left to right), ``(f(x) + f(flip(x))) * 0.5``; the JAX
-    port's ``Trainer(tta="flip")`` computes the same. Holds no state of its own."""
+    port's ``steps.eval_logits`` with ``tta="flip"`` computes the same. Holds no state of
+    its own."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

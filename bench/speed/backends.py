@@ -11,7 +11,7 @@ A backend trains and evaluates ONE model on ONE device:
 
 ``train_epoch`` and ``logits`` return only after the work is finished on the device
 (torch: ``torch.cuda.synchronize()``; JAX: ``jax.block_until_ready`` inside
-``Trainer.run_epoch`` / host copies in ``Trainer.logits``), so the caller may read
+``EpochRunner.run_epoch`` / host copies in ``steps.logits``), so the caller may read
 the clock right after them.
 
 Hyperparameters are the specs' presets, identical for every backend of a family:
@@ -364,14 +364,15 @@ class JaxBackend(Backend):
             raise RuntimeError(f"JAX sees {len(devs)} {device} device(s), not {n_devices}")
         self.dev = devs[0]
         self.spec = jm.get_spec(model)
-        self.trainer = js.Trainer(self.spec, lr=self.hp["lr"], batch_size=self.hp["batch_size"],
-                                  decay=self.hp["decay"], augment=self.hp["augment"], seed=seed,
-                                  mesh=js.make_mesh(devs[:n_devices]))
-        self.full_trainer = None  # the full-batch phase's, made on its first epoch
+        self.cfg = js.StepConfig.of(self.spec, augment=self.hp["augment"],
+                                    mesh=js.make_mesh(devs[:n_devices]))
+        self.runner = js.EpochRunner(self.cfg, batch_size=self.hp["batch_size"], seed=seed,
+                                     lr=self.hp["lr"], decay=self.hp["decay"])
+        self.full_runner = None  # the full-batch phase's, made on its first epoch
 
     def set_seed(self, seed):
         super().set_seed(seed)
-        self.trainer.seed = seed  # the JAX trainer draws its batch order and dropout masks
+        self.runner.seed = seed  # the runner draws its batch order and dropout masks
 
     def device_name(self):
         name = f"{self.dev.platform}:{getattr(self.dev, 'device_kind', '')}"
@@ -387,9 +388,9 @@ class JaxBackend(Backend):
         # uint8 images resident on the device (4x smaller than float); only each epoch's
         # indices and augmentation draws travel per call. Several devices: a copy on each
         # for training, and the split laid out over them once for evaluation.
-        if self.trainer.mesh is not None:
-            tr = self.trainer
-            return tr.put(split.images), tr.put(split.labels), tr.eval_set(split.images)
+        js, c = self.js, self.cfg
+        if c.mesh is not None:
+            return js.put(c, split.images), js.put(c, split.labels), js.eval_set(c, split.images)
         return (self.jax.device_put(split.images, self.dev),
                 self.jax.device_put(split.labels, self.dev))
 
@@ -400,38 +401,38 @@ class JaxBackend(Backend):
         else:
             from jax_port import convert
             variables = convert.from_canonical(weights)
-        if self.trainer.mesh is not None:  # replicated over the devices
-            self.state = self.trainer.init_state(variables)
+        if self.cfg.mesh is not None:  # replicated over the devices
+            self.state = self.js.init_state(self.cfg, variables)
             return
         with self.jax.default_device(self.dev):
-            self.state = self.trainer.init_state(variables)
+            self.state = self.js.init_state(self.cfg, variables)
         self.state = self.jax.device_put(self.state, self.dev)
 
     def train_epoch(self, h, epoch):
-        # run_epoch ends with jax.block_until_ready(state)
-        self.state, m = self.trainer.run_epoch(self.state, h[0], h[1], epoch)
+        # the product's own epoch (jax_port.train runs the same), which ends with
+        # jax.block_until_ready(state)
+        self.state, m = self.runner.run_epoch(self.state, h[0], h[1], epoch)
         return {"loss": m["train_loss"], "acc": m["train_acc"]}
 
     def logits(self, h):
-        return self.trainer.logits(self.state["variables"], h[-1] if len(h) > 2 else h[0])
+        return self.js.logits(self.cfg, self.state.variables, h[-1] if len(h) > 2 else h[0])
 
     def put_full_batch(self, split):
-        # the uint8 split on the device; the full-batch trainer makes its float
+        # the uint8 split on the device; the full-batch runner makes its float
         # feature-major copy on the first epoch (the warm-up) and keeps it
         return self.put(split)
 
     def full_batch_epoch(self, h, epoch):
-        if self.full_trainer is None:
+        if self.full_runner is None:
             p = full_batch_hyperparameters(self.model)
-            self.full_trainer = self.js.Trainer(self.spec, lr=p["lr"], batch_size=None,
-                                                decay=p["decay"], seed=self.seed,
-                                                mesh=self.trainer.mesh)
-        self.state, m = self.full_trainer.run_epoch(self.state, h[0], h[1], epoch)
+            self.full_runner = self.js.EpochRunner(self.cfg, batch_size=None, seed=self.seed,
+                                                   lr=p["lr"], decay=p["decay"])
+        self.state, m = self.full_runner.run_epoch(self.state, h[0], h[1], epoch)
         return {"loss": m["train_loss"], "acc": m["train_acc"]}
 
     def notes(self):
         if self.spec.family == "cnn":
-            return [f"jax-cnn conv formulation: {self.trainer.conv_impl}"]
+            return [f"jax-cnn conv formulation: {self.cfg.conv_impl}"]
         return []
 
 

@@ -105,10 +105,12 @@ def load_splits(spec: dict):
 
 # ------------------------------------------------------------------ phases
 def run(spec: dict) -> dict:
+    """Every phase for one row: training and evaluation throughput, the epoch figure, the
+    accuracy budget, memory, and the MLPs' full-batch epochs."""
     from bench.speed.backends import make_backend
     from core.catalog import family_of
     t_start = time.perf_counter()
-    model, seed, repeats = spec["model"], spec["seed"], spec["repeats"]
+    model, seed = spec["model"], spec["seed"]
     family = family_of(model)
     log(spec, "importing and loading data")
     train, test = load_splits(spec)
@@ -121,9 +123,26 @@ def run(spec: dict) -> dict:
            "family": family, "device_name": b.device_name(), "hyperparameters": b.hp,
            "notes": b.notes(), "setup_s": setup_s, "n_train": len(train), "n_test": len(test),
            "threads": thread_info()}
+    res["train"] = train_phase(spec, b, family, train)
+    res["eval"] = eval_phase(spec, b, test)
+    res["epoch"] = epoch_phase(spec, b, family, train, res["train"])
+    res["budget"] = None if spec["data"] is None else budget_phase(spec, b, family, train, test)
+    res["memory"] = {"peak_rss_mib": rss_peak_mib(), "rss_after_setup_mib": rss_setup,
+                     "how": "ru_maxrss of this worker process (imports + data + training)"
+                            + ("; torch: rank 0's process" if n_devices > 1 else "")}
+    dev = b.peak_device_bytes()
+    res["memory"]["peak_device_mib"] = None if dev is None else dev / 2**20
+    # MLPs: full-batch gradient descent epochs over the whole training split (after the
+    # memory figure above: the full-batch float copy is this phase's own)
+    res["full_batch"] = full_batch_phase(spec, b, train) if family == "mlp" else None
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
 
-    # 1. training throughput
-    bs = b.hp["batch_size"]
+
+def train_phase(spec: dict, b, family: str, train) -> dict:
+    """Training images/s: one untimed pass (warm-up, or compilation for the JIT
+    backends), then ``repeats`` timed passes of the backend's own epoch function."""
+    bs, repeats = b.hp["batch_size"], spec["repeats"]
     if family == "mlp":
         tset, how = train, "whole training split per timed pass (one real epoch)"
     else:
@@ -131,12 +150,12 @@ def run(spec: dict) -> dict:
         tset = train.take(np.arange(k))
         how = f"{k} training images ({-(-k // bs)} steps of {bs}) per timed pass"
     h = b.put(tset)
-    b.init(seed)
-    trainer = getattr(b, "trainer", None)  # the JAX backends' (lax.scan chunks)
-    if trainer is not None:
+    b.init(spec["seed"])
+    runner = getattr(b, "runner", None)  # the JAX backends' (lax.scan chunks)
+    if runner is not None:
         if family == "cnn":  # one compiled lax.scan call covers the whole timing set
-            trainer.chunk_batches = max(1, len(tset) // bs)
-        how += f"; {trainer.chunk_batches} batches per compiled lax.scan call"
+            runner.chunk_batches = max(1, len(tset) // bs)
+        how += f"; {runner.chunk_batches} batches per compiled lax.scan call"
     log(spec, f"training warm-up{' + compilation' if b.jit else ''} ({len(tset)} images)")
     t0 = time.perf_counter()
     b.train_epoch(h, 0)
@@ -149,109 +168,92 @@ def run(spec: dict) -> dict:
         log(spec, f"train pass {r + 1}/{repeats}: {len(tset) / secs[-1]:,.0f} images/s")
     if not np.isfinite(m["loss"]):
         raise RuntimeError(f"non-finite training loss {m['loss']} during the timing passes")
-    ips = spread([len(tset) / s for s in secs])
-    res["train"] = {"images_per_s": ips, "seconds_per_pass": spread(secs),
-                    "images_per_pass": len(tset), "how": how,
-                    "compile_s": first_s if b.jit else None,
-                    "warmup_s": None if b.jit else first_s,
-                    "first_call": "compilation + one pass (not in images/s)" if b.jit
-                    else "one untimed warm-up pass"}
-    del h
+    return {"images_per_s": spread([len(tset) / s for s in secs]),
+            "seconds_per_pass": spread(secs), "images_per_pass": len(tset), "how": how,
+            "compile_s": first_s if b.jit else None, "warmup_s": None if b.jit else first_s,
+            "first_call": "compilation + one pass (not in images/s)" if b.jit
+            else "one untimed warm-up pass"}
 
-    # 2. evaluation throughput
+
+def eval_phase(spec: dict, b, test) -> dict:
+    """Evaluation images/s: eval-mode logits after one untimed call."""
     k = min(len(test), spec["eval_images"])
-    eset = test.take(np.arange(k))
-    h = b.put(eset)
+    h = b.put(test.take(np.arange(k)))
     log(spec, f"eval warm-up ({k} images)")
     t0 = time.perf_counter()
     b.logits(h)
     eval_first = time.perf_counter() - t0
     secs = []
-    for r in range(repeats):
+    for r in range(spec["repeats"]):
         t0 = time.perf_counter()
         b.logits(h)
         secs.append(time.perf_counter() - t0)
-    res["eval"] = {"images_per_s": spread([k / s for s in secs]), "images_per_pass": k,
-                   "compile_s": eval_first if b.jit else None,
-                   "warmup_s": None if b.jit else eval_first,
-                   "how": f"eval-mode logits of {k} test images per timed pass"}
-    log(spec, f"eval: {res['eval']['images_per_s']['median']:,.0f} images/s")
-    del h
+    out = {"images_per_s": spread([k / s for s in secs]), "images_per_pass": k,
+           "compile_s": eval_first if b.jit else None,
+           "warmup_s": None if b.jit else eval_first,
+           "how": f"eval-mode logits of {k} test images per timed pass"}
+    log(spec, f"eval: {out['images_per_s']['median']:,.0f} images/s")
+    return out
 
-    # 3. one epoch over the whole training split
+
+def epoch_phase(spec: dict, b, family: str, train, train_res: dict) -> dict:
+    """Seconds for one epoch over the whole training split: measured (MLPs, a GPU, or
+    --measure-cnn-epoch), else estimated from the training images/s, and labelled so."""
     if family == "mlp":
-        res["epoch"] = {"seconds": res["train"]["seconds_per_pass"]["median"],
-                        "n_images": len(train), "how": "measured",
-                        "detail": "median of the timed full-epoch passes"}
-    elif spec["measure_cnn_epoch"] or spec["device"] == "gpu":  # a GPU epoch is cheap: measure
-        h = b.put(train)
-        if b.jit:  # the full split adds scan shapes: compile them outside the clock
-            log(spec, "full-epoch warm-up (compilation of the full split's shapes)")
-            b.train_epoch(h, 0)
-        log(spec, f"timing one full epoch ({len(train)} images)")
+        return {"seconds": train_res["seconds_per_pass"]["median"], "n_images": len(train),
+                "how": "measured", "detail": "median of the timed full-epoch passes"}
+    if not (spec["measure_cnn_epoch"] or spec["device"] == "gpu"):  # a GPU epoch is cheap
+        return {"seconds": len(train) / train_res["images_per_s"]["median"],
+                "n_images": len(train), "how": "estimated",
+                "detail": "n_train / median training images/s of phase 1"}
+    h = b.put(train)
+    if b.jit:  # the full split adds scan shapes: compile them outside the clock
+        log(spec, "full-epoch warm-up (compilation of the full split's shapes)")
+        b.train_epoch(h, 0)
+    log(spec, f"timing one full epoch ({len(train)} images)")
+    t0 = time.perf_counter()
+    b.train_epoch(h, 1)
+    return {"seconds": time.perf_counter() - t0, "n_images": len(train), "how": "measured",
+            "detail": "one full epoch, after warm-up"}
+
+
+def budget_phase(spec: dict, b, family: str, train, test) -> dict:
+    """Accuracy under the fixed budget: per seed, the spec's initial weights (shared files),
+    budget_epochs epochs on the first budget_subset images per class, the whole test split."""
+    from core.metrics import classification_report
+    from core.tensors import load_safetensors
+    bset = train.subset_per_class(spec["budget_subset"])
+    seeds = spec.get("budget_seed_list") or [spec["seed"]]
+    inits = spec.get("init_weights") or [None] * len(seeds)
+    log(spec, f"budget: {spec['budget_epochs']} epoch(s) on {len(bset)} images, "
+              f"then the whole test split ({len(test)}), seed(s) {seeds}")
+    runner = getattr(b, "runner", None)
+    if runner is not None and family == "cnn":
+        runner.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
+    runs = []
+    for sd, init in zip(seeds, inits):
+        b.set_seed(sd)
+        b.init(sd, load_safetensors(init)[0] if init else None)
+        h = b.put(bset)
         t0 = time.perf_counter()
-        b.train_epoch(h, 1)
-        s = time.perf_counter() - t0
-        res["epoch"] = {"seconds": s, "n_images": len(train), "how": "measured",
-                        "detail": "one full epoch, after warm-up"}
+        hist = [b.train_epoch(h, e) for e in range(spec["budget_epochs"])]
+        train_s = time.perf_counter() - t0
         del h
-    else:
-        res["epoch"] = {"seconds": len(train) / ips["median"], "n_images": len(train),
-                        "how": "estimated",
-                        "detail": "n_train / median training images/s of phase 1"}
-
-    # 4. accuracy under the fixed budget
-    if spec["data"] is None:
-        res["budget"] = None
-    else:
-        bset = train.subset_per_class(spec["budget_subset"])
-        seeds = spec.get("budget_seed_list") or [seed]
-        inits = spec.get("init_weights") or [None] * len(seeds)
-        log(spec, f"budget: {spec['budget_epochs']} epoch(s) on {len(bset)} images, "
-                  f"then the whole test split ({len(test)}), seed(s) {seeds}")
-        from core.metrics import classification_report
-        from core.tensors import load_safetensors
-        if trainer is not None and family == "cnn":
-            trainer.chunk_batches = 50  # jax_port's default chunking, as its CLI trains
-        runs = []
-        for sd, init in zip(seeds, inits):
-            weights = load_safetensors(init)[0] if init else None
-            b.set_seed(sd)
-            b.init(sd, weights)
-            h = b.put(bset)
-            t0 = time.perf_counter()
-            hist = [b.train_epoch(h, e) for e in range(spec["budget_epochs"])]
-            train_s = time.perf_counter() - t0
-            del h
-            rep = classification_report(b.logits(b.put(test)), test.labels)
-            runs.append({"seed": sd, "train_seconds": train_s,
-                         "final_train_loss": hist[-1]["loss"], "test_accuracy": rep["accuracy"],
-                         "test_loss": rep["loss"], "test_auc": rep["roc_auc"],
-                         "test_confusion": rep["confusion"], "n_test": rep["n"]})
-            log(spec, f"budget: seed {sd}: test accuracy {rep['accuracy']:.2f}%")
-        accs = [r["test_accuracy"] for r in runs]
-        res["budget"] = {**runs[0], "epochs": spec["budget_epochs"],
-                         "subset_per_class": spec["budget_subset"],
-                         "init": ("the spec's init for each seed (shared files)" if inits[0]
-                                  else "this backend's own init for each seed"),
-                         "n_train": len(bset),
-                         "train_seconds_note": "wall time incl. any compilation (first seed)",
-                         # the first seed's fields above; over every seed:
-                         "seeds": seeds, "per_seed": runs,
-                         "test_accuracy": statistics.fmean(accs),
-                         "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None}
-
-    res["memory"] = {"peak_rss_mib": rss_peak_mib(), "rss_after_setup_mib": rss_setup,
-                     "how": "ru_maxrss of this worker process (imports + data + training)"
-                            + ("; torch: rank 0's process" if n_devices > 1 else "")}
-    dev = b.peak_device_bytes()
-    res["memory"]["peak_device_mib"] = None if dev is None else dev / 2**20
-
-    # 5. MLPs: full-batch gradient descent epochs over the whole training split (after
-    # the memory figure above: the full-batch float copy is this phase's own)
-    res["full_batch"] = full_batch_phase(spec, b, train) if family == "mlp" else None
-    res["wall_s"] = time.perf_counter() - t_start
-    return res
+        rep = classification_report(b.logits(b.put(test)), test.labels)
+        runs.append({"seed": sd, "train_seconds": train_s,
+                     "final_train_loss": hist[-1]["loss"], "test_accuracy": rep["accuracy"],
+                     "test_loss": rep["loss"], "test_auc": rep["roc_auc"],
+                     "test_confusion": rep["confusion"], "n_test": rep["n"]})
+        log(spec, f"budget: seed {sd}: test accuracy {rep['accuracy']:.2f}%")
+    accs = [r["test_accuracy"] for r in runs]
+    return {**runs[0], "epochs": spec["budget_epochs"], "subset_per_class": spec["budget_subset"],
+            "init": ("the spec's init for each seed (shared files)" if inits[0]
+                     else "this backend's own init for each seed"),
+            "n_train": len(bset),
+            "train_seconds_note": "wall time incl. any compilation (first seed)",
+            # the first seed's fields above; over every seed:
+            "seeds": seeds, "per_seed": runs, "test_accuracy": statistics.fmean(accs),
+            "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None}
 
 
 def full_batch_phase(spec: dict, b, train) -> dict:

@@ -58,8 +58,8 @@ def worker(args) -> int:
     b = make_backend(args.backend, args.model, args.device, seed=0)
     for seed in range(args.seeds):
         b.set_seed(seed)
-        if getattr(b, "trainer", None) is not None:
-            b.trainer.chunk_batches = 50  # as the bench and jax_port's CLI train
+        if getattr(b, "runner", None) is not None:
+            b.runner.chunk_batches = 50  # as the bench and jax_port's CLI train
         b.init(seed, spec_init_weights(args.model, seed))
         h = b.put(bset)
         t0 = time.perf_counter()
