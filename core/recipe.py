@@ -10,7 +10,7 @@ schedule; the tensor arithmetic that uses them is each stack's own.
   final_div_factor)``: from ``lr / div_factor`` up to ``lr`` over the first
   ``int(warmup_frac * total)`` steps (cosine-shaped, or straight with
   ``warmup_shape="linear"``), then a cosine down to ``lr / (div_factor *
-  final_div_factor)`` at step ``total``; tests/test_recipe.py checks it against optax.
+  final_div_factor)`` at step ``total``; tests/parity/test_recipe.py checks it against optax.
 - ``StepSchedule.ema_decay(step)``: the weight of the old average when the weights
   after step ``step`` are folded into the exponential moving average:
   ``d_t = (d - d^t) / (1 - d^t)`` with ``t = step + 1`` steps taken. That is the

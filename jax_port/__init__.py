@@ -1,7 +1,7 @@
 """JAX port of the two specification stacks (numpy_mlp/ and torch_cnn/).
 
 The same functions as the specs, jit-compiled: parity with them is the definition of
-done (tests/test_parity_mlp.py, tests/test_parity_cnn.py). Public API (what bench/ uses):
+done (tests/parity/test_parity_mlp.py, tests/parity/test_parity_cnn.py). Public API (what bench/ uses):
 
 - ``jax_port.model``: ``get_spec(name, hidden=None)`` -> ``ModelSpec``;
   ``init_variables(spec, seed, dtype)``; ``apply(spec, variables, x_float, train, mask,

@@ -2,7 +2,7 @@
 
 Works on NumPy dicts keyed by the canonical names (it imports neither torch nor
 numpy_mlp): every transform is a transpose/reshape/permutation or a dtype-preserving
-copy, so a round trip is bit-exact (tests/test_parity_*.py check ``array_equal``).
+copy, so a round trip is bit-exact (tests/parity/test_parity_*.py check ``array_equal``).
 
 MLP family (numpy_mlp): ``W{l}`` (n_out, n_in), ``b{l}`` (n_out, 1)
     <-> ``{"params": {"dense{l}": {"kernel": (n_in, n_out) = W.T, "bias": (n_out,)}}}``

@@ -28,7 +28,7 @@ Only the order of the float32 sums differs from one device. Results are replicat
 The optimisers are the specs': plain gradient descent for the MLPs (no state; the
 learning rate lr0 / (1 + decay * epoch) is an argument) and Adam for the CNNs:
 ``optax.scale_by_adam`` (torch's formula: eps outside the square root, bias correction;
-tests/test_parity_cnn.py checks it numerically) followed by ``-lr * update`` with the
+tests/parity/test_parity_cnn.py checks it numerically) followed by ``-lr * update`` with the
 step's lr an argument, so a constant rate and a one-cycle schedule (per step inside the
 scan, computed on the host by ``core.recipe.StepSchedule``) run the same program.
 
@@ -297,7 +297,7 @@ def eval_logits(cfg: StepConfig, variables, x_u8):
     """Logits of ``x_u8`` (k, c, 32, 32, 3): ``lax.map`` over the k chunks of c images.
 
     Forward-only choices that differ from training (same function, float rounding apart;
-    tests/test_parity_cnn.py checks them against torch): BatchNorm folded into the
+    tests/parity/test_parity_cnn.py checks them against torch): BatchNorm folded into the
     convolutions, and on the CPU a plain ``lax.conv`` for both layers (XLA:CPU runs a
     forward convolution fast even inside a loop; only its gradients are slow). Chunks of
     a few hundred images keep the activations cache-sized and reuse one set of buffers,

@@ -13,7 +13,7 @@
   and its un-augmented batches vs the torchvision pipeline's (the same images).
 
 Each check reports pass/fail and its max differences. These are a fast subset of the test
-suite's parity tests (tests/test_parity_*.py), run on the machine being benchmarked.
+suite's parity tests (tests/parity/test_parity_*.py), run on the machine being benchmarked.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SEED = 0
 # ~6 decimal digits of headroom over float64 rounding. Float32 CNN: logits are sums of ~10^4
 # products rounded in a different order (im2col matmul vs torch's conv), ~1e-6 typical.
 MLP_RTOL_F64 = 1e-10     # relative to the tensor's max |value|
-CNN_LOGIT_ATOL = 1e-5    # absolute, logits and loss (as tests/test_parity_cnn.py)
+CNN_LOGIT_ATOL = 1e-5    # absolute, logits and loss (as tests/parity/test_parity_cnn.py)
 CNN_GRAD_RTOL = 1e-4     # relative to the tensor's max |value| (float32 accumulation order)
 CNN_STAT_ATOL = 1e-5     # absolute, BN running mean/var after one step
 CNN_ZERO_GRAD = 1e-5     # |gradient| / largest gradient of the model, where the true value is 0

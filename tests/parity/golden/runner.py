@@ -1,7 +1,7 @@
 """Train every preset of one stack for a few epochs on a small fixed subset, through the
 stack's public ``train`` entry point, in one process (one import of the framework):
-``python -m tests.golden.runner STACK DATA CACHE OUT``. The golden test compares the final
-weights with the fingerprints recorded in tests/golden/weights.json."""
+``python -m tests.parity.golden.runner STACK DATA CACHE OUT``. The golden test compares the final
+weights with the fingerprints recorded in tests/parity/golden/weights.json."""
 from __future__ import annotations
 
 import importlib

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.golden.runner import STACK_PRESETS
+from tests.parity.golden.runner import STACK_PRESETS
 from tests.helpers import PY, REPO, env, load_weights
 
 GOLDEN = Path(__file__).parent / "golden" / "weights.json"
@@ -31,7 +31,7 @@ def fingerprint(w: np.ndarray) -> dict:
 
 
 def run_stack(stack: str, data: Path, tmp: Path) -> dict:
-    p = subprocess.run([PY, "-m", "tests.golden.runner", stack, str(data), str(tmp / "cache"),
+    p = subprocess.run([PY, "-m", "tests.parity.golden.runner", stack, str(data), str(tmp / "cache"),
                         str(tmp / "runs")], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
