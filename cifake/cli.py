@@ -90,7 +90,7 @@ def bench() -> None:
 
 
 def reproduce() -> None:
-    from bench import reproduce as r
+    from bench.studies import reproduce as r
     run_cli(r.main, prog="bench.studies.reproduce")
 
 

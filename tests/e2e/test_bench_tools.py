@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from bench import gpu, seed_spread
+from bench.speed import gpu
+from bench.studies import seed_spread
 from data.errors import UserError
 
 

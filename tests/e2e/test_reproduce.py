@@ -103,7 +103,8 @@ def test_bad_seed_lists_are_refused(seeds, tmp_path):
 
 
 def test_each_backend_writes_where_side_by_side_reads():
-    from bench import reproduce, side_by_side
+    from bench.studies import reproduce
+    from bench.studies import side_by_side
     sbs = vars(side_by_side.parse_args([]))
     assert reproduce.default_out("jax") == sbs["jax"]
     assert {reproduce.default_out(b) for b in ("spec", "numpy", "torch")} == {sbs["spec"]}

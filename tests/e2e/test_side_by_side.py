@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from bench import side_by_side as S
+from bench.studies import side_by_side as S
 
 
 def _run(d, hist, final, complete=True):

@@ -288,7 +288,7 @@ def test_predict_applies_the_runs_flip_tta_in_both_stacks(archive, tmp_path):
 
 # ------------------------------------------------------------------ bench.studies.recipe
 def test_the_ladder_adds_one_ingredient_at_a_time_and_ends_at_the_preset():
-    from bench import recipe as R
+    from bench.studies import recipe as R
     rungs = R.rungs()
     ladder, tried = rungs[:len(R.INGREDIENTS) + 2], rungs[len(R.INGREDIENTS) + 2:]
     assert [r for r, _, _ in rungs] == ["reference", "v3-30", "onecycle", "ema", "recipe",
@@ -318,8 +318,8 @@ def _in_process(cmd, log):
 
 
 def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, capsys):
-    from bench import recipe as R
-    from bench import reproduce
+    from bench.studies import recipe as R
+    from bench.studies import reproduce
     monkeypatch.setattr(reproduce, "launch", _in_process)
     zip_path, cache = archive
     out = tmp_path / "rec"
@@ -368,7 +368,7 @@ def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, ca
 
 def test_recipe_time_goal_is_not_judged_across_devices():
     """The reference on a CPU and the recipe on a GPU would 'meet' the time goal trivially."""
-    from bench import recipe as R
+    from bench.studies import recipe as R
 
     def rec(rung, seed, device, secs, to_target):
         return {"rung": rung, "seed": seed, "status": "complete", "test_acc": 97.0,
@@ -385,6 +385,6 @@ def test_recipe_time_goal_is_not_judged_across_devices():
 
 @pytest.mark.parametrize("seeds", ["", "0,,1", "0,0", "-1", "x"])
 def test_recipe_refuses_bad_seeds(seeds, tmp_path):
-    from bench import recipe as R
+    from bench.studies import recipe as R
     with pytest.raises(UserError, match="--seed"):
         R.main(["--seeds", seeds, "--out", str(tmp_path / "o")])

@@ -166,7 +166,7 @@ def test_implied_quality_recovers_pillow_quality():
 def test_realworld_end_to_end_on_a_generated_cnn_run(tmp_path, capsys):
     require_modules("skimage", extra="realworld")
     torch = require("torch")
-    from bench import realworld
+    from cifake import realworld
     from torch_cnn import checkpoint
     from torch_cnn.model import build_model
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_realworld_end_to_end_on_a_generated_cnn_run(tmp_path, capsys):
 
 
 def test_realworld_bad_run_is_one_line(tmp_path):
-    from bench import realworld
+    from cifake import realworld
     from data.errors import UserError
     with pytest.raises(UserError, match="not a directory"):
         realworld.main(["--run", str(tmp_path / "nope")])
