@@ -1,6 +1,6 @@
 # The two commands of the README. Each creates/reuses .venv and installs what it needs.
 #   make bench   -> python -m bench.compare (the main job)
-#   make test    -> the whole test suite
+#   make test    -> the whole test suite, on every core (pytest-xdist)
 # Pass arguments with ARGS, e.g. `make bench ARGS="--quick"`.
 .PHONY: bench test venv
 venv:
@@ -16,4 +16,4 @@ bench: venv
 	.venv/bin/python -m bench.compare $(BENCH_DATA) $(ARGS)
 
 test: venv
-	.venv/bin/python -m pytest -q $(ARGS)
+	.venv/bin/python -m pytest -q -n auto $(ARGS)

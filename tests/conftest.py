@@ -1,27 +1,8 @@
 import os
-import shutil
-import tempfile
 
 import pytest
 
 from tests.helpers import MINI_ZIP, make_archive
-
-# One JAX compilation cache for the whole session, shared by this process and every
-# command the tests start (they inherit the environment): the suite trains the same small
-# shapes in many processes, and each compiled them again. Set before anything imports jax;
-# a fresh folder per session, so no test sees a program compiled by another version.
-# (pytest-xdist's workers inherit the folder of the process that made it, which removes it)
-_OWN_CACHE = "CIFAKE_TEST_JAX_CACHE" not in os.environ
-if _OWN_CACHE:
-    os.environ["CIFAKE_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="cifake-test-jax-cache-")
-os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ["CIFAKE_TEST_JAX_CACHE"],
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def pytest_unconfigure(config):
-    if _OWN_CACHE:
-        shutil.rmtree(os.environ["CIFAKE_TEST_JAX_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -275,35 +275,11 @@ def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> tuple[int, str]:
 # ``assert_close_tree`` compares two dicts of arrays (canonical names, e.g. torch
 # ``state_dict`` keys or numpy_mlp's ``W1``/``dW1``) and, on failure, says which tensor
 # differs and by how much -- the parity suite's failure message.
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}" if not prefix else f"{prefix}/{k}"))
-        return out
-    return {prefix: np.asarray(tree)}
-
-
-def max_diffs(a, b) -> dict[str, tuple[float, float]]:
-    """name -> (max |a - b|, max |a - b| / max |b|) for every leaf."""
-    fa, fb = _flat(a), _flat(b)
-    assert set(fa) == set(fb), f"different tensors: only in first {sorted(set(fa) - set(fb))}, " \
-                               f"only in second {sorted(set(fb) - set(fa))}"
-    out = {}
-    for k in fa:
-        x, y = fa[k].astype(np.float64), fb[k].astype(np.float64)
-        assert x.shape == y.shape, f"{k}: shapes {x.shape} vs {y.shape}"
-        d = float(np.max(np.abs(x - y))) if x.size else 0.0
-        scale = float(np.max(np.abs(y))) if y.size else 0.0
-        out[k] = (d, d / scale if scale > 0 else d)
-    return out
-
-
 def assert_close_tree(a, b, tol: float, what: str, relative: bool = True) -> float:
-    """Every leaf of ``a`` within ``tol`` of ``b``'s. ``relative``: the error is
-    max |a - b| divided by max |b| of that tensor (one scale per tensor, so entries
-    near zero in a tensor of ordinary magnitude do not blow up the ratio); otherwise
-    absolute. Returns the worst error seen (for reporting)."""
+    """Every leaf of ``a`` within ``tol`` of ``b``'s (``bench.speed.parity.max_diffs``, the
+    comparison the bench's parity checks make too). ``relative``: the error is max |a - b|
+    divided by max |b| of that tensor; otherwise absolute. Returns the worst error seen."""
+    from bench.speed.parity import max_diffs
     diffs = max_diffs(a, b)
     kind = "relative (to the tensor's max |value|)" if relative else "absolute"
     bad = {k: v for k, v in diffs.items() if v[1 if relative else 0] > tol}

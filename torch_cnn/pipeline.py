@@ -33,9 +33,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from core import flags
 from data.batching import PAD, augment_draws, batch_slices, epoch_order, rank_rows, rng
+from data.errors import UserError
 
 _STREAM_TV_AUG = 11  # rng(seed, 11, epoch): torchvision pipeline's per-epoch transform seed
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto | cpu | gpu (cuda) -> a torch device."""
+    kind = flags.device(name)
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "gpu" and not torch.cuda.is_available():
+        raise UserError(f"--device gpu: CUDA is not available to this torch "
+                        f"{torch.__version__} (no GPU or a CPU-only build); use --device cpu")
+    return torch.device("cuda" if kind == "gpu" else "cpu")
 
 
 def to_input(images_u8_nhwc: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

@@ -19,26 +19,15 @@ import numpy as np
 import torch
 
 from data.errors import UserError, run_cli
-from core.predict import DetectorBase, normalize_device, predict_cli
+from core.predict import DetectorBase, predict_cli
 from core.recipe import tta_of
 from core.rundir import read_run_config
 
 from . import checkpoint
 from .model import MODELS, build_model, with_tta
-from .pipeline import to_input
+from .pipeline import resolve_device, to_input
 
 PROG = "python -m torch_cnn.predict"
-
-
-def torch_device(device: str) -> torch.device:
-    """'auto' | 'cpu' | 'gpu' (or 'cuda') -> a torch device; a GPU asked for and absent
-    is an error rather than a silent fall back to the CPU."""
-    d = normalize_device(device)
-    if d == "cpu" or (d == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("--device gpu: PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    return torch.device("cuda")
 
 
 def load_run(run_dir: str | Path) -> torch.nn.Module:
@@ -78,7 +67,7 @@ class Detector(DetectorBase):
 
     @classmethod
     def load(cls, run_dir, device: str = "auto") -> "Detector":
-        dev = torch_device(device)
+        dev = resolve_device(device)
         model = load_run(run_dir).to(dev)
         return cls(model, run_dir, read_run_config(Path(run_dir) / "config.json"), dev)
 

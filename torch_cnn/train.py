@@ -57,7 +57,7 @@ from core.tensors import load_safetensors, save_safetensors
 from . import checkpoint
 from . import distributed as ddp
 from .model import init_model, with_tta
-from .pipeline import DevicePipeline, to_input, torchvision_loader
+from .pipeline import DevicePipeline, resolve_device, to_input, torchvision_loader
 
 EVAL_BATCH = 1000        # images per forward pass in evaluation (memory only, not results)
 ADAM_BETAS = (0.9, 0.999)  # torch defaults (the original is silent)
@@ -176,17 +176,6 @@ def new_ema_model(model: torch.nn.Module) -> torch.nn.Module:
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device auto | cpu | gpu (cuda) -> a torch device."""
-    kind = flags.device(name)
-    if kind == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "gpu" and not torch.cuda.is_available():
-        raise UserError(f"--device gpu: CUDA is not available to this torch "
-                        f"{torch.__version__} (no GPU or a CPU-only build); use --device cpu")
-    return torch.device("cuda" if kind == "gpu" else "cpu")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

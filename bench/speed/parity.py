@@ -43,14 +43,58 @@ def _images(n: int, seed: int):
     return g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), g.integers(0, 2, n).astype(np.uint8)
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), 1e-30)
-    return float(np.max(np.abs(a - b))) / scale
+def _flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
+        return out
+    return {prefix: np.asarray(tree)}
+
+
+def max_diffs(a, b) -> dict[str, tuple[float, float]]:
+    """The parity comparison, shared by this tool and the test suite: for every leaf of two
+    trees (dicts of arrays, or two arrays), ``(max |a - b|, max |a - b| / max |b|)``, ``b``
+    the reference. One scale per tensor, so entries near zero in a tensor of ordinary
+    magnitude do not blow up the ratio. Different leaves or shapes raise AssertionError."""
+    fa, fb = _flat(a), _flat(b)
+    assert set(fa) == set(fb), f"different tensors: only in first {sorted(set(fa) - set(fb))}, " \
+                               f"only in second {sorted(set(fb) - set(fa))}"
+    out = {}
+    for k in fa:
+        x, y = fa[k].astype(np.float64), fb[k].astype(np.float64)
+        assert x.shape == y.shape, f"{k}: shapes {x.shape} vs {y.shape}"
+        d = float(np.max(np.abs(x - y))) if x.size else 0.0
+        scale = float(np.max(np.abs(y))) if y.size else 0.0
+        out[k] = (d, d / scale if scale > 0 else d)
+    return out
 
 
 def _abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return max_diffs(a, b)[""][0]
+
+
+def _rel(a, b) -> float:
+    return max_diffs(a, b)[""][1]
+
+
+class FixedMaskDropout:
+    """Builds torch's inverted dropout with a keep-mask the caller sets (``.mask``), so JAX
+    can use the same one: ``x * mask / (1 - p)`` in training, the identity in evaluation."""
+
+    def __new__(cls, p: float):
+        import torch
+
+        class _Dropout(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mask, self.p = None, p
+
+            def forward(self, x):
+                if not self.training:
+                    return x
+                return x * (self.mask.to(x.dtype) / (1.0 - self.p))
+        return _Dropout()
 
 
 def _finish(diffs: dict, tols: dict) -> dict:
@@ -92,9 +136,9 @@ def check_mlp(model: str) -> dict:
             return jm.bce_with_logits(z, jnp.asarray(labels)), z
         (cost_j, logits_j), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
         grads_j = convert.mlp_to_canonical({"params": jax.tree_util.tree_map(np.asarray, g)})
-        diffs = {"logits": _rel(logits_np[0], logits_j), "cost": _rel(cost_np, cost_j)}
+        diffs = {"logits": _rel(logits_j, logits_np[0]), "cost": _rel(cost_j, cost_np)}
         for k in params:
-            diffs[f"grad {k}"] = _rel(grads_np[f"d{k}"], grads_j[k])
+            diffs[f"grad {k}"] = _rel(grads_j[k], grads_np[f"d{k}"])
     return _finish(diffs, {"logits": MLP_RTOL_F64, "cost": MLP_RTOL_F64,
                            "grad": MLP_RTOL_F64})
 
@@ -106,19 +150,8 @@ def check_cnn(model: str, conv_impl: str | None = None) -> dict:
     import torch
     from jax_port import convert
     from jax_port import model as jm
-    from jax_port.steps import augment_device
-    from torch_cnn.model import DROPOUT_P, init_model
+    from torch_cnn.model import init_model
     from torch_cnn.pipeline import to_input
-
-    class FixedMaskDropout(torch.nn.Module):
-        """torch's inverted dropout with a given keep-mask (shared with JAX)."""
-
-        def __init__(self, mask):
-            super().__init__()
-            self.mask = mask
-
-        def forward(self, x):
-            return x * (self.mask.to(x.dtype) / (1.0 - DROPOUT_P))
 
     imgs, labels = _images(CNN_BATCH, 2)
     net = init_model(model, SEED)
@@ -128,20 +161,37 @@ def check_cnn(model: str, conv_impl: str | None = None) -> dict:
     variables = jax.tree_util.tree_map(jnp.asarray, convert.cnn_from_canonical(sd))
     x_t = to_input(torch.from_numpy(imgs))
     x_j = jnp.asarray(imgs, jnp.float32) / 255.0
-    diffs = {}
-
     net.eval()
     with torch.no_grad():
         ev_t = net(x_t).numpy()
     ev_j, _ = jm.apply(spec, variables, x_j, train=False, conv_impl=conv_impl)
-    diffs["eval logits"] = _abs(ev_t, ev_j)
+    diffs = {"eval logits": _abs(ev_j, ev_t),
+             **_cnn_train_diffs(net, spec, variables, x_t, x_j, labels, conv_impl)}
+    tols = {"eval logits": CNN_LOGIT_ATOL, "train loss": CNN_LOGIT_ATOL,
+            "grad": CNN_GRAD_RTOL, "zero grad": CNN_ZERO_GRAD, "bn stat": CNN_STAT_ATOL}
+    if model in _augmented():
+        diffs["augmentation mismatched pixels"] = _augmentation_mismatches()
+        tols["augmentation"] = 0.0
+    out = _finish(diffs, tols)
+    out["conv_impl"] = conv_impl
+    return out
 
-    mask = dropout_rng(SEED, 0).random((CNN_BATCH, 512)) < 1.0 - DROPOUT_P
+
+def _cnn_train_diffs(net, spec, variables, x_t, x_j, labels, conv_impl) -> dict:
+    """Train-mode loss, every gradient and BatchNorm's running statistics after one step's
+    forward, torch against JAX, with the same dropout mask."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from jax_port import convert
+    from jax_port import model as jm
+    mask = dropout_rng(SEED, 0).random((CNN_BATCH, 512)) < 1.0 - spec.dropout_p
     if spec.dropout:
-        net.dropout = FixedMaskDropout(torch.from_numpy(mask))
+        net.dropout = FixedMaskDropout(spec.dropout_p)
+        net.dropout.mask = torch.from_numpy(mask)
     net.train()
-    y_t = torch.from_numpy(labels.astype(np.float32))
-    loss_t = torch.nn.functional.binary_cross_entropy_with_logits(net(x_t), y_t)
+    loss_t = torch.nn.functional.binary_cross_entropy_with_logits(
+        net(x_t), torch.from_numpy(labels.astype(np.float32)))
     loss_t.backward()
     grads_t = {k: p.grad.numpy() for k, p in net.named_parameters()}
 
@@ -151,7 +201,7 @@ def check_cnn(model: str, conv_impl: str | None = None) -> dict:
                          conv_impl=conv_impl)
         return jm.bce_with_logits(z, jnp.asarray(labels)), st
     (loss_j, stats_j), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-    diffs["train loss"] = _abs(loss_t.item(), loss_j)
+    diffs = {"train loss": _abs(loss_j, loss_t.item())}
     grads_j = convert.cnn_params_to_canonical(jax.tree_util.tree_map(np.asarray, g))
     top = max(float(np.abs(a).max()) for a in grads_t.values())
     for k, gt in grads_t.items():
@@ -162,27 +212,26 @@ def check_cnn(model: str, conv_impl: str | None = None) -> dict:
             diffs[f"zero grad {k}"] = max(float(np.abs(gt).max()),
                                           float(np.abs(grads_j[k]).max())) / top
         else:
-            diffs[f"grad {k}"] = _rel(gt, grads_j[k])
+            diffs[f"grad {k}"] = _rel(grads_j[k], gt)
     if spec.batchnorm:
-        new = convert.cnn_to_canonical({"params": jax.tree_util.tree_map(np.asarray,
-                                                                         variables["params"]),
-                                        "batch_stats": jax.tree_util.tree_map(np.asarray,
-                                                                              stats_j)})
+        new = convert.cnn_to_canonical({
+            "params": jax.tree_util.tree_map(np.asarray, variables["params"]),
+            "batch_stats": jax.tree_util.tree_map(np.asarray, stats_j)})
         for k, buf in net.state_dict().items():
             if k.endswith(("running_mean", "running_var")):
-                diffs[f"bn stat {k}"] = _abs(buf.numpy(), new[k])
-    tols = {"eval logits": CNN_LOGIT_ATOL, "train loss": CNN_LOGIT_ATOL,
-            "grad": CNN_GRAD_RTOL, "zero grad": CNN_ZERO_GRAD, "bn stat": CNN_STAT_ATOL}
-    if model in _augmented():
-        draws = _edge_draws(64)
-        big, _ = _images(64, 3)
-        aug_j = np.asarray(augment_device(jnp.asarray(big), jnp.asarray(draws.dy),
-                                          jnp.asarray(draws.dx), jnp.asarray(draws.flip)))
-        diffs["augmentation mismatched pixels"] = float(np.sum(aug_j != augment(big, draws)))
-        tols["augmentation"] = 0.0
-    out = _finish(diffs, tols)
-    out["conv_impl"] = conv_impl
-    return out
+                diffs[f"bn stat {k}"] = _abs(new[k], buf.numpy())
+    return diffs
+
+
+def _augmentation_mismatches() -> float:
+    """Pixels where JAX's on-device augmentation differs from the NumPy reference."""
+    import jax.numpy as jnp
+    from jax_port.steps import augment_device
+    draws = _edge_draws(64)
+    big, _ = _images(64, 3)
+    aug_j = np.asarray(augment_device(jnp.asarray(big), jnp.asarray(draws.dy),
+                                      jnp.asarray(draws.dx), jnp.asarray(draws.flip)))
+    return float(np.sum(aug_j != augment(big, draws)))
 
 
 def _augmented():

@@ -40,6 +40,7 @@ def run_stack(stack: str, data: Path, tmp: Path) -> dict:
         for preset in STACK_PRESETS[stack]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stack", sorted(STACK_PRESETS))
 def test_final_weights_unchanged(stack, mini_zip, tmp_path):
     got = run_stack(stack, mini_zip, tmp_path)

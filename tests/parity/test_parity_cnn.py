@@ -18,6 +18,7 @@ from data.batching import augment_draws, dropout_rng, epoch_order, identity_draw
 from core.recipe import StepSchedule, smooth_targets
 from jax_port import convert
 from jax_port import model as JM
+from bench.speed.parity import FixedMaskDropout
 from jax_port import steps as S
 from jax_port.steps import ADAM_B1, ADAM_B2, ADAM_EPS, StepConfig, init_state, loss_fn
 from tests.jax_helpers import runner
@@ -63,19 +64,6 @@ MODELS = ("baseline", "dropout", "v3")
 CPU_CONV_IMPLS = ("im2col", "hybrid")  # the formulations the port trains with on a CPU
 
 
-class _FixedMaskDropout(torch.nn.Module):
-    """torch's inverted dropout with a mask we choose (so JAX can use the same one)."""
-
-    def __init__(self, p=DROPOUT_P):
-        super().__init__()
-        self.mask, self.p = None, p
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        return x * (self.mask.to(x.dtype) / (1.0 - self.p))
-
-
 def _torch_model(name, random_bn=False):
     """The spec's model for SEED, dropout with a mask we set. ``random_bn``: BatchNorm's scale,
     shift and running statistics drawn away from their initial 1 / 0 / 0 / 1, at which
@@ -83,7 +71,7 @@ def _torch_model(name, random_bn=False):
     that skipped BN in eval, or forgot the scale in its backward, would pass there."""
     m = init_model(name, SEED)
     if m.dropout is not None:
-        m.dropout = _FixedMaskDropout()
+        m.dropout = FixedMaskDropout(DROPOUT_P)
     if random_bn and m.use_bn:
         g = np.random.default_rng(1)
         with torch.no_grad():
@@ -411,7 +399,7 @@ def test_dropout_p_loss_and_gradients_match_torch(conv_impl):
     p = 0.2
     model = init_model("v3", SEED, dropout_p=p)
     assert model.dropout.p == p
-    model.dropout = _FixedMaskDropout(p)
+    model.dropout = FixedMaskDropout(p)
     v = convert.cnn_from_canonical(state_to_numpy(model))
     spec = JM.get_spec("v3", dropout_p=p)
     images, labels = _data(BATCH)

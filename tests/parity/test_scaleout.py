@@ -203,6 +203,7 @@ for a in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["baseline", "v3", "v3-recipe"])
 def test_jax_on_two_devices_trains_the_one_device_weights(archive, tmp_path, model):
     """XLA_FLAGS forces 2 host devices (it must be set before jax is imported: a
@@ -228,6 +229,7 @@ def test_jax_on_two_devices_trains_the_one_device_weights(archive, tmp_path, mod
     print(f"jax {model} 2 vs 1 device:", json.dumps(errs))
 
 
+@pytest.mark.slow
 def test_jax_on_two_hosts_trains_the_one_device_weights(archive, tmp_path):
     """Two processes with one CPU device each, joined by jax.distributed.initialize from
     the environment (the multi-host start, here on one machine over gloo), beside the
@@ -275,6 +277,7 @@ def ddp_v3(archive):
     return out, torchrun(*argv(archive, out, "v3"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["baseline", "v3", "v3-recipe"])
 def test_torchrun_on_two_processes_trains_the_one_process_weights(archive, tmp_path, model,
                                                                   ddp_v3):
@@ -295,6 +298,7 @@ def test_torchrun_on_two_processes_trains_the_one_process_weights(archive, tmp_p
     print(f"torch {model} 2 vs 1 process:", json.dumps(errs))
 
 
+@pytest.mark.slow
 def test_torchrun_resume_is_bit_identical(archive, tmp_path, ddp_v3):
     require_modules("torch", "torchvision", extra="torch")
     straight, p = ddp_v3
