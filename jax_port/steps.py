@@ -55,6 +55,7 @@ import optax
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from core.driver import NonFiniteLoss
 from core.recipe import TTA_MODES, StepSchedule, smooth_targets
 from data.batching import (PAD, AugDraws, augment_draws, batch_slices, dropout_rng, epoch_order,
                            identity_draws)
@@ -370,17 +371,11 @@ def logits(cfg: StepConfig, variables, images_u8, chunk: int = EVAL_CHUNK,
 
 
 # ------------------------------------------------------------------ epochs
-class NonFiniteLoss(Exception):
-    """A training step produced a non-finite loss (``epoch`` 0-based, ``step`` 1-based)."""
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"non-finite loss {loss} at epoch {epoch + 1}, step {step}")
-        self.epoch, self.step, self.loss = epoch, step, loss
-
-
-def _check_finite(losses: list[float], epoch: int, steps_before: int) -> None:
+def _check_finite(losses: list[float], steps_before: int) -> None:
+    """The first non-finite loss as the driver's NonFiniteLoss (its step 1-based)."""
     for i, l in enumerate(losses):
         if not math.isfinite(l):
-            raise NonFiniteLoss(epoch, steps_before + i + 1, l)
+            raise NonFiniteLoss(steps_before + i + 1, l)
 
 
 class EpochRunner:
@@ -550,7 +545,7 @@ class EpochRunner:
         state, (l, nc) = full_batch_step(self.cfg, state, self.full_batch_inputs(images_dev),
                                          labels_dev, scalar(self.cfg, self.lr_at(epoch)))
         losses = [float(l)]
-        _check_finite(losses, epoch, 0)
+        _check_finite(losses, 0)
         return state, losses, int(nc)
 
     def _minibatch_epoch(self, state, images_dev, labels_dev, epoch, n, on_chunk):
@@ -564,7 +559,7 @@ class EpochRunner:
             nonlocal correct
             c1_, l_, nc_ = p
             l_ = np.asarray(l_)
-            _check_finite(l_.tolist(), epoch, len(losses))
+            _check_finite(l_.tolist(), len(losses))
             losses.extend(l_.tolist())
             correct += int(np.asarray(nc_).sum())
             if on_chunk:
@@ -581,7 +576,7 @@ class EpochRunner:
         if n_full * bs < n:  # last partial batch: a second compiled (non-scan) step
             state, (l, nc) = train_step(*self._partial_args(state, images_dev, labels_dev,
                                                            e, n))
-            _check_finite([float(l)], epoch, len(losses))
+            _check_finite([float(l)], len(losses))
             losses.append(float(l))
             correct += int(nc)
             if on_chunk:

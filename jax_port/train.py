@@ -45,7 +45,7 @@ import optax
 
 from core import flags
 from core.catalog import AUGMENTED_MODELS, MODELS, family_of
-from core.driver import NonFiniteLoss, Stack, train
+from core.driver import Stack, train
 from core.flags import check_fits_memory
 from core.recipe import StepSchedule
 from core.tensors import load_safetensors, save_safetensors
@@ -254,12 +254,8 @@ class JaxPort(Stack):
         return epoch
 
     def train_epoch(self, epoch, progress):
-        try:
-            self.state, row = self.runner.run_epoch(
-                self.state, self.train_x, self.train_y, epoch,
-                lambda done, loss, correct: progress(done, loss))
-        except S.NonFiniteLoss as e:
-            raise NonFiniteLoss(e.step, e.loss) from None
+        self.state, row = self.runner.run_epoch(self.state, self.train_x, self.train_y, epoch,
+                                                lambda done, loss, correct: progress(done, loss))
         return row
 
     def compile(self, epoch):
