@@ -152,3 +152,15 @@ def test_training_tab_without_metrics_or_bench(tmp_path):
     svg = curves_svg([{"epoch": 1, "train_acc": 50.0}, {"epoch": 2, "train_acc": 60.0,
                                                           "test_acc": 55.0}])
     assert svg.count("<polyline") == 2  # train and test accuracy; no loss recorded
+
+
+def test_curves_show_the_validation_split_when_the_run_holds_one():
+    from cifake.demo import curves_svg
+    rows = [{"epoch": e, "train_acc": 50.0 + e, "val_acc": 49.0 + e, "test_acc": 48.0 + e,
+             "train_loss": 0.7 - e / 10, "val_loss": 0.72 - e / 10, "test_loss": 0.74 - e / 10}
+            for e in (1, 2)]
+    svg = curves_svg(rows)
+    assert svg.count("<polyline") == 6
+    assert 'class="val_acc"' in svg and 'class="val_loss"' in svg and ">val</text>" in svg
+    plain = curves_svg([{k: v for k, v in r.items() if not k.startswith("val")} for r in rows])
+    assert plain.count("<polyline") == 4 and "val" not in plain
