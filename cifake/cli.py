@@ -22,7 +22,8 @@ import importlib
 import sys
 
 from data.errors import UserError, run_cli
-from core.flags import ArgumentParser, project_version
+from core.flags import ArgumentParser
+from data.errors import project_version
 from .stacks import STACKS, stack_of_run
 
 _ABOUT = {

@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 
-from data.errors import UserError
+from data.errors import UserError, project_version
 
 SEED_LIMIT = 2**32          # NumPy's SeedSequence takes any int >= 0; 32 bits is the contract
 MAX_EPOCHS = 1_000_000
@@ -20,15 +20,6 @@ MAX_HIDDEN = 65_536         # units per MLP hidden layer (3072 x 65536 float64 =
 MAX_THREADS = 4_096
 MAX_WORKERS = 256
 MAX_DEVICES = 65_536        # devices of one data-parallel training (a large pod)
-
-
-def project_version() -> str:
-    """The installed distribution's version (pyproject's), for every command's --version."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("cifake-detector")
-    except PackageNotFoundError:  # run from a checkout that was never pip-installed
-        return "unknown (not installed with pip)"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

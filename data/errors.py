@@ -25,6 +25,15 @@ class DataError(UserError):
     """A dataset source (archive, folder, image file, cache) is unusable."""
 
 
+def project_version() -> str:
+    """The installed distribution's version (pyproject's), for every command's --version."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cifake-detector")
+    except PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown (not installed with pip)"
+
+
 def one_line(text: str) -> str:
     """``text`` with every non-printable character escaped as Python would (a newline
     becomes the two characters ``\\n``): a file name may contain a newline, and one

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
 from .cache import duplicate_count, load_cifake
-from .errors import DataError, run_cli
+from .errors import DataError, project_version, run_cli
 from .source import CLASSES
 
 
@@ -39,11 +38,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, **kw):
         super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                          **kw)
-        try:
-            v = version("cifake-detector")
-        except PackageNotFoundError:
-            v = "unknown (not installed with pip)"
-        self.add_argument("--version", action="version", version=f"%(prog)s {v}")
+        self.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
 
     def error(self, message: str):
         raise DataError(message)

@@ -73,7 +73,7 @@ def versions() -> dict:
 def state_tensors(state: TrainState) -> dict[str, np.ndarray]:
     """What --resume needs beyond model.safetensors, in the spec stacks' format."""
     v = jax_to_numpy(state.variables)
-    if state.opt == ():  # an MLP: the weights are the whole state (as numpy_mlp)
+    if not isinstance(state.opt, optax.ScaleByAdamState):  # MLP: the weights are all (numpy_mlp)
         return convert.to_canonical(v)
     out = {f"model.{k}": a for k, a in convert.to_canonical(v).items()}
     if state.ema is not None:

@@ -19,10 +19,11 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 from PIL import Image
+
+from core.rundir import RUN_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifake"

@@ -34,6 +34,7 @@ import numpy as np
 
 from data.batching import epoch_order
 from core.catalog import AUGMENTED_MODELS, PRESETS, family_of
+from core.recipe import StepSchedule
 
 DEVICES = ("cpu", "gpu")
 
@@ -231,7 +232,6 @@ class TorchCNN(Backend):
         if self.world > 1:
             self.dist.prepare_model(self.net, self.dev)
         self.opt = self.tt.make_optimizer(self.net, self.hp["lr"])
-        from core.recipe import StepSchedule
         self.schedule = StepSchedule(lr0=self.hp["lr"])  # the presets' constant Adam step size
         self.fwd = self.net  # what the steps call (a torch.compile wrapper in torch-compile)
         if self.world > 1:

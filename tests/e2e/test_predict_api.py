@@ -9,11 +9,11 @@ import json
 import os
 from pathlib import Path
 
-from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 from PIL import Image
 
+from core.rundir import RUN_FORMAT
 from data.errors import UserError
 from core.predict import CSV_FIELDS, iter_image_paths
 from tests.helpers import require, image_bytes, synthetic_image

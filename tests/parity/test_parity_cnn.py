@@ -359,6 +359,26 @@ def _assert_float32_trajectory(got, want, name, lr_sum, what):
         ", ".join(f"{k}: {e:.2e}" for k, e in bad.items())
 
 
+def _jax_loss_and_grads(cfg, v, images, labels, mask) -> tuple[float, dict]:
+    """The port's training loss (``steps.loss_fn``) on uint8 ``images`` with the dropout
+    keep-mask, and its gradients under canonical names."""
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    (loss, _), g = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)(
+        v["params"], v["batch_stats"], x, jnp.asarray(labels), jnp.asarray(mask))
+    return float(loss), convert.cnn_params_to_canonical(g)
+
+
+def _assert_v3_grads_match(g_j: dict, model, what: str) -> None:
+    """The port's v3 gradients against the torch model's (after its backward). The conv
+    biases before BatchNorm have a zero true gradient: both engines must give noise there."""
+    g_t = _torch_grads(model)
+    top = max(float(np.abs(a).max()) for a in g_t.values())
+    for k in ("conv1.bias", "conv2.bias"):
+        assert np.abs(g_j.pop(k)).max() < 1e-5 * top and np.abs(g_t.pop(k)).max() < 1e-5 * top
+    assert_close_tree(g_j, g_t, GRAD_RTOL, what)
+
+
+
 # ------------------------------------------------------------------ the recipe (v3-recipe)
 @pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
 def test_label_smoothed_loss_and_gradients_match_torch(conv_impl):
@@ -376,19 +396,14 @@ def test_label_smoothed_loss_and_gradients_match_torch(conv_impl):
     np.testing.assert_allclose(y_t.numpy(), np.where(labels == 1, 0.95, 0.05), rtol=1e-6)
     loss_t = F.binary_cross_entropy_with_logits(model(to_input(torch.from_numpy(images))), y_t)
     loss_t.backward()
-    cfg = StepConfig.of(spec, conv_impl=conv_impl, label_smoothing=RECIPE_EPS)
-    x_j = jnp.asarray(images, jnp.float32) / 255.0
-    (loss_j, _), g = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)(
-        v["params"], v["batch_stats"], x_j, jnp.asarray(labels), jnp.asarray(mask))
-    assert abs(float(loss_j) - loss_t.item()) < EVAL_ATOL
-    plain, _ = loss_fn(StepConfig.of(spec, conv_impl=conv_impl),
-        v["params"], v["batch_stats"], x_j, jnp.asarray(labels), jnp.asarray(mask))
-    assert abs(float(plain) - float(loss_j)) > 1e-3  # the smoothing is really applied
-    g_j, g_t = convert.cnn_params_to_canonical(g), _torch_grads(model)
-    top = max(float(np.abs(a).max()) for a in g_t.values())
-    for k in ("conv1.bias", "conv2.bias"):  # zero true gradient under BN: noise in both
-        assert np.abs(g_j.pop(k)).max() < 1e-5 * top and np.abs(g_t.pop(k)).max() < 1e-5 * top
-    assert_close_tree(g_j, g_t, GRAD_RTOL, f"v3/{conv_impl} label-smoothed gradients")
+    loss_j, g_j = _jax_loss_and_grads(StepConfig.of(spec, conv_impl=conv_impl,
+                                                    label_smoothing=RECIPE_EPS),
+                                      v, images, labels, mask)
+    assert abs(loss_j - loss_t.item()) < EVAL_ATOL
+    plain, _ = _jax_loss_and_grads(StepConfig.of(spec, conv_impl=conv_impl), v, images, labels,
+                                   mask)
+    assert abs(plain - loss_j) > 1e-3  # the smoothing is really applied
+    _assert_v3_grads_match(g_j, model, f"v3/{conv_impl} label-smoothed gradients")
 
 
 @pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)
@@ -411,19 +426,13 @@ def test_dropout_p_loss_and_gradients_match_torch(conv_impl):
     loss_t = F.binary_cross_entropy_with_logits(model(to_input(torch.from_numpy(images))),
                                                 torch.from_numpy(labels.astype(np.float32)))
     loss_t.backward()
-    x_j, m_j = jnp.asarray(images, jnp.float32) / 255.0, jnp.asarray(mask)
-    cfg = StepConfig.of(spec, conv_impl=conv_impl)
-    (loss_j, _), g = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)(
-        v["params"], v["batch_stats"], x_j, jnp.asarray(labels), m_j)
-    assert abs(float(loss_j) - loss_t.item()) < EVAL_ATOL
-    half, _ = loss_fn(StepConfig.of(JM.get_spec("v3"), conv_impl=conv_impl),
-        v["params"], v["batch_stats"], x_j, jnp.asarray(labels), m_j)
-    assert abs(float(half) - float(loss_j)) > 1e-4  # the scale 1 / (1 - p) is p's
-    g_j, g_t = convert.cnn_params_to_canonical(g), _torch_grads(model)
-    top = max(float(np.abs(a).max()) for a in g_t.values())
-    for k in ("conv1.bias", "conv2.bias"):  # zero true gradient under BN: noise in both
-        assert np.abs(g_j.pop(k)).max() < 1e-5 * top and np.abs(g_t.pop(k)).max() < 1e-5 * top
-    assert_close_tree(g_j, g_t, GRAD_RTOL, f"v3/{conv_impl} dropout_p {p} gradients")
+    loss_j, g_j = _jax_loss_and_grads(StepConfig.of(spec, conv_impl=conv_impl), v, images,
+                                      labels, mask)
+    assert abs(loss_j - loss_t.item()) < EVAL_ATOL
+    half, _ = _jax_loss_and_grads(StepConfig.of(JM.get_spec("v3"), conv_impl=conv_impl), v,
+                                  images, labels, mask)
+    assert abs(half - loss_j) > 1e-4  # the scale 1 / (1 - p) is p's
+    _assert_v3_grads_match(g_j, model, f"v3/{conv_impl} dropout_p {p} gradients")
 
 
 @pytest.mark.parametrize("conv_impl", CPU_CONV_IMPLS)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 
+from core.rundir import RUN_FORMAT
 from tests.helpers import require, require_modules
 from PIL import Image
 

@@ -5,12 +5,12 @@ import json
 import subprocess
 import sys
 
-from core.rundir import RUN_FORMAT
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from core.rundir import RUN_FORMAT
 from data import Split
 from data.batching import augment, augment_draws, epoch_order
 from data.errors import UserError
