@@ -64,7 +64,7 @@ def final_report(logits_of, ds) -> dict:
     """The ``final`` block of metrics.json: a report on the train split, the test split and
     the de-duplicated test view, plus the headline numbers. ``logits_of(split)`` -> logits."""
     dedup = ds.test_deduplicated()
-    splits = (("train", ds.train), ("val", getattr(ds, "val", None)), ("test", ds.test),
+    splits = (("train", ds.train), ("val", ds.val), ("test", ds.test),
               ("test_dedup", dedup))
     final = {name: classification_report(logits_of(split), split.labels)
              for name, split in splits if split is not None}

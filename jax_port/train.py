@@ -216,7 +216,7 @@ class JaxPort(Stack):
         split for the steps; on several devices a copy on each, and every evaluated split
         laid out over them."""
         c = self.step_cfg
-        evaluated = [s for s in (getattr(ds, "val", None), ds.test) if s is not None]
+        evaluated = [s for s in (ds.val, ds.test) if s is not None]
         self.train_x, self.train_y = S.put(c, ds.train.images), S.put(c, ds.train.labels)
         if c.mesh is None:
             self.on_device = {id(ds.train): self.train_x,

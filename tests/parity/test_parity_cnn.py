@@ -496,15 +496,13 @@ def test_recipe_epochs_of_both_stacks_agree(name, dropout_p):
     so the trajectory is fully determined only without dropout: baseline, and v3 with
     ``dropout_p`` 0 (BatchNorm and the shared augmentation draws too, and the configuration's
     dropout_p reaching both stacks). 40 images in batches of 16 = 3 steps per epoch."""
-    from types import SimpleNamespace
-
-    from data.cache import Split
+    from data.cache import CIFAKE, Split
     from core.catalog import ONECYCLE_DEFAULTS
     from jax_port.train import JaxPort
     from torch_cnn.train import TorchCNN
     images, labels = _data(40, seed=3)
     split = Split(images, labels, np.zeros(40, np.uint8), np.zeros(40, "S20"), np.zeros(40, "U1"))
-    ds = SimpleNamespace(train=split, test=split)
+    ds = CIFAKE(split, split, {})
     cfg = {"model": name, "seed": SEED, "device": "cpu", "lr": 2 * LR, "batch_size": 16,
            "epochs": 2, "augment": name == "v3", "decay": 0.0, "dtype": "float32",
            "hidden": None, "dropout_p": dropout_p,
