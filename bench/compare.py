@@ -10,7 +10,10 @@ under ONE fixed budget shared by all (``--budget-epochs`` epochs on the first
 the whole test split; mean ± std over ``--budget-seeds`` seeds). ``bench.speed.parity`` checks that the JAX port computes the specs'
 function. Ratios are taken against a reference measured in the same run (NumPy for the
 MLPs, the torchvision pipeline for the CNNs), and a few headline figures (the JAX port
-against the fastest torch row, ...). The project's own speed targets and how the committed
+against the fastest torch row, ...). It also measures the machine itself before and after
+the rows (``bench.speed.machine``: NumPy's sgemm rate, the compute roof, and the memory
+bandwidth), and gives each CPU row's training FLOPs/s as a fraction of that roof, so a
+figure can be read against the machine it came from. The project's own speed targets and how the committed
 runs measured against them are in docs/bench.md, not in this tool's output.
 
 Outputs (``--out``, default ``results/bench/<UTC timestamp>/``, every file written via
@@ -57,6 +60,7 @@ from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
 from .speed.backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
+from .speed.machine import roofline_fraction, train_flops
 from .speed.worker import RESULT_TAG
 
 PROG = "python -m bench.compare"
@@ -336,6 +340,38 @@ def add_scaling(rows: list[dict]) -> None:
                                             else a / (n * b))
 
 
+def measure_machine(notes: list[str]) -> dict | None:
+    """This machine's compute roof and memory bandwidth (bench.speed.machine), in a worker
+    of its own so that no library's threads are running beside it."""
+    res, err = run_worker(["bench.speed.worker", "--machine"], worker_env("numpy-mlp", "cpu"), 300)
+    if res is None:
+        notes.append(f"could not measure the machine: {err}")
+    return res
+
+
+def machine_summary(before: dict | None, after: dict | None) -> dict | None:
+    """The measurements before and after the rows; the roof is the higher sgemm rate of
+    the two (the machine's speed drifts; a fraction against the higher roof is the
+    conservative one)."""
+    both = [m for m in (before, after) if m]
+    if not both:
+        return None
+    return {"before": before, "after": after, "how": both[0]["how"],
+            **{k: max(m[k] for m in both) for k in ("sgemm_gflops", "copy_gbps",
+                                                     "copy_cache_gbps")}}
+
+
+def add_roofline(rows: list[dict], machine: dict | None) -> None:
+    """train.roofline: a CPU row's training FLOPs per second / the measured sgemm rate."""
+    sgemm = machine["sgemm_gflops"] if machine else None
+    for r in rows:
+        if r.get("ok"):
+            cpu = r["device"] == "cpu"
+            r["train"]["flops_per_image"] = train_flops(r["model"])
+            r["train"]["roofline"] = (roofline_fraction(r["model"], _med(r, "train"), sgemm)
+                                      if cpu else None)
+
+
 def _headline(what: str, value, unit: str, how: str, extra: dict | None = None) -> dict:
     return {"what": what, "value": value, "unit": unit, "how": how, **(extra or {})}
 
@@ -361,6 +397,10 @@ def headlines(rows: list[dict], models: list[str]) -> list[dict]:
     out.append(_headline(f"cpu: jax-cnn {cnn} training",
                          round(_med(jax_cpu, "train"), 1) if jax_cpu else None, "images/s",
                          "median training images/s"))
+    roof = jax_cpu["train"].get("roofline") if jax_cpu else None
+    out.append(_headline(f"cpu: jax-cnn {cnn} training, fraction of the compute roof",
+                         None if roof is None else round(100 * roof, 1), "%",
+                         "training FLOPs/s / this run's sgemm rate"))
     jm, nm = ok.get(("jax-mlp", "cpu", mlp)), ok.get(("numpy-mlp", "cpu", mlp))
     sp = nm["epoch"]["seconds"] / jm["epoch"]["seconds"] if jm and nm else None
     out.append(_headline(f"cpu: numpy-mlp {mlp} epoch s / jax-mlp epoch s",
@@ -460,7 +500,8 @@ def budget_cell(b: dict) -> str:
 
 def render_table(doc: dict) -> str:
     rows = doc["rows"]
-    head = ["backend", "dev", "n", "model", "train img/s median [min-max]", "x ref", "scaling",
+    head = ["backend", "dev", "n", "model", "train img/s median [min-max]", "x ref", "roof",
+            "scaling",
             "eval img/s median [min-max]", "epoch s", "compile s", "peak RSS MiB",
             "budget acc %", "parity"]
     lines = []
@@ -469,7 +510,7 @@ def render_table(doc: dict) -> str:
         n = r.get("n_devices", 1)
         if not r.get("ok"):
             body.append([r["backend"], r["device"], n, r["model"],
-                         "FAILED: " + r.get("error", "")] + [""] * 8)
+                         "FAILED: " + r.get("error", "")] + [""] * 9)
             continue
         t, e, ep = r["train"], r["eval"], r["epoch"]
         epoch_s = f"{ep['seconds']:.2f}" + (" (est.)" if ep["how"] == "estimated" else "")
@@ -479,7 +520,7 @@ def render_table(doc: dict) -> str:
         if r["memory"]["peak_device_mib"] is not None:
             mem += f" (dev {r['memory']['peak_device_mib']:,.0f})"
         body.append([r["backend"], r["device"], n, r["model"], _fmt_ips(t["images_per_s"]),
-                     ratio_cell(r),
+                     ratio_cell(r), _fmt(t.get("roofline"), ".0%"),
                      _fmt(t.get("scaling_efficiency"), ".2f"),
                      _fmt_ips(e["images_per_s"]), epoch_s, _fmt(comp, ".1f"), mem, acc,
                      r["parity"]["status"]])
@@ -511,6 +552,7 @@ def render_table(doc: dict) -> str:
                  f"epoch s (est.) = n_train / median train img/s")
     lines.append("n = devices the row trains on; scaling = train img/s on n devices / "
                  "(n x img/s on one), 1.00 = perfect")
+    lines.extend(machine_lines(doc.get("machine")))
     lines.extend(full_batch_lines(rows))
     lines.append("")
     lines.append("headline figures (this run):")
@@ -522,6 +564,18 @@ def render_table(doc: dict) -> str:
     for n in doc["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def machine_lines(m: dict | None) -> list[str]:
+    if not m:
+        return ["machine: not measured (roof column empty)"]
+    b, a = m.get("before"), m.get("after")
+    drift = (f" (before the rows {b['sgemm_gflops']:.0f}, after {a['sgemm_gflops']:.0f})"
+             if a and b else "")
+    return [f"machine: sgemm {m['sgemm_gflops']:.0f} GFLOP/s{drift}; memory copy "
+            f"{m['copy_gbps']:.1f} GB/s (256 MiB), {m['copy_cache_gbps']:.1f} GB/s (4 MiB)",
+            "roof = CPU training FLOPs/s (img/s x FLOPs per image: the products of forward, "
+            "weight and input gradients) / that sgemm rate"]
 
 
 # ------------------------------------------------------------------ chart
@@ -708,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     if probe is None:
         raise UserError(f"could not probe the environment: {err}")
     runs, notes = plan_runs(args, probe)
+    machine_before = measure_machine(notes)
     seeds = [cfg["seed"] + k for k in range(cfg["budget_seeds"])]
     with tempfile.TemporaryDirectory(prefix="bench-init-") as tmp:
         inits = _write_inits(args.models, seeds, tmp, notes) if data_info["path"] else {}
@@ -720,15 +775,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r.get("ok"):
             r["parity"] = parity_for(r["backend"], r["device"], r["model"], parity)
+    machine = machine_summary(machine_before, measure_machine(notes))
     add_ratios(rows)
     add_scaling(rows)
+    add_roofline(rows, machine)
     notes += sorted({n for r in rows if r.get("ok") for n in r.get("notes", [])})
     notes.append("the machine may be shared: throughput is what it was during this run "
                  "(see min-max spread)")
     command = [PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
     doc = {"schema": SCHEMA, "timestamp": timestamp, "command": " ".join(command),
            "config": cfg, "data": data_info, "environment": _environment(probe),
-           "methods": METHODS, "rows": rows, "parity": parity,
+           "machine": machine, "methods": METHODS, "rows": rows, "parity": parity,
            "headlines": headlines(rows, args.models), "notes": notes,
            "wall_seconds": time.perf_counter() - t_start}
     table = render_table(doc)

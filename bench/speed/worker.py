@@ -361,6 +361,10 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "--probe":  # --probe [torch] [jax]
         print(RESULT_TAG + json.dumps(probe(argv[1:])), flush=True)
         return 0
+    if argv and argv[0] == "--machine":  # the compute roof and memory bandwidth, now
+        from bench.speed.machine import measure
+        print(RESULT_TAG + json.dumps(measure()), flush=True)
+        return 0
     if argv and argv[0] == "--init":  # --init MODEL SEED PATH: the spec's initial weights
         from bench.speed.backends import spec_init_weights
         from core.tensors import save_safetensors

@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from bench import compare
+from bench.speed import machine
 from bench.speed.backends import BACKENDS
+from bench.speed.machine import roofline_fraction, train_flops
 from data.errors import run_cli
 from tests.helpers import require, REPO, make_archive
 from tests.helpers import env as helpers_env
@@ -74,6 +76,14 @@ def validate_bench(doc: dict, expect_rows: set[tuple[str, str, str]], accuracy: 
             assert sum(map(sum, b["test_confusion"])) == b["n_test"]
         else:
             assert r["budget"] is None, w
+    m = doc["machine"]  # measured before and after the rows, in the same run
+    for k in ("sgemm_gflops", "copy_gbps", "copy_cache_gbps"):
+        assert _num(m[k]) and m[k] > 0 and m[k] == max(m["before"][k], m["after"][k]), k
+    for r in doc["rows"]:
+        roof = r["train"]["roofline"]
+        assert (roof is None) == (r["device"] != "cpu"), r["backend"]
+        assert roof is None or roof == pytest.approx(
+            r["train"]["images_per_s"]["median"] * train_flops(r["model"]) / (m["sgemm_gflops"] * 1e9))
     for g in doc["headlines"]:  # measured figures only: no targets, no verdicts
         assert set(g) >= {"what", "value", "unit", "how"} and "status" not in g
         assert g["value"] is None or _num(g["value"])
@@ -229,7 +239,7 @@ def test_headlines_are_the_measured_ratios():
             _row("jax-cnn", "cpu", "v3", 2500.0, 40.0, "estimated"),
             _row("numpy-mlp", "cpu", "mlp4", 50_000.0, 2.0),
             _row("jax-mlp", "cpu", "mlp4", 100_000.0, 1.0)]
-    vs_torch, ips, mlp = compare.headlines(rows, ["mlp4", "v3"])  # no GPU rows: no GPU line
+    vs_torch, ips, roof, mlp = compare.headlines(rows, ["mlp4", "v3"])  # no GPU: no GPU line
     # against the FASTEST torch row of the run
     assert vs_torch["value"] == pytest.approx(2500 / 1500, 1e-3)
     assert "torch-device of 2" in vs_torch["what"]
@@ -237,6 +247,30 @@ def test_headlines_are_the_measured_ratios():
     g2 = compare.headlines(tuned, ["mlp4", "v3"])[0]
     assert g2["value"] == pytest.approx(2500 / 1800, 1e-3) and "torch-device-cl" in g2["what"]
     assert ips["value"] == 2500.0 and mlp["value"] == 2.0   # 2 s / 1 s
+    assert roof["value"] is None                            # no machine measured
+    compare.add_roofline(rows, {"sgemm_gflops": 100.0})
+    flops = train_flops("v3")
+    assert compare.headlines(rows, ["v3"])[2]["value"] == pytest.approx(
+        100 * 2500 * flops / 100e9, abs=0.05)
+
+
+def test_training_flops_count_the_products_of_each_pass():
+    # v3 per image, multiply-adds: conv1 32*32*27*32, conv2 16*16*288*64, fc1 4096*512, fc2 512;
+    # training = forward + weight gradients + input gradients of all but conv1, 2 FLOPs each
+    macs = [32 * 32 * 27 * 32, 16 * 16 * 288 * 64, 4096 * 512, 512]
+    assert train_flops("v3") == train_flops("baseline") == 2 * (2 * sum(macs) + sum(macs[1:]))
+    assert train_flops("v3") == 44_436_480
+    dims = [3072, 20, 7, 5, 1]  # mlp4's preset widths
+    macs = [a * b for a, b in zip(dims, dims[1:])]
+    assert train_flops("mlp4") == 2 * (2 * sum(macs) + sum(macs[1:]))
+    assert roofline_fraction("v3", 1000.0, 44.43648) == pytest.approx(1.0)
+    assert roofline_fraction("v3", None, 100.0) is None and roofline_fraction("v3", 1.0, None) is None
+
+
+def test_machine_measurements_are_positive_rates():
+    m = machine.measure()
+    assert m["sgemm_gflops"] > 1 and m["copy_gbps"] > 0.1 and m["copy_cache_gbps"] > 0.1
+    assert "sgemm" in m["how"] and "MiB" in m["how"]
 
 
 def test_gpu_headline_extrapolates_50_epochs_and_is_labelled_estimated():
@@ -251,7 +285,7 @@ def test_missing_backends_leave_headlines_and_ratios_empty():
     rows = [_row("jax-cnn", "cpu", "v3", 3000.0, 33.0, "estimated")]
     compare.add_ratios(rows)
     assert rows[0]["train"]["ratio_vs_reference"] is None and rows[0]["reference"] is None
-    assert [x["value"] for x in compare.headlines(rows, ["v3"])] == [None, 3000.0, None]
+    assert [x["value"] for x in compare.headlines(rows, ["v3"])] == [None, 3000.0, None, None]
 
 
 def test_a_ratio_to_a_reference_on_another_device_says_so():
