@@ -16,45 +16,99 @@ from __future__ import annotations
 import argparse
 import glob
 import html
+import json
+import math
 import os
 import socket
-import threading
+import sys
 from pathlib import Path
 
 from data.errors import UserError, run_cli
-from data.images import MAX_FILE_BYTES
+from core import flags
 from core.predict import DEFAULT_THRESHOLD, add_device_flag, check_threshold
 from core.flags import ArgumentParser
 from core.rundir import read_json
 from .stacks import STACKS, load_detector
+from .webguard import LOOPBACK_NAMES, WILDCARDS, BodyLimit, HostCheck, MiB, is_loopback, \
+    json_safe, network_names, url_host
+from .webscore import MAX_UPLOAD_FILES, RETRY_AFTER_S, Scorer, WebLimits
 
 PROG = "python -m cifake.demo"
-MAX_UPLOAD_FILES = 64  # images per request: bounds the memory one request can take
 
 
 # ------------------------------------------------------------------ training tab
+CURVE_SUFFIXES = ("_acc", "_loss")
+
+
+def finite(v) -> float | None:
+    """``v`` when it is a finite real number (a bool is not one), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return v
+
+
+def clean_history(history) -> tuple[list[dict], list[str]]:
+    """metrics.json's "history", whatever its shape -> the epochs the curves can draw
+    (an "epoch" number and the finite ``*_acc`` / ``*_loss`` values of each) and notes
+    saying what was left out and why."""
+    if history is None:
+        return [], []
+    if not isinstance(history, list):
+        return [], [f"'history' is {_kind(history)}, not a list of epochs: no curves"]
+    rows = [h for h in history if isinstance(h, dict)]
+    notes = []
+    if len(rows) < len(history):
+        notes.append(f"{len(history) - len(rows)} of the {len(history)} entries of 'history' "
+                     f"are not objects: left out")
+    epochs = [finite(h.get("epoch", i + 1)) for i, h in enumerate(rows)]
+    if any(e is None for e in epochs):
+        notes.append("some epochs are not numbers (text, null, NaN): the curves number the "
+                     "epochs in order instead")
+        epochs = list(range(1, len(rows) + 1))
+    clean, dropped = [], 0
+    for epoch, h in zip(epochs, rows):
+        row = {"epoch": epoch}
+        for key, v in h.items():
+            if isinstance(key, str) and key.endswith(CURVE_SUFFIXES) and v is not None:
+                if finite(v) is None:
+                    dropped += 1
+                else:
+                    row[key] = v
+        clean.append(row)
+    if dropped:
+        notes.append(f"{dropped} value(s) are not finite numbers (NaN, infinity or text): "
+                     f"left out of the curves")
+    return clean, notes
+
+
+def _kind(v) -> str:
+    return "null" if v is None else f"a {type(v).__name__}"
+
+
 def _polyline(xs, ys, x0, x1, y0, y1, box) -> str:
     left, top, w, h = box
-    pts = [(left + (x - x0) / ((x1 - x0) or 1) * w, top + h - (y - y0) / ((y1 - y0) or 1) * h)
+    dx = (x1 - x0) if math.isfinite(x1 - x0) and x1 != x0 else 1
+    dy = (y1 - y0) if math.isfinite(y1 - y0) and y1 != y0 else 1
+    pts = [(left + (x - x0) / dx * w, top + h - (y - y0) / dy * h)
            for x, y in zip(xs, ys) if y is not None]
-    return " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+    return " ".join(f"{x:.1f},{y:.1f}" for x, y in pts if math.isfinite(x) and math.isfinite(y))
 
 
-def curves_svg(history: list[dict]) -> str:
+def curves_svg(history) -> str:
     """Accuracy and loss per epoch (train, validation when the run holds a split out, and
-    test) as one inline SVG: no plotting library on the server, no script in the browser."""
+    test) as one inline SVG: no plotting library on the server, no script in the browser.
+    Values that are not finite numbers are left out (``clean_history``)."""
+    history, _ = clean_history(history)
     panels = [("accuracy %", "_acc"), ("loss", "_loss")]
     series = (("train", "#1f77b4"), ("val", "#2ca02c"), ("test", "#d62728"))
     shown = [(name, color) for name, color in series
-             if any(isinstance(h.get(name + suffix), (int, float))
-                    for h in history for _, suffix in panels)]
-    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+             if any(name + suffix in h for h in history for _, suffix in panels)]
+    epochs = [h["epoch"] for h in history]
     W, H, pad = 340, 220, 40
     parts = [f'<svg id="curves" xmlns="http://www.w3.org/2000/svg" width="{2 * W}" '
              f'height="{H}" font-size="11" font-family="sans-serif">']
     for k, (title, suffix) in enumerate(panels):
-        vals = [h.get(name + suffix) for h in history for name, _ in shown
-                if isinstance(h.get(name + suffix), (int, float))]
+        vals = [h[name + suffix] for h in history for name, _ in shown if name + suffix in h]
         box = (k * W + pad, 20, W - pad - 10, H - 50)
         left, top, w, h = box
         parts.append(f'<text x="{left}" y="12">{title}</text>'
@@ -66,12 +120,11 @@ def curves_svg(history: list[dict]) -> str:
         x0, x1 = min(epochs), max(epochs)
         parts.append(f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{y1:.3g}</text>'
                      f'<text x="{left - 4}" y="{top + h}" text-anchor="end">{y0:.3g}</text>'
-                     f'<text x="{left}" y="{top + h + 14}">epoch {x0}</text>'
-                     f'<text x="{left + w}" y="{top + h + 14}" text-anchor="end">{x1}</text>')
+                     f'<text x="{left}" y="{top + h + 14}">epoch {x0:g}</text>'
+                     f'<text x="{left + w}" y="{top + h + 14}" text-anchor="end">{x1:g}</text>')
         for name, color in shown:
             key = name + suffix
-            ys = [h.get(key) if isinstance(h.get(key), (int, float)) else None for h in history]
-            pts = _polyline(epochs, ys, x0, x1, y0, y1, box)
+            pts = _polyline(epochs, [h.get(key) for h in history], x0, x1, y0, y1, box)
             if pts:
                 parts.append(f'<polyline class="{key}" points="{pts}" fill="none" '
                              f'stroke="{color}" stroke-width="2"/>')
@@ -103,30 +156,50 @@ def find_bench_table(bench: str | None) -> Path | None:
 
 
 def training_html(run_dir: Path, bench: Path | None) -> str:
+    """The training tab: curves and final metrics from metrics.json, then the bench table.
+    A metrics.json of the wrong shape gives a note saying what is wrong, never an error."""
     e = html.escape
     try:
         metrics = read_json(run_dir / "metrics.json")
     except UserError as err:
-        metrics, note = {}, f"<p>No training curves: {e(str(err))}</p>"
+        metrics, notes = {}, [f"No training curves: {err}"]
     else:
-        note = ""
-    history = [h for h in metrics.get("history", []) if isinstance(h, dict)]
-    final = metrics.get("final") if isinstance(metrics.get("final"), dict) else {}
+        notes = []
+    history, why = clean_history(metrics.get("history"))
+    final = metrics.get("final")
+    if final is not None and not isinstance(final, dict):
+        why.append(f"'final' is {_kind(final)}, not an object of metrics")
+    final = final if isinstance(final, dict) else {}
+    notes += [f"{run_dir / 'metrics.json'}: {w}" for w in why]
     rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(_fmt(v))}</td></tr>"
                    for k, v in final.items() if isinstance(v, (int, float, str)))
-    out = [note, f"<h3>Training curves ({len(history)} epoch(s)"
-                 f"{'' if metrics.get('complete', True) else ', run not finished'})</h3>"]
+    out = [f'<p class="note">{e(n)}</p>' for n in notes]
+    out.append(f"<h3>Training curves ({len(history)} epoch(s)"
+               f"{'' if metrics.get('complete', True) else ', run not finished'})</h3>")
     if history:
         out.append(curves_svg(history))
     if rows:
         out.append(f'<h3>Final metrics</h3><table id="final">{rows}</table>')
-    if bench is not None:
-        out.append(f'<h3>Bench table <small>({e(str(bench))})</small></h3>'
-                   f'<pre id="bench">{e(bench.read_text(errors="replace"))}</pre>')
-    else:
-        out.append('<p id="bench">No bench table: run <code>cifake-bench</code> (it writes '
-                   'results/bench/&lt;time&gt;/table.txt) or pass --bench.</p>')
+    out.append(bench_html(bench))
     return "\n".join(out)
+
+
+BENCH_MAX_BYTES = 256 * 1024  # a bench table is a few KB
+
+
+def bench_html(bench: Path | None) -> str:
+    e = html.escape
+    if bench is None:
+        return ('<p id="bench">No bench table: run <code>cifake-bench</code> (it writes '
+                'results/bench/&lt;time&gt;/table.txt) or pass --bench.</p>')
+    try:
+        with open(bench, "rb") as f:
+            text = f.read(BENCH_MAX_BYTES).decode("utf-8", errors="replace")
+    except OSError as err:
+        return (f'<p id="bench">Bench table {e(str(bench))}: cannot read '
+                f'({e(err.strerror or str(err))})</p>')
+    return (f'<h3>Bench table <small>({e(str(bench))})</small></h3>'
+            f'<pre id="bench">{e(text)}</pre>')
 
 
 def _fmt(v) -> str:
@@ -147,7 +220,7 @@ PAGE = """<!doctype html>
  table { border-collapse: collapse; } td, th { padding: .25em .8em; text-align: left; }
  tr.result img { width: 64px; height: 64px; image-rendering: pixelated; }
  .FAKE { color: #b00; font-weight: bold; } .REAL { color: #070; font-weight: bold; }
- .error { color: #b00; }
+ .error { color: #b00; } .note { color: #a50; }
 </style></head><body>
 <h2>CIFAKE detector</h2>
 <p>Run <code>__RUN__</code> (__MODEL__, scored by __STACK__ on __DEVICE__).
@@ -167,6 +240,7 @@ training: their verdicts are marked <b>out of distribution</b>.</p>
 <section id="training" hidden>__TRAINING__</section>
 <script>
 const $ = (id) => document.getElementById(id);
+const LIMITS = __LIMITS__;  // what one upload may hold: the server's --max-request-mb
 function show(tab) {
   $("score").hidden = tab !== "score"; $("training").hidden = tab !== "training";
   $("tab-score").className = tab === "score" ? "on" : "";
@@ -177,39 +251,80 @@ $("tab-training").onclick = () => show("training");
 function cell(row, text, cls) {
   const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
 }
-async function score(files) {
-  files = Array.from(files);
-  if (!files.length) return;
-  $("status").textContent = "scoring " + files.length + " image(s)...";
+function addRow(file, rec) {
+  const row = $("results").tBodies[0].insertRow(0);
+  row.className = "result";
+  row.dataset.name = rec.path;
+  const img = document.createElement("img");
+  img.src = URL.createObjectURL(file); row.insertCell().appendChild(img);
+  cell(row, rec.path);
+  if (rec.error) {
+    row.dataset.error = rec.error;
+    cell(row, "-"); cell(row, "error", "error"); cell(row, rec.error, "error");
+  } else {
+    row.dataset.pFake = rec.p_fake;
+    cell(row, rec.p_fake.toFixed(4), "p-fake"); cell(row, rec.label, "label " + rec.label);
+    cell(row, rec.out_of_distribution ? "out of distribution: " + rec.ood_reason : "",
+         rec.out_of_distribution ? "ood" : "");
+    row.dataset.ood = rec.out_of_distribution ? "1" : "0";
+  }
+}
+const PART = 1024;  // bytes of multipart headers counted per file
+function takeBatch(queue) {  // the first files of the queue that fit in one upload
+  const batch = []; let size = 0;
+  while (queue.length && batch.length < LIMITS.max_files) {
+    const cost = queue[0].size + PART;
+    if (batch.length && size + cost > LIMITS.max_body) break;
+    batch.push(queue.shift()); size += cost;
+  }
+  return batch;
+}
+async function post(files) {
   const form = new FormData();
   files.forEach((f) => form.append("images", f, f.name));
-  let records;
-  try {
+  for (let attempt = 0; ; attempt++) {
     const r = await fetch("api/predict", { method: "POST", body: form });
-    const body = await r.json();
-    if (!r.ok) throw new Error(body.error || r.statusText);
-    records = body;
-  } catch (e) { $("status").textContent = "error: " + e.message; return; }
-  const tbody = $("results").tBodies[0];
-  records.forEach((rec, i) => {
-    const row = tbody.insertRow(0);
-    row.className = "result";
-    row.dataset.name = rec.path;
-    const img = document.createElement("img");
-    img.src = URL.createObjectURL(files[i]); row.insertCell().appendChild(img);
-    cell(row, rec.path);
-    if (rec.error) {
-      row.dataset.error = rec.error;
-      cell(row, "-"); cell(row, "error", "error"); cell(row, rec.error, "error");
-    } else {
-      row.dataset.pFake = rec.p_fake;
-      cell(row, rec.p_fake.toFixed(4), "p-fake"); cell(row, rec.label, "label " + rec.label);
-      const ood = cell(row, rec.out_of_distribution ? "out of distribution: " + rec.ood_reason : "",
-                       rec.out_of_distribution ? "ood" : "");
-      row.dataset.ood = rec.out_of_distribution ? "1" : "0";
+    const text = await r.text();
+    let body;
+    try { body = JSON.parse(text); } catch (e) { body = { error: text.trim() || r.statusText }; }
+    if (r.status === 503 && attempt < 5) {  // busy: wait as told, then try again
+      const wait = Number(r.headers.get("Retry-After")) || 5;
+      $("status").textContent = "the page is busy; trying again in " + wait + " s...";
+      await new Promise((done) => setTimeout(done, wait * 1000));
+      continue;
     }
-  });
-  $("status").textContent = "scored " + records.length + " image(s)";
+    if (!r.ok) throw new Error(body.error || r.statusText);
+    return body;
+  }
+}
+async function score(files) {
+  let queue = Array.from(files);
+  const total = queue.length;
+  let scored = 0;
+  while (queue.length) {
+    $("status").textContent = "scoring " + total + " image(s)... (" + scored + " done)";
+    const first = queue[0];
+    if (first.size + PART > LIMITS.max_body) {  // never sent: one file over the limit
+      queue.shift(); scored++;
+      addRow(first, { path: first.name, error: first.name + ": " +
+        (first.size / 1048576).toFixed(1) + " MiB, more than this page accepts in one upload (" +
+        LIMITS.max_body_mib + " MiB, --max-request-mb)" });
+      continue;
+    }
+    const batch = takeBatch(queue);
+    let records;
+    try { records = await post(batch); }
+    catch (e) { $("status").textContent = "error: " + e.message; return; }
+    const again = [];  // over this upload's pixel budget: sent again in the next one
+    records.forEach((rec, i) => {
+      if (rec.deferred) again.push(batch[i]); else { addRow(batch[i], rec); scored++; }
+    });
+    if (again.length === batch.length) {
+      $("status").textContent = "error: nothing scored"; return;
+    }
+    queue = again.concat(queue);
+  }
+  $("status").textContent = "scored " + scored + " image(s)";
 }
 $("files").onchange = (e) => score(e.target.files);
 const drop = $("drop");
@@ -253,67 +368,64 @@ def realworld_html(path: Path | None, run_dir: Path) -> str:
         raise UserError(f"{path}: not a cifake.realworld result ({err})") from None
 
 
-def build_app(detector, threshold: float, bench: Path | None, realworld: Path | None = None):
-    """The Starlette app: GET / (the page), POST /api/predict (multipart field 'images',
-    one or more files -> JSON list of result records), GET /api/run (config + metrics)."""
+# ------------------------------------------------------------------ the app
+def page_html(detector, threshold: float, bench: Path | None, realworld: Path | None,
+              limits: WebLimits) -> str:
+    e = html.escape
+    try:
+        realworld_text = realworld_html(realworld, detector.run_dir)
+    except UserError as err:  # the file changed since start-up
+        realworld_text = e(str(err))
+    js_limits = json.dumps({"max_body": limits.max_body, "max_files": MAX_UPLOAD_FILES,
+                            "max_body_mib": round(limits.max_body / MiB, 2)})
+    return (PAGE.replace("__TITLE__", e(detector.run_dir.name))
+            .replace("__RUN__", e(str(detector.run_dir)))
+            .replace("__MODEL__", e(str(detector.config.get("model"))))
+            .replace("__STACK__", e(detector.stack))
+            .replace("__DEVICE__", e(detector.device))
+            .replace("__THRESHOLD__", e(f"{threshold:g}"))
+            .replace("__LIMITS__", js_limits)
+            .replace("__REALWORLD__", realworld_text)
+            .replace("__TRAINING__", training_html(detector.run_dir, bench)))
+
+
+def build_app(detector, threshold: float, bench: Path | None, realworld: Path | None = None,
+              limits: WebLimits | None = None, hosts=LOOPBACK_NAMES,
+              url: str = "http://127.0.0.1:8000/"):
+    """The page as an ASGI app: GET / (the page), POST /api/predict (multipart field
+    'images', one or more files -> JSON list of result records), GET /api/run (config +
+    metrics), behind the Host check (the names in ``hosts``; ``url`` is named to others)
+    and the body limit (``limits.max_body``)."""
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 
-    lock = threading.Lock()  # one forward pass at a time: models are not re-entrant
-    cfg = detector.config
-    e = html.escape
+    limits = limits or WebLimits()
 
     def page(request):
-        body = (PAGE.replace("__TITLE__", e(detector.run_dir.name))
-                .replace("__RUN__", e(str(detector.run_dir)))
-                .replace("__MODEL__", e(str(cfg.get("model"))))
-                .replace("__STACK__", e(detector.stack))
-                .replace("__DEVICE__", e(detector.device))
-                .replace("__THRESHOLD__", e(f"{threshold:g}"))
-                .replace("__REALWORLD__", realworld_html(realworld, detector.run_dir))
-                .replace("__TRAINING__", training_html(detector.run_dir, bench)))
-        return HTMLResponse(body)
-
-    async def predict(request):
-        try:
-            form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=8)
-        except Exception as err:  # malformed multipart, too many files
-            return JSONResponse({"error": f"bad upload ({err})"}, status_code=400)
-        files = [f for f in form.getlist("images") if hasattr(f, "read")]
-        if not files:
-            return JSONResponse({"error": "no file in field 'images'"}, status_code=400)
-        names, blobs = [], []
-        for f in files:
-            # one byte over the limit is enough to refuse; the decoder names the file
-            blobs.append(await f.read(MAX_FILE_BYTES + 1))
-            names.append(f.filename or "upload")
-        await form.close()
-
-        def run():
-            with lock:
-                return detector.predict(blobs, threshold=threshold)
-        records = await run_in_threadpool(run)
-        for rec, name in zip(records, names):
-            rec["path"] = name
-            if rec["error"]:  # the decoder names inputs by position; the user knows names
-                rec["error"] = rec["error"].replace(f"input {rec['index']}", name, 1)
-        return JSONResponse(records)
+        return HTMLResponse(page_html(detector, threshold, bench, realworld, limits))
 
     def run_info(request):
         try:
             metrics = read_json(detector.run_dir / "metrics.json")
         except UserError:
             metrics = None
-        return JSONResponse({"config": cfg, "metrics": metrics, "stack": detector.stack,
-                             "device": detector.device, "threshold": threshold})
+        return JSONResponse(json_safe({"config": detector.config, "metrics": metrics,
+                                       "stack": detector.stack, "device": detector.device,
+                                       "threshold": threshold}))
 
-    return Starlette(routes=[Route("/", page), Route("/api/predict", predict, methods=["POST"]),
-                             Route("/api/run", run_info)])
+    scorer = Scorer(detector, threshold, limits)
+    app = Starlette(routes=[Route("/", page),
+                            Route("/api/predict", scorer.predict, methods=["POST"]),
+                            Route("/api/run", run_info)])
+    app.state.scorer = scorer
+    guarded = HostCheck(BodyLimit(app, limits.max_body), hosts, url)
+    guarded.state = app.state
+    return guarded
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------ command line
+def parse_args(argv: list[str] | None):
     ap = ArgumentParser(prog=PROG, description="A local web page: drop images on it to see "
                         "P(FAKE); a second tab shows the run's training curves.",
                         epilog=f"example:\n  {PROG} --run runs/detector   # then open the "
@@ -325,15 +437,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                     help="verdict FAKE when P(FAKE) >= this")
     ap.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (0.0.0.0 makes the page reachable from other "
-                         "machines)")
+                    help="address to listen on; anything but a loopback address (0.0.0.0, "
+                         "::, a network address) makes the page, which has no "
+                         "authentication, usable by anyone who can reach this machine")
     ap.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one")
+    ap.add_argument("--allow-host", action="append", metavar="NAME",
+                    help="another name the page answers to in the Host header (e.g. this "
+                         "machine's DNS name with --host 0.0.0.0); repeatable. It always "
+                         "answers to 127.0.0.1, localhost, [::1] and --host")
+    d = WebLimits()
+    ap.add_argument("--max-request-mb", type=flags.integer("--max-request-mb", 1, 4096),
+                    default=d.max_body // MiB, metavar="MIB",
+                    help="largest upload, in MiB (2**20 bytes), all its images together; a "
+                         "larger one is refused (413) before it is stored. The page splits a "
+                         "larger drop into several uploads")
+    ap.add_argument("--max-request-mpx", type=flags.integer("--max-request-mpx", 1, 100_000),
+                    default=d.max_pixels // 10**6, metavar="MPX",
+                    help="decoded pixels per upload, in megapixels (10**6 pixels; a 6000x6000 "
+                         "image is 36): images past it get an error naming them (the page "
+                         "sends them again in its next upload)")
+    ap.add_argument("--workers", type=flags.integer("--workers", 1, 64), default=d.workers,
+                    help="uploads decoded and scored at once; one more is kept for small "
+                         f"uploads (at most {d.small_body // MiB} MiB and "
+                         f"{d.small_pixels / 1e6:g} Mpx), so large ones cannot hold up small ones")
+    ap.add_argument("--queue", type=flags.integer("--queue", 0, 1024), default=d.queue,
+                    help="uploads that may wait for a worker (each lane); more are refused "
+                         f"with 503 and Retry-After: {RETRY_AFTER_S} (seconds)")
     ap.add_argument("--bench", help="a bench table.txt or its folder (default: the newest "
                                     "results/bench/*/table.txt here, if any)")
     ap.add_argument("--realworld", help="a cifake.realworld realworld.json (or its folder) "
                     "measured for this run; the page shows its real-photo false-positive "
                     "rate (default: RUN/realworld.json, if any)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there "
+                        f"({err.strerror or err})") from None
+    sock.listen(2048)  # connections made once the address is printed wait for the server
+    return sock
+
+
+def addresses(host: str, bound: str, port: int, extra: list[str]) -> tuple[str, list[str], str]:
+    """(the URL to print, the names the page answers to, a warning or '') for a page
+    listening on ``bound`` (the address ``--host`` resolved to)."""
+    names = [*LOOPBACK_NAMES, host, bound, *extra]
+    if bound in WILDCARDS:
+        local = "[::1]" if bound == "::" else "127.0.0.1"
+        url, remote = f"http://{local}:{port}/", network_names()
+        names += remote
+        where = f"every network interface (--host {host})"
+        reach = (f"Other machines open it at http://{remote[0]}:{port}/ (add a name it "
+                 f"should answer to with --allow-host).") if remote else ""
+    else:
+        url, reach = f"http://{url_host(host)}:{port}/", ""
+        where = f"{host} (not a loopback address)"
+    if is_loopback(bound):
+        return url, names, ""
+    warning = (f"warning: listening on {where}: anyone who can reach this machine on port "
+               f"{port} can use this page, which has no authentication, and read the run's "
+               f"configuration and file paths. {reach}").rstrip()
+    return url, names, warning
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         import multipart  # noqa: F401  (starlette parses uploads with it)
         import starlette  # noqa: F401
@@ -347,18 +521,17 @@ def main(argv: list[str] | None = None) -> int:
     detector = load_detector(args.run, args.stack, args.device)
     realworld = find_realworld(args.realworld, detector.run_dir)
     realworld_html(realworld, detector.run_dir)  # a bad file is refused before serving
-    app = build_app(detector, args.threshold, bench, realworld)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as err:
-        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there "
-                        f"({err.strerror or err})") from None
-    host, port = sock.getsockname()[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    limits = WebLimits(max_body=args.max_request_mb * MiB,
+                       max_pixels=args.max_request_mpx * 10**6,
+                       workers=args.workers, queue=args.queue)
+    sock = listen(args.host, args.port)
+    bound, port = sock.getsockname()[:2]
+    url, names, warning = addresses(args.host, bound, port, args.allow_host or [])
+    app = build_app(detector, args.threshold, bench, realworld, limits, names, url)
     # the first stdout line is the address: a script (or a test) reads it to connect
-    print(f"CIFAKE detector page: http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
+    print(f"CIFAKE detector page: {url}  (Ctrl-C stops it)", flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])
     return 0
