@@ -821,6 +821,90 @@ def test_bzip2_and_lzma_members_are_size_capped_too(method, tmp_path):
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated while reading"
 
 
+def _central_records(b: bytes) -> tuple[int, list[bytearray], int]:
+    """(offset of the central directory, its records, offset of the end record) of a zip
+    without an archive comment."""
+    eocd = b.rfind(b"PK\x05\x06")
+    size, off = struct.unpack("<II", b[eocd + 12:eocd + 20])
+    recs, i = [], off
+    while i < off + size:
+        n, e, c = struct.unpack("<HHH", b[i + 28:i + 34])
+        recs.append(bytearray(b[i:i + 46 + n + e + c]))
+        i += 46 + n + e + c
+    return off, recs, eocd
+
+
+def _with_central(b: bytes, recs: list[bytearray]) -> bytes:
+    off, _, eocd = _central_records(b)
+    cd = b"".join(recs)
+    end = bytearray(b[eocd:eocd + 22])
+    struct.pack_into("<HHII", end, 8, len(recs), len(recs), len(cd), off)
+    return b[:off] + cd + bytes(end)
+
+
+def _renamed(rec: bytearray, name: str) -> bytearray:
+    n = struct.unpack("<H", rec[28:30])[0]
+    out = rec[:46] + name.encode() + rec[46 + n:]
+    struct.pack_into("<H", out, 28, len(name.encode()))
+    return out
+
+
+def _aliased(zp: Path) -> None:
+    """200 more names in the central directory for the bytes of train/REAL/0.jpg."""
+    b = zp.read_bytes()
+    _, recs, _ = _central_records(b)
+    (rec,) = [r for r in recs if r[46:].startswith(b"train/REAL/0.jpg")]
+    zp.write_bytes(_with_central(b, recs + [_renamed(rec, f"train/REAL/alias{k}.jpg")
+                                            for k in range(200)]))
+
+
+def _hidden_inside_another(zp: Path) -> None:
+    """A member whose local header and data lie inside another member's data (stored, so
+    they are there verbatim): the 'quoted overlap' of non-recursive zip bombs."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("train/REAL/hidden.jpg", jpeg(1, 77))
+    inner = inner.getvalue()
+    _, (rec,), _ = _central_records(inner)
+    carrier = "notes/carrier.bin"
+    with zipfile.ZipFile(zp, "a") as z:
+        z.writestr(carrier, inner[:30 + len("train/REAL/hidden.jpg") + len(jpeg(1, 77))])
+        start = z.getinfo(carrier).header_offset + 30 + len(carrier)
+    struct.pack_into("<I", rec, 42, start)
+    b = zp.read_bytes()
+    _, recs, _ = _central_records(b)
+    zp.write_bytes(_with_central(b, recs + [rec]))
+
+
+def _local_name_differs(zp: Path) -> None:
+    """train/REAL/0.jpg's local header names it train/REAL/0.png (the same length)."""
+    b = bytearray(zp.read_bytes())
+    with zipfile.ZipFile(zp) as z:
+        at = z.getinfo("train/REAL/0.jpg").header_offset + 30
+    assert b[at:at + 16] == b"train/REAL/0.jpg"
+    b[at:at + 16] = b"train/REAL/0.png"
+    zp.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("craft,needle", [
+    (_aliased, "'train/REAL/0.jpg' overlaps 'train/REAL/alias0.jpg'"),
+    (_hidden_inside_another, "'notes/carrier.bin' overlaps 'train/REAL/hidden.jpg'"),
+    (_local_name_differs, "'train/REAL/0.jpg': its local header names it 'train/REAL/0.png'")],
+    ids=["aliased_names", "member_inside_another", "local_name_differs"])
+def test_overlapping_or_renamed_zip_members_are_refused(craft, needle, tmp_path):
+    """Several central-directory names for one member's bytes made a 7 MB archive decompress
+    for hours, one copy per name, every copy accepted as an image; a member whose local
+    header carries another name was read without a look at it. Each is refused naming the
+    member; the overlaps from the directory alone, before anything is decompressed."""
+    zp = make_archive(tmp_path / "a.zip")
+    craft(zp)
+    with pytest.raises(DataError) as e:
+        load_cifake(zp, tmp_path / "c", verbose=False)
+    assert needle in str(e.value) and str(zp) in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not trusted_caches(tmp_path / "c")
+
+
 # ------------------------------------------------------------------ decoded cache
 def _cache_folder(cache: Path) -> Path:
     (target,) = [d for d in cache.iterdir() if d.is_dir()]
