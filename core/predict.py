@@ -25,13 +25,12 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from data.errors import DataError, UserError, one_line
+from data.errors import DataError, UserError, emit, one_line
 from data.images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
     load_image_for_model, resize_to_model
 from .atomic import atomic_text_writer
@@ -338,8 +337,8 @@ def predict_cli(argv: list[str] | None, prog: str, description: str,
             det = load(args.run, args.device)
             n, failed = _write(det.predict_iter(iter_image_paths(args.inputs), args.threshold,
                                                 args.batch_size), f, fmt)
-        print(f"wrote {n:,} row(s) to {one_line(args.output)}: {n - failed:,} scored, "
-              f"{failed:,} failed")
+        emit(f"wrote {n:,} row(s) to {one_line(args.output)}: {n - failed:,} scored, "
+             f"{failed:,} failed", what=f"the summary (the rows are in {one_line(args.output)})")
         return 1 if failed else 0
     det = load(args.run, args.device)
     records = det.predict_iter(iter_image_paths(args.inputs), args.threshold, args.batch_size)
@@ -355,7 +354,7 @@ def _write(records: Iterable[dict], f, fmt: str) -> tuple[int, int]:
         n += 1
         if rec["error"] is not None:
             failed += 1
-            print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+            emit(f"error: {rec['error']}", err=True)
         if writer:
             writer.writerow(csv_row(rec))
         else:
@@ -363,39 +362,27 @@ def _write(records: Iterable[dict], f, fmt: str) -> tuple[int, int]:
     return n, failed
 
 
-def _emit(text: str, end: str = "\n") -> None:
-    """One write to standard output; a full disk or a closed file there is one error line
-    (a closed pipe is data.errors.run_cli's)."""
-    try:
-        print(text, end=end, flush=True)
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise UserError(f"cannot write the results to standard output ({e.strerror or e})") \
-            from None
-
-
 def _print(records: Iterable[dict], as_json: bool) -> int:
     failed = 0
     first = True
     if as_json:
-        _emit("[")
+        emit("[")
     ok = False
     try:
         for rec in records:
             if rec["error"] is not None:
                 failed += 1
-                print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+                emit(f"error: {rec['error']}", err=True)
             if as_json:
-                _emit(("" if first else ",\n") + json.dumps(rec, allow_nan=False), end="")
+                emit(("" if first else ",\n") + json.dumps(rec, allow_nan=False), end="")
                 first = False
             elif rec["error"] is None:
-                _emit(text_line(rec))
+                emit(text_line(rec))
         ok = True
     finally:
         if as_json:  # even when interrupted or refused, what was printed stays valid JSON
             try:
-                _emit("\n]")
+                emit("\n]")
             except (OSError, UserError):
                 if ok:  # (otherwise the first failure is the one to report)
                     raise
