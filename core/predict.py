@@ -272,12 +272,25 @@ def output_format(path: str) -> str:
     return ext
 
 
+# A cell beginning with one of these is read as a formula by spreadsheet programs: a file
+# named "=HYPERLINK(...).jpg" would run when the CSV is opened (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell that begins like a formula gets a leading ``'`` (OWASP's rule: the
+    spreadsheet then shows it as text); every other value is returned unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_row(rec: dict) -> dict:
     size = rec["original_size"] or (None, None)
     row = {k: rec[k] for k in ("index", "path", "p_fake", "label", "resized",
                                "out_of_distribution", "ood_reason", "error")}
     row.update(original_width=size[0], original_height=size[1])
-    return {k: ("" if row[k] is None else row[k]) for k in CSV_FIELDS}
+    return {k: ("" if row[k] is None else spreadsheet_safe(row[k])) for k in CSV_FIELDS}
 
 
 def text_line(rec: dict) -> str:

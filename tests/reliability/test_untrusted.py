@@ -395,3 +395,28 @@ def test_predict_refuses_a_decompression_bomb_without_allocating(runs_dir, tmp_p
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "decompression bomb" in last_line(p.stderr) and str(bomb) in last_line(p.stderr)
     assert str(runs_dir["img"]) in p.stdout  # the good image was still scored
+
+
+# ------------------------------------------------------------------ spreadsheets
+def test_csv_cells_that_look_like_formulas_are_neutralised(tmp_path):
+    """A file named '=HYPERLINK(...).jpg' put its name verbatim into predict's CSV, where a
+    spreadsheet runs it as a formula. Every text cell beginning with =, +, -, @, a tab or a
+    carriage return now starts with ' (OWASP), in the path and the error columns alike."""
+    import csv
+    from tests.helpers import mlp_run
+    r = mlp_run(tmp_path / "run")
+    good = "=HYPERLINK(\"evil\",\"x\").jpg"
+    (tmp_path / good).write_bytes(image_bytes(synthetic_image(1, 0)))
+    (tmp_path / "@SUM(1+1).jpg").write_bytes(b"not an image")
+    (tmp_path / "\tx.jpg").write_bytes(b"not an image")
+    out = tmp_path / "scores.csv"
+    p = run("numpy_mlp.predict", "--run", r, good, "@SUM(1+1).jpg", "\tx.jpg", "--output", out,
+            cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [row["path"] for row in rows] == ["'" + good, "'@SUM(1+1).jpg", "'\tx.jpg"]
+    assert rows[0]["error"] == "" and rows[0]["label"] in ("FAKE", "REAL")
+    assert rows[1]["error"].startswith("'@SUM(1+1).jpg: not a readable image")
+    assert rows[2]["error"].startswith("\\tx.jpg: not a readable image")  # escaped: text
+    for row in rows:
+        assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())
