@@ -42,9 +42,10 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 PREDICT_BATCH = 256
 
 
-def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """Read a regular file of at most ``max_bytes``. A FIFO, a device or a huge file
-    is refused up front instead of hanging or exhausting memory."""
+def stat_regular_file(path: str) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed), which must be a regular file: a FIFO would
+    block the ``open`` that reads it and a device never end, so both are refused here,
+    before anything opens them, naming the file and what it is."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -53,6 +54,13 @@ def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise DataError(f"{path}: cannot read (Is a directory)")
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file (a pipe, device or socket)")
+    return st
+
+
+def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a regular file of at most ``max_bytes``. A FIFO, a device or a huge file
+    is refused up front instead of hanging or exhausting memory."""
+    st = stat_regular_file(path)
     if st.st_size > max_bytes:
         raise DataError(f"{path}: {st.st_size:,} bytes, more than a file of this kind should "
                         f"({max_bytes:,})")

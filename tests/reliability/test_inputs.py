@@ -394,7 +394,43 @@ def _break_no_model(r: Path):
     return ["model.safetensors"]
 
 
+def _break_config_layer_dims(value):
+    def brk(r: Path):
+        cfg = json.loads((r / "config.json").read_text())
+        cfg["layer_dims"] = value
+        (r / "config.json").write_text(json.dumps(cfg))
+        return ["config.json", "layer_dims", repr(value)]
+    return brk
+
+
+def _break_nested_metadata(r: Path):
+    """100,000 nested brackets in the checkpoint's layer_dims: json.loads recursed too deep."""
+    from core.tensors import save_safetensors
+    save_safetensors(r / "model.safetensors", _mlp_tensors(),
+                     {"family": "mlp", "model": "mlp2",
+                      "layer_dims": "[" * 100_000 + "]" * 100_000})
+    return ["model.safetensors", "layer_dims"]
+
+
+def _break_checkpoint_fifo(r: Path):
+    """A named pipe in the checkpoint's place: opening it would block; it was 'not found'."""
+    (r / "model.safetensors").unlink()
+    os.mkfifo(r / "model.safetensors")
+    return ["model.safetensors", "not a regular file"]
+
+
+def _break_checkpoint_device(r: Path):
+    (r / "model.safetensors").unlink()
+    (r / "model.safetensors").symlink_to("/dev/zero")
+    return ["model.safetensors", "not a regular file"]
+
+
 PREDICT_RUN_CASES = {
+    "config_layer_dims_number": _break_config_layer_dims(5),
+    "config_layer_dims_null": _break_config_layer_dims(None),
+    "checkpoint_metadata_nested_100k": _break_nested_metadata,
+    "checkpoint_is_a_fifo": _break_checkpoint_fifo,
+    "checkpoint_links_to_a_device": _break_checkpoint_device,
     "checkpoint_wrong_shape": _break_wrong_shape,
     "checkpoint_extra_tensor": _break_extra_tensor,
     "checkpoint_missing_tensor": _break_missing_tensor,
@@ -936,6 +972,16 @@ def test_an_edited_cache_is_refused(edit, tiny_zip, tmp_path):
     assert_user_error(p, needle, "damaged or edited")
 
 
+def test_a_deeply_nested_cache_manifest_is_rebuilt_not_a_traceback(tiny_zip, tmp_path):
+    """A manifest.json of 100,000 nested brackets raised RecursionError from json.load; it
+    is a damaged cache like any manifest that is not JSON: rebuilt."""
+    cache = tmp_path / "c"
+    load_cifake(tiny_zip, cache, verbose=False)
+    (_cache_folder(cache) / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    ds = load_cifake(tiny_zip, cache, verbose=False)
+    assert len(ds.train) == 12 and json.loads((_cache_folder(cache) / "manifest.json").read_text())
+
+
 def test_a_full_disk_during_the_cache_build_is_one_line(tiny_zip, tmp_path, monkeypatch):
     calls = []
     real = cache_mod._write_npy
@@ -1116,6 +1162,52 @@ def test_bench_cache_dir_and_data_are_relative_to_the_users_cwd(tmp_path, monkey
     assert specs and all(s["cache_dir"] == str(tmp_path / "rel-cache") for s in specs), err
     assert all(s["data"] == str(tmp_path / "tiny.zip") for s in specs)
     assert (tmp_path / "rel-cache").is_dir()
+
+
+@pytest.mark.parametrize("seed,needle", [("-5", "got -5"), ("4294967296", "at most"),
+                                         ("4294967294", "--budget-seeds 3")])
+def test_bench_seed_is_validated(seed, needle):
+    """`bench.compare --seed -5` ran the whole bench with a seed no stack accepts. (The
+    impossible --models choice makes a run that accepts the seed stop at once.)"""
+    from bench import compare
+    with pytest.raises(UserError, match="--seed") as e:
+        compare.main(["--seed", seed, "--budget-seeds", "3", "--backends", "numpy-mlp",
+                      "--models", "v3"])
+    assert needle in str(e.value)
+
+
+_RESULT_ROW = {"key": "bilinear+jpeg75", "n": 16, "n_fake": 3, "mean_p_fake": 0.3,
+               "chosen": True}
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"rows": "bilinear"}, "'rows' has the wrong type"),
+    ({"rows": ["x"]}, "rows[0]: not an object"),
+    ({"rows": []}, "'rows' is empty"),
+    ({"rows": [dict(_RESULT_ROW, n_fake="3")]}, "'n_fake' has the wrong type"),
+    ({"rows": [dict(_RESULT_ROW, chosen=False)]}, "no row is the chosen"),
+    ({"rows": [dict(_RESULT_ROW, mean_p_fake=7)]}, "'mean_p_fake' must be a share"),
+    ({"rows": [_RESULT_ROW], "roundtrip": []}, "'roundtrip' has the wrong type"),
+    ({"rows": [_RESULT_ROW], "roundtrip": {"rows": {"bilinear+jpeg75": 0.5}}},
+     "not an object"),
+    ({"rows": [_RESULT_ROW], "roundtrip": {"rows": {"bilinear+jpeg75": {"REAL": 1}}}},
+     "'FAKE' missing"),
+], ids=["rows_text", "row_text", "no_rows", "count_text", "none_chosen", "share_7",
+        "roundtrip_list", "roundtrip_row_number", "roundtrip_no_fake"])
+def test_a_realworld_result_of_the_wrong_shape_is_one_line(doc, needle, tmp_path):
+    """A realworld.json handed to the web page's --realworld whose rows were text, or whose
+    round trip was a list, raised an AttributeError traceback; the reader of the results
+    now checks their shape and names the file."""
+    from cifake.realworld import read_result
+    f = tmp_path / "realworld.json"
+    f.write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        read_result(f)
+    assert str(e.value).startswith(str(f)) and needle in str(e.value), str(e.value)
+    good = {"rows": [_RESULT_ROW, dict(_RESULT_ROW, key="box", chosen=False)],
+            "roundtrip": {"rows": {"bilinear+jpeg75": {"REAL": 0.9, "FAKE": 0.8}}}}
+    f.write_text(json.dumps(good))
+    assert read_result(f) == good
 
 
 @pytest.mark.slow
