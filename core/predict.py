@@ -146,10 +146,10 @@ def array_to_model_input(a: np.ndarray, where: str) -> tuple[np.ndarray, bool, t
 
 def _as_items(images) -> Iterable:
     """``predict``'s argument -> an iterable of single inputs. One image (a path, a PIL
-    image, bytes, an array that is not 4-D) is accepted as a list of one; a 4-D array is
-    a batch (N, H, W, C)."""
+    image, the bytes of a file as bytes, bytearray or memoryview, an array that is not
+    4-D) is accepted as a list of one; a 4-D array is a batch (N, H, W, C)."""
     from PIL import Image
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
         return [images]
     if isinstance(images, np.ndarray):
         return images if images.ndim == 4 else [images]

@@ -19,6 +19,7 @@ User images (predict) get their EXIF orientation applied first, as photo viewers
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -74,18 +75,39 @@ def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def _open(data: bytes, where: str) -> Image.Image:
+def check_pixels(size: tuple[int, int], where: str) -> None:
+    """The pixel cap, applied to every size an image reports: its header's, and again once
+    decoded, since a container (an ICNS, an ICO) may hold a larger picture than it
+    declares."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise DataError(f"{where}: image declares too many pixels ({size[0]}x{size[1]}, more "
+                        f"than {MAX_PIXELS:,}; decompression bomb refused)")
+
+
+@contextlib.contextmanager
+def _bounded(where: str):
+    """Pillow's own pixel check (made an error at MAX_PIXELS, not a warning) for whatever
+    it opens or decodes inside the block, nested pictures included."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{where}: image declares too many pixels (decompression bomb refused)") \
-            from None
+        raise DataError(f"{where}: image declares too many pixels (more than {MAX_PIXELS:,}; "
+                        f"decompression bomb refused)") from None
+
+
+def _open(data: bytes, where: str) -> Image.Image:
+    try:
+        with _bounded(where):
+            im = Image.open(io.BytesIO(data))
+    except DataError:
+        raise
     except Image.UnidentifiedImageError:  # its message shows a BytesIO repr: say it plainly
         raise DataError(f"{where}: not a readable image (no image format recognised)") from None
     except Exception as e:  # OSError, SyntaxError from plugins
         raise DataError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+    check_pixels(im.size, where)
     return im
 
 
@@ -114,9 +136,23 @@ def _high_depth_gray_to_u8(im: Image.Image, where: str) -> np.ndarray | None:
     return None
 
 
-def _to_rgb_array(im: Image.Image, where: str) -> np.ndarray:
+def _load(im: Image.Image, where: str) -> None:
+    """Decode ``im``'s pixels (a no-op once done), with the pixel cap on what is decoded,
+    nested pictures included, and on the size it decoded to."""
     try:
-        im.load()
+        with _bounded(where):
+            im.load()
+    except DataError:
+        raise
+    except Exception as e:  # truncated or corrupt pixel data
+        raise DataError(f"{where}: corrupt or truncated image data ({type(e).__name__}: {e})") \
+            from None
+    check_pixels(im.size, where)
+
+
+def _to_rgb_array(im: Image.Image, where: str) -> np.ndarray:
+    _load(im, where)
+    try:
         gray = _high_depth_gray_to_u8(im, where)
         if gray is not None:
             return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
@@ -159,6 +195,8 @@ def image_to_model_input(im: Image.Image, where: str) -> tuple[np.ndarray, bool,
 
     Images that are not 32x32 go through ``resize_to_model`` (the detector was trained on
     32x32 originals, so a resized image is out of distribution; callers say so)."""
+    check_pixels(im.size, where)  # an in-memory image never went through _open's check
+    _load(im, where)  # before the EXIF step, which would decode it unbounded
     try:
         # a phone photo stores its pixels sideways plus an EXIF orientation tag; viewers
         # (and so the user) see it rotated, and that is the image to score
@@ -171,9 +209,6 @@ def image_to_model_input(im: Image.Image, where: str) -> tuple[np.ndarray, bool,
     size = im.size
     if size[0] < 1 or size[1] < 1:
         raise DataError(f"{where}: image has no pixels ({size[0]}x{size[1]})")
-    if size[0] * size[1] > MAX_PIXELS:  # an in-memory image never went through _open's check
-        raise DataError(f"{where}: {size[0]}x{size[1]} is more pixels than any image we score "
-                        f"({MAX_PIXELS:,})")
     arr = _to_rgb_array(im, where)
     return resize_to_model(arr), size != (SIZE, SIZE), size
 

@@ -770,6 +770,15 @@ def test_predict_scores_in_bounded_batches(tmp_path):
     assert max(seen) <= PREDICT_BATCH and sum(seen) == n
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_the_bytes_of_one_image_are_one_input_whatever_their_type(kind, tmp_path):
+    """Detector.predict(memoryview(data)) iterated the view: one record per byte."""
+    from numpy_mlp.predict import Detector
+    det = Detector.load(mlp_run(tmp_path / "run"))
+    (rec,) = det.predict(kind(jpeg(1, 5)))
+    assert rec["error"] is None and rec["label"] in ("FAKE", "REAL")
+
+
 def test_torch_predict_scores_many_images(tmp_path):
     """The CNN entry point through the shared batched loop, end to end (600 files)."""
     require("torch")

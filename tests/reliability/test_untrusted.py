@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import tokenize
 import zipfile
 from pathlib import Path
@@ -395,6 +396,29 @@ def test_predict_refuses_a_decompression_bomb_without_allocating(runs_dir, tmp_p
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "decompression bomb" in last_line(p.stderr) and str(bomb) in last_line(p.stderr)
     assert str(runs_dir["img"]) in p.stdout  # the good image was still scored
+
+
+def _icns(png: bytes, kind: bytes = b"ic10") -> bytes:
+    """A macOS icon file holding one PNG; its type code (ic10) declares 1024x1024."""
+    entry = kind + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+@pytest.mark.parametrize("where", ["file", "bytes"])
+def test_a_picture_nested_in_an_icon_is_held_to_the_pixel_cap(where, tmp_path):
+    """An ICNS declares 1024x1024 in its header and may hold an 8000x8000 PNG (64 Mpx, over
+    the 40 Mpx cap): Pillow only warned, and the PNG was decoded. The cap now holds for
+    every picture decoded and for the size it decodes to. (A 100-byte PNG header stands in
+    for the picture: refused before any pixel is decoded.)"""
+    from data.errors import DataError
+    from data.images import load_image_bytes, load_image_for_model
+    from tests.helpers import png_bomb
+    data = _icns(png_bomb(8000, 8000))
+    f = tmp_path / "icon.icns"
+    f.write_bytes(data)
+    with pytest.raises(DataError, match=r"too many pixels.*decompression bomb refused") as e:
+        load_image_for_model(str(f)) if where == "file" else load_image_bytes(data, "upload")
+    assert str(e.value).startswith(str(f) if where == "file" else "upload")
 
 
 # ------------------------------------------------------------------ spreadsheets
