@@ -31,16 +31,15 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data.errors import DataError, UserError, emit, one_line
-from data.images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
-    load_image_for_model, resize_to_model
+from data.images import PREDICT_BATCH, SIZE, decodable_extensions, image_to_model_input, \
+    load_image_bytes, load_image_for_model, resize_to_model
 from .atomic import atomic_text_writer
 from data.photo import is_out_of_distribution
 from . import flags
 from .flags import ArgumentParser, positive_int
-# What a folder scan picks up (compared case-insensitively): the formats Pillow decodes
-# that people keep photos and generated images in. A file named explicitly is always
-# tried, whatever its extension.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What a folder scan picks up is data.images.decodable_extensions() (compared
+# case-insensitively): every format the installed Pillow decodes. A file named explicitly
+# is always tried, whatever its extension.
 DEFAULT_THRESHOLD = 0.5
 OUTPUT_FORMATS = (".csv", ".jsonl")
 CSV_FIELDS = ("index", "path", "p_fake", "label", "resized", "original_width",
@@ -62,12 +61,13 @@ class Unreadable:
 def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[str | Unreadable]:
     """File paths and folders -> image paths, lazily (a folder of a million files is not
     listed into memory at once). A folder is scanned recursively, in sorted order, for
-    files with an ``IMAGE_EXTENSIONS`` extension; hidden files and folders (a leading
-    '.', e.g. macOS '._photo.jpg' resource files, which are not images) are skipped, and
+    files of every format the decoder reads (``decodable_extensions``); hidden files and
+    folders (a leading '.', e.g. macOS '._photo.jpg' resource files) are skipped, and
     symlinked folders are not followed (a link cycle would never end). Anything else --
     a file of any extension, a missing path -- is passed through so that the loader
     reports it as that input's error. A folder holding no image, or one that cannot be
     listed, becomes an ``Unreadable`` entry, so every input appears in the output."""
+    extensions = decodable_extensions()
     for item in inputs:
         p = os.fspath(item)
         if not os.path.isdir(p):
@@ -90,13 +90,14 @@ def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[str | Unre
             yield from unlistable()
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                if not name.startswith(".") and name.lower().endswith(extensions):
                     found += 1
                     yield os.path.join(root, name)
         yield from unlistable()
         if not found and not reported:
             yield Unreadable(p, f"{p}: folder holds no image file "
-                                f"({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+                                f"(none in a format Pillow decodes, e.g. .jpg .png "
+                                f".webp; searched recursively)")
 
 
 def to_model_input(item, index: int) -> tuple[np.ndarray, bool, tuple[int, int], str | None]:
@@ -324,7 +325,8 @@ def build_predict_parser(prog: str, description: str) -> argparse.ArgumentParser
     ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                     help="image files (any size/mode) and folders (scanned recursively for "
-                         + ", ".join(IMAGE_EXTENSIONS) + ")")
+                         "every image format the installed Pillow decodes: .jpg .png .webp "
+                         ".gif .tif .bmp ...)")
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--output", metavar="FILE.csv|FILE.jsonl",
                      help="write one row per input (failed ones with their error) to this file, "

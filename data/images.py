@@ -20,6 +20,7 @@ User images (predict) get their EXIF orientation applied first, as photo viewers
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import stat
@@ -41,6 +42,38 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Images scored per forward pass in predict: bounds its memory whatever the number of
 # files (a CNN's activations for 256 images are ~40 MB).
 PREDICT_BATCH = 256
+
+
+# Formats Pillow registers an opener for but cannot turn into pixels here: it reads only
+# the header of an MPEG video; EPS needs the Ghostscript program (checked when asked).
+_HEADER_ONLY = {"MPEG"}
+# Registered without an opener of their own: opened by another format's plugin.
+_OPENED_BY = {"MPO": "JPEG"}
+# Formats decoded by a library Pillow may be built without (PIL.features names).
+_CODEC = {"AVIF": "avif", "JPEG2000": "jpg_2000", "WEBP": "webp"}
+
+
+@functools.cache
+def decodable_extensions() -> tuple[str, ...]:
+    """The file extensions (lower case, with the dot) of every format the installed Pillow
+    decodes: what a folder scan picks up, so that scanning and decoding agree (a file of
+    any other extension is still tried when named). Stub plugins, which identify a format
+    but need a handler to decode it, are left out, as are ``_HEADER_ONLY`` and EPS when
+    Ghostscript is missing, and the ``_CODEC`` formats this Pillow was built without (AVIF
+    is scanned only where Pillow decodes it)."""
+    from PIL import EpsImagePlugin, ImageFile, features
+    Image.init()
+    skip = set(_HEADER_ONLY) | (set() if EpsImagePlugin.has_ghostscript() else {"EPS"})
+    skip |= {fmt for fmt, codec in _CODEC.items() if not features.check(codec)}
+    out = set()
+    for ext, fmt in Image.registered_extensions().items():
+        opener = Image.OPEN.get(_OPENED_BY.get(fmt, fmt))
+        if opener is None or fmt in skip:
+            continue
+        if isinstance(opener[0], type) and issubclass(opener[0], ImageFile.StubImageFile):
+            continue
+        out.add(ext.lower())
+    return tuple(sorted(out))
 
 
 def stat_regular_file(path: str) -> os.stat_result:

@@ -796,6 +796,30 @@ def test_torch_predict_scores_many_images(tmp_path):
     assert len(p.stdout.splitlines()) == 600
 
 
+def test_a_folder_scan_picks_up_every_format_the_decoder_reads(tmp_path):
+    """.jfif, .jpe and .avif files decoded when named but a folder scan skipped them
+    silently (the scan had its own list of eight extensions); it now takes the decoder's."""
+    from PIL import features
+    r = mlp_run(tmp_path / "run")
+    d = tmp_path / "photos"
+    d.mkdir()
+    names = ["a.jfif", "b.JPE"]
+    for name in names:
+        (d / name).write_bytes(jpeg(1, 6))
+    if features.check("avif"):
+        (d / "c.avif").write_bytes(image_bytes(synthetic_image(0, 6), "AVIF"))
+        names.append("c.avif")
+    (d / "notes.txt").write_text("not an image")
+    p = run("numpy_mlp.predict", "--run", r, "--json", d, cwd=tmp_path)
+    assert_ok(p)
+    assert [Path(x["path"]).name for x in json.loads(p.stdout)] == names
+    from data.images import decodable_extensions
+    scanned = set(decodable_extensions())
+    assert {".jpg", ".png", ".webp", ".gif", ".tif", ".bmp"} <= scanned
+    assert not {".txt", ".pdf", ".mpg", ".h5"} & scanned
+    assert (".avif" in scanned) == features.check("avif")
+
+
 # ------------------------------------------------------------------ one-line errors
 def test_a_newline_in_a_file_name_keeps_every_message_on_one_line(tmp_path):
     r = mlp_run(tmp_path / "run")
