@@ -233,6 +233,22 @@ def test_other_stacks_nonsensical_numbers(stack, flags, needle, tmp_path):
     assert_no_trusted_run(out)
 
 
+@pytest.mark.parametrize("name", ["run\nnext", "run\tx", "run\rx"])
+def test_control_characters_in_out_are_refused(name, tmp_path):
+    """A newline in --out split the training's last line (the run's result and where it
+    is) and the printed resume command in two. Refused before anything runs, for the
+    bench commands' --out too."""
+    from bench.files import out_dir
+    out = tmp_path / name
+    p = run("numpy_mlp.train", "--data", tmp_path / "never-read.zip", "--out", out,
+            "--no-progress")
+    line = assert_user_error(p, "--out", "control characters")
+    assert len(p.stderr.strip().splitlines()) == 1 and repr(name)[1:-1] in line
+    with pytest.raises(UserError, match="--out must not contain control characters"):
+        out_dir(tmp_path / "bench" / name)
+    assert not out.exists() and not (tmp_path / "bench").exists()
+
+
 # ------------------------------------------------------------------ runs to break
 def _train(stack: str, out: Path, data: Path, cache: Path, *extra) -> None:
     p = run(f"{stack}.train", "--data", data, "--cache-dir", cache, "--out", out,
