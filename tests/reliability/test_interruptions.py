@@ -580,3 +580,40 @@ def test_a_failing_standard_error_is_a_nonzero_exit_without_traceback(tmp_path):
                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=full,
                            timeout=120)
     assert p.returncode == 2 and b"error:" not in p.stdout, p.stdout
+
+
+# ------------------------------------------------------------------ predict --output
+def test_a_killed_predict_output_leaves_no_temp_file_for_long(tmp_path):
+    """`predict --output` killed mid-way (kill -9) left its .scores.csv.*.tmp forever. The
+    next write of the same file removes it; a live writer's temp file, and files that are
+    not ours, are kept."""
+    run_dir, good, _ = _predict_case(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good.rename(photos / "good.jpg")
+    out = tmp_path / "scores.csv"
+    p = start("numpy_mlp.predict", "--run", run_dir, "--batch-size", "1", "--output", out,
+              *[photos] * 2000)
+    t0 = time.time()
+    while not _temp_files(tmp_path):
+        assert p.poll() is None, "predict ended before it could be killed"
+        assert time.time() - t0 < 60
+        time.sleep(0.002)
+    rc, _ = kill(p)
+    assert rc == -signal.SIGKILL and not out.exists()
+    (left,) = _temp_files(tmp_path)
+    foreign = tmp_path / ".scores.csv.editor.tmp"
+    foreign.write_text("not ours")
+    assert_ok(run("numpy_mlp.predict", "--run", run_dir, photos, "--output", out))
+    assert _temp_files(tmp_path) == [foreign.name]
+    assert left.startswith(".scores.csv.cifake-")
+    assert len(out.read_text().splitlines()) == 2
+    from core.atomic import _locked_temp, remove_stale_temps
+    fd, live = _locked_temp(out)  # a writer at work: its lock is held
+    try:
+        remove_stale_temps(out)
+        assert os.path.exists(live)
+    finally:
+        os.close(fd)
+    remove_stale_temps(out)
+    assert not os.path.exists(live) and foreign.exists()
