@@ -9,7 +9,9 @@ the final weights must be bit-identical (CPU) to an uninterrupted run. A NaN/inf
 the run naming epoch and step and keeps the last good checkpoint. An output directory that
 cannot be written, a disk that is full or fills up during training, and a write that fails
 are one line each, before training where they can be, and keep the previous files. Every
-file the stacks write goes through the atomic helpers.
+file the stacks write goes through the atomic helpers, and the temp file of a killed write is
+removed by the next write of that file. A closed standard stream stops a command before it
+runs; one that fails while results or errors are written is one line and a nonzero exit.
 
 Every test runs the REAL entry points (``python -m ...``) the way a user does, and judges
 only what a user sees: the exit status, stderr's last line, and what is left on disk.

@@ -11,7 +11,9 @@ tensor is checked before use.
 - Every stack's checkpoint loader rejects a wrong shape, an extra or missing tensor and
   a wrong dtype with a one-line UserError naming the tensor.
 - Archives are decoded in memory (nothing extracted to disk) and image decoding is
-  bounded (PIL's MAX_IMAGE_PIXELS set; a bomb is refused by predict too).
+  bounded (PIL's MAX_IMAGE_PIXELS set; a bomb is refused by predict too, and so is a
+  large picture nested in a small-looking container).
+- A file name cannot become a spreadsheet formula in predict's CSV.
 """
 from __future__ import annotations
 
