@@ -56,6 +56,7 @@ from pathlib import Path
 from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.catalog import CNN_MODELS, MLP_MODELS, MODELS, family_of
+from core import flags
 from core.flags import ArgumentParser, positive_int
 
 from .files import out_dir, png_bytes
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--measure-cnn-epoch", action="store_true",
                     help="time a real full CNN epoch on the CPU too (slow there) instead of "
                          "estimating it from the throughput (GPU CNN epochs are always measured)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of init, batch order, augmentation")
+    ap.add_argument("--seed", type=flags.seed, default=0,
+                    help="seed of init, batch order, augmentation, in [0, 2**32)")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     ap.add_argument("--no-chart", action="store_true", help="skip bench.png")
     ap.add_argument("--no-scaling", action="store_true",
@@ -661,6 +663,9 @@ def _config(args) -> tuple[dict, dict]:
            for k, v in base.items()}
     cfg.update(seed=args.seed, measure_cnn_epoch=args.measure_cnn_epoch, quick=args.quick,
                backends=args.backends, models=args.models, devices=args.devices)
+    if cfg["seed"] + cfg["budget_seeds"] > flags.SEED_LIMIT:
+        raise UserError(f"--seed {cfg['seed']} with --budget-seeds {cfg['budget_seeds']}: the "
+                        f"last seed would pass {flags.SEED_LIMIT - 1}")
     for model in args.models:  # before any slow step: a selection that cannot run is one line
         fam = family_of(model)
         if not any(BACKENDS[b].family == fam for b in args.backends):

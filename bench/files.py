@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 from data.errors import UserError
+from core.flags import printable_path
 
 
 def out_dir(path: str | os.PathLike) -> Path:
     """``--out``, created if needed, or a one-line error naming it."""
-    out = Path(path)
+    out = Path(printable_path("--out")(os.fspath(path)))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -28,6 +28,8 @@ from core import flags
 from core.predict import DEFAULT_THRESHOLD, add_device_flag, check_threshold
 from core.flags import ArgumentParser
 from core.rundir import read_json
+from .battery import battery_html
+from .realworld import read_result
 from .stacks import STACKS, load_detector
 from .webguard import LOOPBACK_NAMES, WILDCARDS, BodyLimit, HostCheck, MiB, is_loopback, \
     json_safe, network_names, url_host
@@ -237,7 +239,8 @@ training: their verdicts are marked <b>out of distribution</b>.</p>
  <table id="results"><thead><tr><th></th><th>file</th><th>P(FAKE)</th><th>verdict</th>
  <th></th></tr></thead><tbody></tbody></table>
 </section>
-<section id="training" hidden>__TRAINING__</section>
+<section id="training" hidden>__TRAINING__
+<h3>Robustness</h3><div id="battery">__BATTERY__</div></section>
 <script>
 const $ = (id) => document.getElementById(id);
 const LIMITS = __LIMITS__;  // what one upload may hold: the server's --max-request-mb
@@ -352,9 +355,9 @@ def realworld_html(path: Path | None, run_dir: Path) -> str:
         return ("How often this run calls a genuine photo FAKE has <b>not been measured</b>: "
                 f"<code>python -m cifake.realworld --run {e(str(run_dir))} --out "
                 f"{e(str(run_dir))}</code> measures it.")
+    doc = read_result(path)  # its shape checked: a damaged file is one UserError line
     try:
-        doc = read_json(path)
-        row = next(r for r in doc["rows"] if r.get("chosen"))
+        row = next(r for r in doc["rows"] if r["chosen"])
         text = (f"Measured for this run ({e(str(path))}): <b>{int(row['n_fake'])} of "
                 f"{int(row['n'])}</b> genuine photographs were called FAKE after this "
                 f"preprocessing (mean P(FAKE) {float(row['mean_p_fake']):.2f}).")
@@ -376,6 +379,10 @@ def page_html(detector, threshold: float, bench: Path | None, realworld: Path | 
         realworld_text = realworld_html(realworld, detector.run_dir)
     except UserError as err:  # the file changed since start-up
         realworld_text = e(str(err))
+    try:
+        battery_text = battery_html(detector.run_dir)
+    except UserError as err:  # a damaged battery.json is a note, not a failed page
+        battery_text = f'<p class="note">{e(str(err))}</p>'
     js_limits = json.dumps({"max_body": limits.max_body, "max_files": MAX_UPLOAD_FILES,
                             "max_body_mib": round(limits.max_body / MiB, 2)})
     return (PAGE.replace("__TITLE__", e(detector.run_dir.name))
@@ -386,7 +393,8 @@ def page_html(detector, threshold: float, bench: Path | None, realworld: Path | 
             .replace("__THRESHOLD__", e(f"{threshold:g}"))
             .replace("__LIMITS__", js_limits)
             .replace("__REALWORLD__", realworld_text)
-            .replace("__TRAINING__", training_html(detector.run_dir, bench)))
+            .replace("__TRAINING__", training_html(detector.run_dir, bench))
+            .replace("__BATTERY__", battery_text))
 
 
 def build_app(detector, threshold: float, bench: Path | None, realworld: Path | None = None,

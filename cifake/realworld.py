@@ -31,6 +31,7 @@ import importlib
 import csv
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,7 @@ from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, PIPELINE_FILTER, 
     PIPELINE_JPEG_QUALITY, shrink
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.flags import ArgumentParser, positive_int
-from core.rundir import read_json
+from core.rundir import field, read_json
 
 from bench.files import out_dir, png_bytes
 from data.realphotos import PHOTOS, Photo, load_photo
@@ -174,6 +175,45 @@ def roundtrip(p_fake, ds_test, per_class: int, preps: list[Prep], seed: int = 0)
                                        for cls, ims in big.items()})
                    for prep in preps}
     return out
+
+
+# ------------------------------------------------------------------ reading a result back
+def read_result(path: str | Path) -> dict:
+    """A ``realworld.json`` this command wrote, read back for display (the web page's
+    ``--realworld``), its shape checked: every row an object with a string ``key``,
+    integer ``n`` and ``n_fake``, a finite ``mean_p_fake`` and a boolean ``chosen``, one
+    row chosen; ``roundtrip``, when present, a REAL and a FAKE share per row. Anything else
+    is a one-line UserError naming the file."""
+    path = Path(path)
+    doc = read_json(path)
+    rows = field(doc, "rows", list, path)
+    if not rows:
+        raise UserError(f"{path}: not a cifake.realworld result ('rows' is empty)")
+    for k, row in enumerate(rows):
+        where = f"{path}: rows[{k}]"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: not an object ({type(row).__name__})")
+        for key, types in (("key", str), ("n", int), ("n_fake", int), ("chosen", bool)):
+            field(row, key, types, where)
+        _share(field(row, "mean_p_fake", (int, float), where), f"{where}: 'mean_p_fake'")
+    if not any(row["chosen"] for row in rows):
+        raise UserError(f"{path}: not a cifake.realworld result (no row is the chosen "
+                        f"preprocessing)")
+    if doc.get("roundtrip") is not None:
+        rt = field(doc, "roundtrip", dict, path)
+        for key, shares in field(rt, "rows", dict, f"{path}: roundtrip").items():
+            where = f"{path}: roundtrip.rows[{key!r}]"
+            if not isinstance(shares, dict):
+                raise UserError(f"{where}: not an object ({type(shares).__name__})")
+            for cls in ("REAL", "FAKE"):
+                _share(field(shares, cls, (int, float), where), f"{where}: '{cls}'")
+    return doc
+
+
+def _share(v: float, where: str) -> float:
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise UserError(f"{where} must be a share in [0, 1], got {v!r}")
+    return v
 
 
 # ------------------------------------------------------------------ outputs

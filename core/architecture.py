@@ -73,7 +73,7 @@ def layer_dims_from_metadata(path, meta: dict) -> list[int]:
     """An MLP checkpoint's ``layer_dims`` metadata (a JSON list), checked."""
     try:
         dims = json.loads(meta["layer_dims"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):  # deep nesting: RecursionError
         raise UserError(f"{path}: metadata 'layer_dims' missing or not JSON") from None
     return check_layer_dims(dims, f"{path}: metadata")
 

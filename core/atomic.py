@@ -4,8 +4,12 @@ one, never half of one."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -32,15 +36,61 @@ def _umask() -> int:
     return mask
 
 
+# Every temp file is named ".NAME.cifake-XXXXXXXX.tmp", beside NAME, and its writer holds
+# an exclusive flock on it until the rename: one whose lock is free was left by a write
+# that was killed (kill -9, a power cut), which no signal handler can clean up.
+TEMP_TAG = "cifake-"
+
+
+def _temp_pattern(path: Path) -> str:
+    return f".{glob.escape(path.name)}.{TEMP_TAG}*.tmp"
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temp files of ``path`` left by killed writes: ours by name, a regular
+    file, and no live process holding its lock (a concurrent writer's file is kept)."""
+    for stale in path.parent.glob(_temp_pattern(path)):
+        try:
+            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its writer lives
+                os.unlink(stale)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _locked_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path``, locked by this process. A cleaner may take one
+    between its creation and the lock (it looks abandoned then): that one is dropped."""
+    for _ in range(8):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{TEMP_TAG}", suffix=".tmp",
+                                   dir=path.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "its temp files kept being removed by another process")
+
+
 @contextlib.contextmanager
 def _replacing(path: Path, mode: str, if_failed: str, newline: str | None = None):
     """A file object on a temp file beside ``path`` (mode 0666 minus the umask, as a plain
     open() would give), fsynced and renamed onto ``path`` when the block completes. Any
     failure removes the temp file and leaves the previous ``path`` untouched; an OS error
-    becomes one UserError line ending in ``if_failed``."""
+    becomes one UserError line ending in ``if_failed``. Temp files of ``path`` that killed
+    writes left behind are removed first."""
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temps(path)
+        fd, tmp = _locked_temp(path)
         os.fchmod(fd, 0o666 & ~_umask())
         # surrogateescape: a file name that is not UTF-8 (os.fsdecode's lone surrogates)
         # is written back as its own bytes, the path a reader can open, instead of failing
@@ -50,7 +100,7 @@ def _replacing(path: Path, mode: str, if_failed: str, newline: str | None = None
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while the lock is held: never taken for abandoned
     except BaseException as e:
         if tmp is not None:
             try:

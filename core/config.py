@@ -77,7 +77,8 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
                                    "(default: $CIFAKE_PATH, then a kagglehub download)")
     ap.add_argument("--cache-dir", help="decoded-image cache folder "
                                         "(default: ~/.cache/cifake-detector)")
-    ap.add_argument("--out", help="run directory (default: runs/<stack>-<preset or model>)")
+    ap.add_argument("--out", type=flags.printable_path("--out"),
+                    help="run directory (default: runs/<stack>-<preset or model>)")
     ap.add_argument("--preset", choices=sorted(presets), help="a configuration of the original "
                     "project (or v3-robust, v3-recipe: beyond it); explicit flags override its "
                     "values")

@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 
-from data.errors import UserError, project_version
+from data.errors import UserError, one_line, project_version
 
 SEED_LIMIT = 2**32          # NumPy's SeedSequence takes any int >= 0; 32 bits is the contract
 MAX_EPOCHS = 1_000_000
@@ -135,6 +135,19 @@ def hidden(v) -> list[int] | None:
     if not isinstance(v, list) or not v:
         raise UserError(f"--hidden must be comma-separated integers like 20,7,5, got {v!r}")
     return [integer("--hidden", 1, MAX_HIDDEN)(h) for h in v]
+
+
+def printable_path(name: str):
+    """A path printed back to the user (in messages, in the resume command): control
+    characters such as a newline or a tab are refused, since they would split or garble
+    the very line that names it (and a pasted command would not find the folder)."""
+    def check(v) -> str:
+        v = str(v)
+        if not v.isprintable():
+            raise UserError(f"{name} must not contain control characters (a newline, a tab, "
+                            f"...), got {one_line(repr(v))}")
+        return v
+    return check
 
 
 def choice(name: str, options):

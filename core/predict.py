@@ -25,23 +25,21 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from data.errors import DataError, UserError, one_line
-from data.images import PREDICT_BATCH, SIZE, image_to_model_input, load_image_bytes, \
-    load_image_for_model, resize_to_model
+from data.errors import DataError, UserError, emit, one_line
+from data.images import PREDICT_BATCH, SIZE, decodable_extensions, image_to_model_input, \
+    load_image_bytes, load_image_for_model, resize_to_model
 from .atomic import atomic_text_writer
 from data.photo import is_out_of_distribution
 from . import flags
 from .flags import ArgumentParser, positive_int
-# What a folder scan picks up (compared case-insensitively): the formats Pillow decodes
-# that people keep photos and generated images in. A file named explicitly is always
-# tried, whatever its extension.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What a folder scan picks up is data.images.decodable_extensions() (compared
+# case-insensitively): every format the installed Pillow decodes. A file named explicitly
+# is always tried, whatever its extension.
 DEFAULT_THRESHOLD = 0.5
 OUTPUT_FORMATS = (".csv", ".jsonl")
 CSV_FIELDS = ("index", "path", "p_fake", "label", "resized", "original_width",
@@ -63,12 +61,13 @@ class Unreadable:
 def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[str | Unreadable]:
     """File paths and folders -> image paths, lazily (a folder of a million files is not
     listed into memory at once). A folder is scanned recursively, in sorted order, for
-    files with an ``IMAGE_EXTENSIONS`` extension; hidden files and folders (a leading
-    '.', e.g. macOS '._photo.jpg' resource files, which are not images) are skipped, and
+    files of every format the decoder reads (``decodable_extensions``); hidden files and
+    folders (a leading '.', e.g. macOS '._photo.jpg' resource files) are skipped, and
     symlinked folders are not followed (a link cycle would never end). Anything else --
     a file of any extension, a missing path -- is passed through so that the loader
     reports it as that input's error. A folder holding no image, or one that cannot be
     listed, becomes an ``Unreadable`` entry, so every input appears in the output."""
+    extensions = decodable_extensions()
     for item in inputs:
         p = os.fspath(item)
         if not os.path.isdir(p):
@@ -91,13 +90,14 @@ def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[str | Unre
             yield from unlistable()
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                if not name.startswith(".") and name.lower().endswith(extensions):
                     found += 1
                     yield os.path.join(root, name)
         yield from unlistable()
         if not found and not reported:
             yield Unreadable(p, f"{p}: folder holds no image file "
-                                f"({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+                                f"(none in a format Pillow decodes, e.g. .jpg .png "
+                                f".webp; searched recursively)")
 
 
 def to_model_input(item, index: int) -> tuple[np.ndarray, bool, tuple[int, int], str | None]:
@@ -147,10 +147,10 @@ def array_to_model_input(a: np.ndarray, where: str) -> tuple[np.ndarray, bool, t
 
 def _as_items(images) -> Iterable:
     """``predict``'s argument -> an iterable of single inputs. One image (a path, a PIL
-    image, bytes, an array that is not 4-D) is accepted as a list of one; a 4-D array is
-    a batch (N, H, W, C)."""
+    image, the bytes of a file as bytes, bytearray or memoryview, an array that is not
+    4-D) is accepted as a list of one; a 4-D array is a batch (N, H, W, C)."""
     from PIL import Image
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
         return [images]
     if isinstance(images, np.ndarray):
         return images if images.ndim == 4 else [images]
@@ -273,12 +273,25 @@ def output_format(path: str) -> str:
     return ext
 
 
+# A cell beginning with one of these is read as a formula by spreadsheet programs: a file
+# named "=HYPERLINK(...).jpg" would run when the CSV is opened (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell that begins like a formula gets a leading ``'`` (OWASP's rule: the
+    spreadsheet then shows it as text); every other value is returned unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_row(rec: dict) -> dict:
     size = rec["original_size"] or (None, None)
     row = {k: rec[k] for k in ("index", "path", "p_fake", "label", "resized",
                                "out_of_distribution", "ood_reason", "error")}
     row.update(original_width=size[0], original_height=size[1])
-    return {k: ("" if row[k] is None else row[k]) for k in CSV_FIELDS}
+    return {k: ("" if row[k] is None else spreadsheet_safe(row[k])) for k in CSV_FIELDS}
 
 
 def text_line(rec: dict) -> str:
@@ -312,7 +325,8 @@ def build_predict_parser(prog: str, description: str) -> argparse.ArgumentParser
     ap.add_argument("--run", required=True, help="run directory (config.json + model.safetensors)")
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                     help="image files (any size/mode) and folders (scanned recursively for "
-                         + ", ".join(IMAGE_EXTENSIONS) + ")")
+                         "every image format the installed Pillow decodes: .jpg .png .webp "
+                         ".gif .tif .bmp ...)")
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--output", metavar="FILE.csv|FILE.jsonl",
                      help="write one row per input (failed ones with their error) to this file, "
@@ -338,8 +352,8 @@ def predict_cli(argv: list[str] | None, prog: str, description: str,
             det = load(args.run, args.device)
             n, failed = _write(det.predict_iter(iter_image_paths(args.inputs), args.threshold,
                                                 args.batch_size), f, fmt)
-        print(f"wrote {n:,} row(s) to {one_line(args.output)}: {n - failed:,} scored, "
-              f"{failed:,} failed")
+        emit(f"wrote {n:,} row(s) to {one_line(args.output)}: {n - failed:,} scored, "
+             f"{failed:,} failed", what=f"the summary (the rows are in {one_line(args.output)})")
         return 1 if failed else 0
     det = load(args.run, args.device)
     records = det.predict_iter(iter_image_paths(args.inputs), args.threshold, args.batch_size)
@@ -355,7 +369,7 @@ def _write(records: Iterable[dict], f, fmt: str) -> tuple[int, int]:
         n += 1
         if rec["error"] is not None:
             failed += 1
-            print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+            emit(f"error: {rec['error']}", err=True)
         if writer:
             writer.writerow(csv_row(rec))
         else:
@@ -363,39 +377,27 @@ def _write(records: Iterable[dict], f, fmt: str) -> tuple[int, int]:
     return n, failed
 
 
-def _emit(text: str, end: str = "\n") -> None:
-    """One write to standard output; a full disk or a closed file there is one error line
-    (a closed pipe is data.errors.run_cli's)."""
-    try:
-        print(text, end=end, flush=True)
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise UserError(f"cannot write the results to standard output ({e.strerror or e})") \
-            from None
-
-
 def _print(records: Iterable[dict], as_json: bool) -> int:
     failed = 0
     first = True
     if as_json:
-        _emit("[")
+        emit("[")
     ok = False
     try:
         for rec in records:
             if rec["error"] is not None:
                 failed += 1
-                print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+                emit(f"error: {rec['error']}", err=True)
             if as_json:
-                _emit(("" if first else ",\n") + json.dumps(rec, allow_nan=False), end="")
+                emit(("" if first else ",\n") + json.dumps(rec, allow_nan=False), end="")
                 first = False
             elif rec["error"] is None:
-                _emit(text_line(rec))
+                emit(text_line(rec))
         ok = True
     finally:
         if as_json:  # even when interrupted or refused, what was printed stays valid JSON
             try:
-                _emit("\n]")
+                emit("\n]")
             except (OSError, UserError):
                 if ok:  # (otherwise the first failure is the one to report)
                     raise

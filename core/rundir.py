@@ -148,8 +148,8 @@ def prepare(out: str | os.PathLike, resume: bool, min_free_mb: int = 50) -> Path
     except OSError as e:
         raise UserError(f"output directory {out} is not writable ({e.strerror})") from None
     lock(out)
-    # temp files of writes killed half-way (atomic_write_bytes' ".NAME.xxxx.tmp"): never
-    # read, so deleting them is safe; keeps killed-and-resumed runs tidy
+    # temp files of writes killed half-way (core.atomic's ".NAME.cifake-xxxx.tmp"): never
+    # read, and the run is locked, so deleting them is safe; keeps killed-and-resumed runs tidy
     for stale in out.glob(".*.tmp"):
         try:
             stale.unlink()

@@ -10,6 +10,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from data.errors import UserError
+from data.images import stat_regular_file
 
 FORMAT = "cifake-detector/1"
 
@@ -45,8 +46,9 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 def _open_safetensors(path: Path):
     from safetensors import safe_open
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"{path}: checkpoint not found")
+    stat_regular_file(str(path))  # a FIFO or a device is named as such, never opened
     try:
         with open(path, "rb"):  # says "permission denied" instead of a parser's message
             pass

@@ -322,7 +322,7 @@ def _read_manifest(target: Path) -> dict | None:
         with open(target / "manifest.json") as f:
             m = json.load(f)
         return m if isinstance(m, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # deep nesting: RecursionError
         return None
 
 

@@ -19,6 +19,8 @@ User images (predict) get their EXIF orientation applied first, as photo viewers
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import stat
@@ -42,9 +44,42 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 PREDICT_BATCH = 256
 
 
-def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """Read a regular file of at most ``max_bytes``. A FIFO, a device or a huge file
-    is refused up front instead of hanging or exhausting memory."""
+# Formats Pillow registers an opener for but cannot turn into pixels here: it reads only
+# the header of an MPEG video; EPS needs the Ghostscript program (checked when asked).
+_HEADER_ONLY = {"MPEG"}
+# Registered without an opener of their own: opened by another format's plugin.
+_OPENED_BY = {"MPO": "JPEG"}
+# Formats decoded by a library Pillow may be built without (PIL.features names).
+_CODEC = {"AVIF": "avif", "JPEG2000": "jpg_2000", "WEBP": "webp"}
+
+
+@functools.cache
+def decodable_extensions() -> tuple[str, ...]:
+    """The file extensions (lower case, with the dot) of every format the installed Pillow
+    decodes: what a folder scan picks up, so that scanning and decoding agree (a file of
+    any other extension is still tried when named). Stub plugins, which identify a format
+    but need a handler to decode it, are left out, as are ``_HEADER_ONLY`` and EPS when
+    Ghostscript is missing, and the ``_CODEC`` formats this Pillow was built without (AVIF
+    is scanned only where Pillow decodes it)."""
+    from PIL import EpsImagePlugin, ImageFile, features
+    Image.init()
+    skip = set(_HEADER_ONLY) | (set() if EpsImagePlugin.has_ghostscript() else {"EPS"})
+    skip |= {fmt for fmt, codec in _CODEC.items() if not features.check(codec)}
+    out = set()
+    for ext, fmt in Image.registered_extensions().items():
+        opener = Image.OPEN.get(_OPENED_BY.get(fmt, fmt))
+        if opener is None or fmt in skip:
+            continue
+        if isinstance(opener[0], type) and issubclass(opener[0], ImageFile.StubImageFile):
+            continue
+        out.add(ext.lower())
+    return tuple(sorted(out))
+
+
+def stat_regular_file(path: str) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed), which must be a regular file: a FIFO would
+    block the ``open`` that reads it and a device never end, so both are refused here,
+    before anything opens them, naming the file and what it is."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -53,6 +88,13 @@ def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise DataError(f"{path}: cannot read (Is a directory)")
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file (a pipe, device or socket)")
+    return st
+
+
+def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a regular file of at most ``max_bytes``. A FIFO, a device or a huge file
+    is refused up front instead of hanging or exhausting memory."""
+    st = stat_regular_file(path)
     if st.st_size > max_bytes:
         raise DataError(f"{path}: {st.st_size:,} bytes, more than a file of this kind should "
                         f"({max_bytes:,})")
@@ -66,18 +108,39 @@ def read_file_bounded(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def _open(data: bytes, where: str) -> Image.Image:
+def check_pixels(size: tuple[int, int], where: str) -> None:
+    """The pixel cap, applied to every size an image reports: its header's, and again once
+    decoded, since a container (an ICNS, an ICO) may hold a larger picture than it
+    declares."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise DataError(f"{where}: image declares too many pixels ({size[0]}x{size[1]}, more "
+                        f"than {MAX_PIXELS:,}; decompression bomb refused)")
+
+
+@contextlib.contextmanager
+def _bounded(where: str):
+    """Pillow's own pixel check (made an error at MAX_PIXELS, not a warning) for whatever
+    it opens or decodes inside the block, nested pictures included."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{where}: image declares too many pixels (decompression bomb refused)") \
-            from None
+        raise DataError(f"{where}: image declares too many pixels (more than {MAX_PIXELS:,}; "
+                        f"decompression bomb refused)") from None
+
+
+def _open(data: bytes, where: str) -> Image.Image:
+    try:
+        with _bounded(where):
+            im = Image.open(io.BytesIO(data))
+    except DataError:
+        raise
     except Image.UnidentifiedImageError:  # its message shows a BytesIO repr: say it plainly
         raise DataError(f"{where}: not a readable image (no image format recognised)") from None
     except Exception as e:  # OSError, SyntaxError from plugins
         raise DataError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+    check_pixels(im.size, where)
     return im
 
 
@@ -106,9 +169,23 @@ def _high_depth_gray_to_u8(im: Image.Image, where: str) -> np.ndarray | None:
     return None
 
 
-def _to_rgb_array(im: Image.Image, where: str) -> np.ndarray:
+def _load(im: Image.Image, where: str) -> None:
+    """Decode ``im``'s pixels (a no-op once done), with the pixel cap on what is decoded,
+    nested pictures included, and on the size it decoded to."""
     try:
-        im.load()
+        with _bounded(where):
+            im.load()
+    except DataError:
+        raise
+    except Exception as e:  # truncated or corrupt pixel data
+        raise DataError(f"{where}: corrupt or truncated image data ({type(e).__name__}: {e})") \
+            from None
+    check_pixels(im.size, where)
+
+
+def _to_rgb_array(im: Image.Image, where: str) -> np.ndarray:
+    _load(im, where)
+    try:
         gray = _high_depth_gray_to_u8(im, where)
         if gray is not None:
             return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
@@ -151,6 +228,8 @@ def image_to_model_input(im: Image.Image, where: str) -> tuple[np.ndarray, bool,
 
     Images that are not 32x32 go through ``resize_to_model`` (the detector was trained on
     32x32 originals, so a resized image is out of distribution; callers say so)."""
+    check_pixels(im.size, where)  # an in-memory image never went through _open's check
+    _load(im, where)  # before the EXIF step, which would decode it unbounded
     try:
         # a phone photo stores its pixels sideways plus an EXIF orientation tag; viewers
         # (and so the user) see it rotated, and that is the image to score
@@ -163,9 +242,6 @@ def image_to_model_input(im: Image.Image, where: str) -> tuple[np.ndarray, bool,
     size = im.size
     if size[0] < 1 or size[1] < 1:
         raise DataError(f"{where}: image has no pixels ({size[0]}x{size[1]})")
-    if size[0] * size[1] > MAX_PIXELS:  # an in-memory image never went through _open's check
-        raise DataError(f"{where}: {size[0]}x{size[1]} is more pixels than any image we score "
-                        f"({MAX_PIXELS:,})")
     arr = _to_rgb_array(im, where)
     return resize_to_model(arr), size != (SIZE, SIZE), size
 

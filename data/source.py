@@ -17,7 +17,11 @@ Policy for files that do not fit the layout (documented in README):
 - a missing split or class folder, or an empty class, is an error.
 
 Archive entries are never extracted to disk. Names containing ``..``, an
-absolute path, a drive letter or a backslash are refused before anything is read.
+absolute path, a drive letter or a backslash are refused before anything is read, as is
+an archive whose directory lists two names for overlapping bytes (a zip bomb's trick:
+one member read once per name) or a name its member's own header does not carry. Each
+member is inflated to at most its declared size, so the bytes decompressed from an
+archive never exceed the sum of its members' declared sizes.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 from .errors import DataError
@@ -216,6 +221,31 @@ _DECOMPRESSORS = {zipfile.ZIP_STORED: lambda raw, limit: raw, zipfile.ZIP_DEFLAT
                   zipfile.ZIP_BZIP2: _bunzip, zipfile.ZIP_LZMA: _unlzma}
 
 
+def _raw_name(name: str, flags: int) -> bytes:
+    """A member's name as the central directory stores it: zipfile decodes it as UTF-8
+    when its flags say so, else as cp437, and both encode back to the same bytes."""
+    return name.encode("utf-8" if flags & 0x800 else "cp437")
+
+
+def _member_ends(infos: list[zipfile.ZipInfo], directory: int, archive: str) -> dict[str, int]:
+    """Member name -> the offset where the next member (or the central directory) begins.
+
+    Refuses an archive in which two members' bytes overlap: several names for the same
+    bytes make a small archive inflate to gigabytes, one copy per name (a non-recursive
+    zip bomb). A member spans at least its local header, its name and its compressed data;
+    the exact span, with the local extra field, is checked when it is read."""
+    order = sorted(infos, key=attrgetter("header_offset"))
+    nexts = [i.header_offset for i in order[1:]] + [directory]
+    bad = next((k for k, (i, nxt) in enumerate(zip(order, nexts)) if i.header_offset
+                + _LOCAL_HEADER.size + len(i.orig_filename) + i.compress_size > nxt), None)
+    if bad is not None:
+        other = repr(order[bad + 1].filename) if bad + 1 < len(order) else "the central directory"
+        raise DataError(f"{archive}: archive entry {order[bad].filename!r} overlaps {other} "
+                        f"(one member's bytes listed under several names: a crafted archive, "
+                        f"e.g. a zip bomb); re-create the zip")
+    return {i.filename: nxt for i, nxt in zip(order, nexts)}
+
+
 class ZipSource(Source):
     kind = "zip"
 
@@ -223,24 +253,27 @@ class ZipSource(Source):
         super().__init__(path)
         self._zf: zipfile.ZipFile | None = None
         self._infos: dict[str, zipfile.ZipInfo] | None = None
+        self._ends: dict[str, int] = {}  # member name -> where the next member begins
         self._fh = None  # plain file handle for read_located
 
     def locate(self, keys: list[str]) -> list:
-        """(local header offset, compressed size, method, CRC-32, size, encrypted) per member.
+        """(local header offset, compressed size, method, CRC-32, size, flags, the name in
+        the central directory, where the next member begins) per member.
 
         Every member is read with these from one plain file handle, by ``read_located``:
         opening a ``ZipFile`` in each decoding worker would re-read and re-check the
         120,000-entry central directory there (about 1.5 s of CPU each), and
         ``zipfile.read`` inflates bzip2/LZMA members whole, whatever size they declare.
         """
-        infos = self._info()
+        infos, ends = self._info(), self._ends
         return [(i.header_offset, i.compress_size, i.compress_type, i.CRC, i.file_size,
-                 bool(i.flag_bits & 0x1)) for i in (infos[k] for k in keys)]
+                 i.flag_bits, i.orig_filename, ends[k]) for k, i in ((k, infos[k]) for k in keys)]
 
     def read_located(self, key: str, loc) -> bytes:
         if loc is None:
             return self.read(key)
-        offset, csize, method, crc, size, encrypted = loc
+        offset, csize, method, crc, size, flags, name, end = loc
+        encrypted = flags & 0x1
         where = f"{self.path}: archive entry '{key}'"
         if size > MAX_FILE_BYTES or csize > MAX_FILE_BYTES:
             raise DataError(f"{where}: declares {max(size, csize):,} bytes, more than any image "
@@ -251,15 +284,7 @@ class ZipSource(Source):
             raise DataError(f"{where}: compression method {method} is not supported (stored, "
                             f"deflate, bzip2 and LZMA are); re-zip it with plain deflate")
         try:
-            if self._fh is None:
-                self._fh = open(self.path, "rb")
-            self._fh.seek(offset)
-            header = self._fh.read(_LOCAL_HEADER.size)
-            if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
-                raise DataError(f"{where}: bad local header (truncated or corrupt archive)")
-            name_len, extra_len = _LOCAL_HEADER.unpack(header)[9:]
-            self._fh.seek(name_len + extra_len, os.SEEK_CUR)
-            raw = self._fh.read(csize)
+            raw = self._read_member(where, offset, csize, _raw_name(name, flags), end)
         except OSError as e:
             raise DataError(f"{where}: cannot read ({e.strerror})") from None
         if len(raw) != csize:
@@ -275,6 +300,28 @@ class ZipSource(Source):
         if len(raw) != size or zlib.crc32(raw) != crc:
             raise DataError(f"{where}: CRC or size mismatch (corrupt archive)")
         return raw
+
+    def _read_member(self, where: str, offset: int, csize: int, name: bytes, end: int) -> bytes:
+        """A member's compressed bytes, after checking that its local header carries the
+        central directory's name and that its data ends before the next member begins."""
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        header = self._fh.read(_LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
+            raise DataError(f"{where}: bad local header (truncated or corrupt archive)")
+        name_len, extra_len = _LOCAL_HEADER.unpack(header)[9:]
+        local_name = self._fh.read(name_len)
+        if local_name != name:
+            shown = local_name.decode("utf-8", "replace")
+            raise DataError(f"{where}: its local header names it {shown!r}; "
+                            f"an archive whose two names for a member differ is crafted or "
+                            f"corrupt; re-create the zip")
+        if offset + _LOCAL_HEADER.size + name_len + extra_len + csize > end:
+            raise DataError(f"{where}: its data overlaps the next member's (a crafted "
+                            f"archive, e.g. a zip bomb); re-create the zip")
+        self._fh.seek(extra_len, os.SEEK_CUR)
+        return self._fh.read(csize)
 
     def open(self) -> None:
         try:
@@ -308,6 +355,7 @@ class ZipSource(Source):
                     raise DataError(f"{self.path}: archive holds the name {i.filename!r} more "
                                     f"than once; re-create the zip")
                 by_name[i.filename] = i
+            self._ends = _member_ends(infos, self._zip().start_dir, str(self.path))
             self._infos = by_name
         return self._infos
 
@@ -337,6 +385,7 @@ class ZipSource(Source):
         self._zf = None
         self._fh = None
         self._infos = None
+        self._ends = {}
 
 
 class DirSource(Source):

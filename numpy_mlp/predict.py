@@ -19,6 +19,7 @@ import numpy as np
 
 from data import run_cli
 from data.errors import UserError
+from core.architecture import check_layer_dims
 from core.predict import DetectorBase, normalize_device, predict_cli
 from core.rundir import read_run_config
 
@@ -39,9 +40,11 @@ def load_run(run_dir) -> tuple[dict, dict]:
     if meta["layer_dims"][0] != 32 * 32 * 3 or meta["layer_dims"][-1] != 1:
         raise UserError(f"{run / 'model.safetensors'}: layer_dims {meta['layer_dims']} do not "
                         f"map a 32x32x3 image to one logit")
+    if "layer_dims" in cfg:
+        check_layer_dims(cfg["layer_dims"], str(run / "config.json"))
     # config.json and the weights must describe the same network: refuse, don't guess
     if cfg.get("model") != meta.get("model") or (
-            "layer_dims" in cfg and list(cfg["layer_dims"]) != meta["layer_dims"]):
+            "layer_dims" in cfg and cfg["layer_dims"] != meta["layer_dims"]):
         raise UserError(f"{run}: config.json describes model {cfg.get('model')!r} "
                         f"{cfg.get('layer_dims', '')}, but model.safetensors holds "
                         f"{meta.get('model')!r} {meta['layer_dims']}")

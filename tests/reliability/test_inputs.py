@@ -233,6 +233,22 @@ def test_other_stacks_nonsensical_numbers(stack, flags, needle, tmp_path):
     assert_no_trusted_run(out)
 
 
+@pytest.mark.parametrize("name", ["run\nnext", "run\tx", "run\rx"])
+def test_control_characters_in_out_are_refused(name, tmp_path):
+    """A newline in --out split the training's last line (the run's result and where it
+    is) and the printed resume command in two. Refused before anything runs, for the
+    bench commands' --out too."""
+    from bench.files import out_dir
+    out = tmp_path / name
+    p = run("numpy_mlp.train", "--data", tmp_path / "never-read.zip", "--out", out,
+            "--no-progress")
+    line = assert_user_error(p, "--out", "control characters")
+    assert len(p.stderr.strip().splitlines()) == 1 and repr(name)[1:-1] in line
+    with pytest.raises(UserError, match="--out must not contain control characters"):
+        out_dir(tmp_path / "bench" / name)
+    assert not out.exists() and not (tmp_path / "bench").exists()
+
+
 # ------------------------------------------------------------------ runs to break
 def _train(stack: str, out: Path, data: Path, cache: Path, *extra) -> None:
     p = run(f"{stack}.train", "--data", data, "--cache-dir", cache, "--out", out,
@@ -394,7 +410,43 @@ def _break_no_model(r: Path):
     return ["model.safetensors"]
 
 
+def _break_config_layer_dims(value):
+    def brk(r: Path):
+        cfg = json.loads((r / "config.json").read_text())
+        cfg["layer_dims"] = value
+        (r / "config.json").write_text(json.dumps(cfg))
+        return ["config.json", "layer_dims", repr(value)]
+    return brk
+
+
+def _break_nested_metadata(r: Path):
+    """100,000 nested brackets in the checkpoint's layer_dims: json.loads recursed too deep."""
+    from core.tensors import save_safetensors
+    save_safetensors(r / "model.safetensors", _mlp_tensors(),
+                     {"family": "mlp", "model": "mlp2",
+                      "layer_dims": "[" * 100_000 + "]" * 100_000})
+    return ["model.safetensors", "layer_dims"]
+
+
+def _break_checkpoint_fifo(r: Path):
+    """A named pipe in the checkpoint's place: opening it would block; it was 'not found'."""
+    (r / "model.safetensors").unlink()
+    os.mkfifo(r / "model.safetensors")
+    return ["model.safetensors", "not a regular file"]
+
+
+def _break_checkpoint_device(r: Path):
+    (r / "model.safetensors").unlink()
+    (r / "model.safetensors").symlink_to("/dev/zero")
+    return ["model.safetensors", "not a regular file"]
+
+
 PREDICT_RUN_CASES = {
+    "config_layer_dims_number": _break_config_layer_dims(5),
+    "config_layer_dims_null": _break_config_layer_dims(None),
+    "checkpoint_metadata_nested_100k": _break_nested_metadata,
+    "checkpoint_is_a_fifo": _break_checkpoint_fifo,
+    "checkpoint_links_to_a_device": _break_checkpoint_device,
     "checkpoint_wrong_shape": _break_wrong_shape,
     "checkpoint_extra_tensor": _break_extra_tensor,
     "checkpoint_missing_tensor": _break_missing_tensor,
@@ -734,6 +786,15 @@ def test_predict_scores_in_bounded_batches(tmp_path):
     assert max(seen) <= PREDICT_BATCH and sum(seen) == n
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_the_bytes_of_one_image_are_one_input_whatever_their_type(kind, tmp_path):
+    """Detector.predict(memoryview(data)) iterated the view: one record per byte."""
+    from numpy_mlp.predict import Detector
+    det = Detector.load(mlp_run(tmp_path / "run"))
+    (rec,) = det.predict(kind(jpeg(1, 5)))
+    assert rec["error"] is None and rec["label"] in ("FAKE", "REAL")
+
+
 def test_torch_predict_scores_many_images(tmp_path):
     """The CNN entry point through the shared batched loop, end to end (600 files)."""
     require("torch")
@@ -749,6 +810,30 @@ def test_torch_predict_scores_many_images(tmp_path):
     p = run("torch_cnn.predict", "--run", r, *[img] * 600, cwd=tmp_path)
     assert_ok(p)
     assert len(p.stdout.splitlines()) == 600
+
+
+def test_a_folder_scan_picks_up_every_format_the_decoder_reads(tmp_path):
+    """.jfif, .jpe and .avif files decoded when named but a folder scan skipped them
+    silently (the scan had its own list of eight extensions); it now takes the decoder's."""
+    from PIL import features
+    r = mlp_run(tmp_path / "run")
+    d = tmp_path / "photos"
+    d.mkdir()
+    names = ["a.jfif", "b.JPE"]
+    for name in names:
+        (d / name).write_bytes(jpeg(1, 6))
+    if features.check("avif"):
+        (d / "c.avif").write_bytes(image_bytes(synthetic_image(0, 6), "AVIF"))
+        names.append("c.avif")
+    (d / "notes.txt").write_text("not an image")
+    p = run("numpy_mlp.predict", "--run", r, "--json", d, cwd=tmp_path)
+    assert_ok(p)
+    assert [Path(x["path"]).name for x in json.loads(p.stdout)] == names
+    from data.images import decodable_extensions
+    scanned = set(decodable_extensions())
+    assert {".jpg", ".png", ".webp", ".gif", ".tif", ".bmp"} <= scanned
+    assert not {".txt", ".pdf", ".mpg", ".h5"} & scanned
+    assert (".avif" in scanned) == features.check("avif")
 
 
 # ------------------------------------------------------------------ one-line errors
@@ -821,6 +906,90 @@ def test_bzip2_and_lzma_members_are_size_capped_too(method, tmp_path):
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated while reading"
 
 
+def _central_records(b: bytes) -> tuple[int, list[bytearray], int]:
+    """(offset of the central directory, its records, offset of the end record) of a zip
+    without an archive comment."""
+    eocd = b.rfind(b"PK\x05\x06")
+    size, off = struct.unpack("<II", b[eocd + 12:eocd + 20])
+    recs, i = [], off
+    while i < off + size:
+        n, e, c = struct.unpack("<HHH", b[i + 28:i + 34])
+        recs.append(bytearray(b[i:i + 46 + n + e + c]))
+        i += 46 + n + e + c
+    return off, recs, eocd
+
+
+def _with_central(b: bytes, recs: list[bytearray]) -> bytes:
+    off, _, eocd = _central_records(b)
+    cd = b"".join(recs)
+    end = bytearray(b[eocd:eocd + 22])
+    struct.pack_into("<HHII", end, 8, len(recs), len(recs), len(cd), off)
+    return b[:off] + cd + bytes(end)
+
+
+def _renamed(rec: bytearray, name: str) -> bytearray:
+    n = struct.unpack("<H", rec[28:30])[0]
+    out = rec[:46] + name.encode() + rec[46 + n:]
+    struct.pack_into("<H", out, 28, len(name.encode()))
+    return out
+
+
+def _aliased(zp: Path) -> None:
+    """200 more names in the central directory for the bytes of train/REAL/0.jpg."""
+    b = zp.read_bytes()
+    _, recs, _ = _central_records(b)
+    (rec,) = [r for r in recs if r[46:].startswith(b"train/REAL/0.jpg")]
+    zp.write_bytes(_with_central(b, recs + [_renamed(rec, f"train/REAL/alias{k}.jpg")
+                                            for k in range(200)]))
+
+
+def _hidden_inside_another(zp: Path) -> None:
+    """A member whose local header and data lie inside another member's data (stored, so
+    they are there verbatim): the 'quoted overlap' of non-recursive zip bombs."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("train/REAL/hidden.jpg", jpeg(1, 77))
+    inner = inner.getvalue()
+    _, (rec,), _ = _central_records(inner)
+    carrier = "notes/carrier.bin"
+    with zipfile.ZipFile(zp, "a") as z:
+        z.writestr(carrier, inner[:30 + len("train/REAL/hidden.jpg") + len(jpeg(1, 77))])
+        start = z.getinfo(carrier).header_offset + 30 + len(carrier)
+    struct.pack_into("<I", rec, 42, start)
+    b = zp.read_bytes()
+    _, recs, _ = _central_records(b)
+    zp.write_bytes(_with_central(b, recs + [rec]))
+
+
+def _local_name_differs(zp: Path) -> None:
+    """train/REAL/0.jpg's local header names it train/REAL/0.png (the same length)."""
+    b = bytearray(zp.read_bytes())
+    with zipfile.ZipFile(zp) as z:
+        at = z.getinfo("train/REAL/0.jpg").header_offset + 30
+    assert b[at:at + 16] == b"train/REAL/0.jpg"
+    b[at:at + 16] = b"train/REAL/0.png"
+    zp.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("craft,needle", [
+    (_aliased, "'train/REAL/0.jpg' overlaps 'train/REAL/alias0.jpg'"),
+    (_hidden_inside_another, "'notes/carrier.bin' overlaps 'train/REAL/hidden.jpg'"),
+    (_local_name_differs, "'train/REAL/0.jpg': its local header names it 'train/REAL/0.png'")],
+    ids=["aliased_names", "member_inside_another", "local_name_differs"])
+def test_overlapping_or_renamed_zip_members_are_refused(craft, needle, tmp_path):
+    """Several central-directory names for one member's bytes made a 7 MB archive decompress
+    for hours, one copy per name, every copy accepted as an image; a member whose local
+    header carries another name was read without a look at it. Each is refused naming the
+    member; the overlaps from the directory alone, before anything is decompressed."""
+    zp = make_archive(tmp_path / "a.zip")
+    craft(zp)
+    with pytest.raises(DataError) as e:
+        load_cifake(zp, tmp_path / "c", verbose=False)
+    assert needle in str(e.value) and str(zp) in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not trusted_caches(tmp_path / "c")
+
+
 # ------------------------------------------------------------------ decoded cache
 def _cache_folder(cache: Path) -> Path:
     (target,) = [d for d in cache.iterdir() if d.is_dir()]
@@ -850,6 +1019,16 @@ def test_an_edited_cache_is_refused(edit, tiny_zip, tmp_path):
     p = run("numpy_mlp.train", "--data", tiny_zip, "--cache-dir", cache, "--out", tmp_path / "r",
             "--epochs", 1, "--no-progress", cwd=tmp_path)
     assert_user_error(p, needle, "damaged or edited")
+
+
+def test_a_deeply_nested_cache_manifest_is_rebuilt_not_a_traceback(tiny_zip, tmp_path):
+    """A manifest.json of 100,000 nested brackets raised RecursionError from json.load; it
+    is a damaged cache like any manifest that is not JSON: rebuilt."""
+    cache = tmp_path / "c"
+    load_cifake(tiny_zip, cache, verbose=False)
+    (_cache_folder(cache) / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    ds = load_cifake(tiny_zip, cache, verbose=False)
+    assert len(ds.train) == 12 and json.loads((_cache_folder(cache) / "manifest.json").read_text())
 
 
 def test_a_full_disk_during_the_cache_build_is_one_line(tiny_zip, tmp_path, monkeypatch):
@@ -1032,6 +1211,52 @@ def test_bench_cache_dir_and_data_are_relative_to_the_users_cwd(tmp_path, monkey
     assert specs and all(s["cache_dir"] == str(tmp_path / "rel-cache") for s in specs), err
     assert all(s["data"] == str(tmp_path / "tiny.zip") for s in specs)
     assert (tmp_path / "rel-cache").is_dir()
+
+
+@pytest.mark.parametrize("seed,needle", [("-5", "got -5"), ("4294967296", "at most"),
+                                         ("4294967294", "--budget-seeds 3")])
+def test_bench_seed_is_validated(seed, needle):
+    """`bench.compare --seed -5` ran the whole bench with a seed no stack accepts. (The
+    impossible --models choice makes a run that accepts the seed stop at once.)"""
+    from bench import compare
+    with pytest.raises(UserError, match="--seed") as e:
+        compare.main(["--seed", seed, "--budget-seeds", "3", "--backends", "numpy-mlp",
+                      "--models", "v3"])
+    assert needle in str(e.value)
+
+
+_RESULT_ROW = {"key": "bilinear+jpeg75", "n": 16, "n_fake": 3, "mean_p_fake": 0.3,
+               "chosen": True}
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"rows": "bilinear"}, "'rows' has the wrong type"),
+    ({"rows": ["x"]}, "rows[0]: not an object"),
+    ({"rows": []}, "'rows' is empty"),
+    ({"rows": [dict(_RESULT_ROW, n_fake="3")]}, "'n_fake' has the wrong type"),
+    ({"rows": [dict(_RESULT_ROW, chosen=False)]}, "no row is the chosen"),
+    ({"rows": [dict(_RESULT_ROW, mean_p_fake=7)]}, "'mean_p_fake' must be a share"),
+    ({"rows": [_RESULT_ROW], "roundtrip": []}, "'roundtrip' has the wrong type"),
+    ({"rows": [_RESULT_ROW], "roundtrip": {"rows": {"bilinear+jpeg75": 0.5}}},
+     "not an object"),
+    ({"rows": [_RESULT_ROW], "roundtrip": {"rows": {"bilinear+jpeg75": {"REAL": 1}}}},
+     "'FAKE' missing"),
+], ids=["rows_text", "row_text", "no_rows", "count_text", "none_chosen", "share_7",
+        "roundtrip_list", "roundtrip_row_number", "roundtrip_no_fake"])
+def test_a_realworld_result_of_the_wrong_shape_is_one_line(doc, needle, tmp_path):
+    """A realworld.json handed to the web page's --realworld whose rows were text, or whose
+    round trip was a list, raised an AttributeError traceback; the reader of the results
+    now checks their shape and names the file."""
+    from cifake.realworld import read_result
+    f = tmp_path / "realworld.json"
+    f.write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        read_result(f)
+    assert str(e.value).startswith(str(f)) and needle in str(e.value), str(e.value)
+    good = {"rows": [_RESULT_ROW, dict(_RESULT_ROW, key="box", chosen=False)],
+            "roundtrip": {"rows": {"bilinear+jpeg75": {"REAL": 0.9, "FAKE": 0.8}}}}
+    f.write_text(json.dumps(good))
+    assert read_result(f) == good
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ the final weights must be bit-identical (CPU) to an uninterrupted run. A NaN/inf
 the run naming epoch and step and keeps the last good checkpoint. An output directory that
 cannot be written, a disk that is full or fills up during training, and a write that fails
 are one line each, before training where they can be, and keep the previous files. Every
-file the stacks write goes through the atomic helpers.
+file the stacks write goes through the atomic helpers, and the temp file of a killed write is
+removed by the next write of that file. A closed standard stream stops a command before it
+runs; one that fails while results or errors are written is one line and a nonzero exit.
 
 Every test runs the REAL entry points (``python -m ...``) the way a user does, and judges
 only what a user sees: the exit status, stderr's last line, and what is left on disk.
@@ -506,3 +508,114 @@ def test_disk_filling_up_during_training_then_resume(tmp_path):
         ref = tmp_path / "ref"
         assert_ok(run("numpy_mlp.train", *common, "--out", ref, *fresh))
         assert_same_weights(out / "model.safetensors", ref / "model.safetensors")
+
+
+# ------------------------------------------------------------------ standard streams
+def _predict_case(tmp_path: Path) -> tuple[Path, Path, Path]:
+    from tests.helpers import image_bytes, mlp_run, synthetic_image
+    run_dir = mlp_run(tmp_path / "run")
+    good = tmp_path / "good.jpg"
+    good.write_bytes(image_bytes(synthetic_image(1, 0)))
+    return run_dir, good, tmp_path / "missing.jpg"
+
+
+def _with_streams(module: str, *args, close: int | None = None, stdout=subprocess.PIPE,
+                  cwd=None) -> subprocess.CompletedProcess:
+    """``python -m module args`` with file descriptor ``close`` (1 or 2) closed, as the
+    shell's ``>&-`` / ``2>&-`` leave it; the other stream captured."""
+    from tests.helpers import cmd
+    return subprocess.run(cmd(module, *args), cwd=cwd or REPO, env=env(), stdout=stdout,
+                          stderr=subprocess.PIPE if close != 2 else None, timeout=120,
+                          preexec_fn=(lambda: os.close(close)) if close else None)
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]], ids=["text", "json"])
+def test_closed_standard_output_is_an_error_not_a_silent_success(extra, tmp_path):
+    """`predict >&-` printed its results into nothing and exited 0."""
+    run_dir, good, _ = _predict_case(tmp_path)
+    p = _with_streams("numpy_mlp.predict", "--run", run_dir, *extra, good, close=1,
+                      stdout=None)
+    assert p.returncode == 2 and "Traceback" not in p.stderr.decode(), p.stderr
+    assert last_line(p.stderr.decode()).startswith("error:")
+    assert "standard output is closed" in last_line(p.stderr.decode())
+
+
+def test_closed_standard_error_never_puts_errors_among_the_results(tmp_path):
+    """`predict 2>&-` wrote its error lines to standard output, among the scores."""
+    run_dir, good, missing = _predict_case(tmp_path)
+    p = _with_streams("numpy_mlp.predict", "--run", run_dir, good, missing, close=2)
+    assert p.returncode != 0
+    assert b"error:" not in p.stdout and b"missing.jpg" not in p.stdout, p.stdout
+
+
+def test_closed_standard_error_stops_training_before_it_starts(tmp_path):
+    """Training's progress and errors go to standard error; with it closed they went to
+    standard output. Nothing is run, no run folder is made."""
+    zp = make_archive(tmp_path / "tiny.zip")
+    out = tmp_path / "run"
+    p = _with_streams("numpy_mlp.train", *train_argv(zp, tmp_path / "cache", out, "--epochs",
+                                                     "1"), close=2)
+    assert p.returncode == 2 and p.stdout == b"", p.stdout
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_standard_output_after_writing_output_file_is_one_line(tmp_path):
+    """The summary printed after `--output` raised an OSError traceback on a full disk."""
+    run_dir, good, _ = _predict_case(tmp_path)
+    out = tmp_path / "scores.csv"
+    with open("/dev/full", "w") as full:
+        p = _with_streams("numpy_mlp.predict", "--run", run_dir, good, "--output", out,
+                          stdout=full)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert last_line(err).startswith("error:") and "No space left" in last_line(err)
+    assert len(out.read_text().splitlines()) == 2  # the rows themselves were written whole
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_failing_standard_error_is_a_nonzero_exit_without_traceback(tmp_path):
+    run_dir, good, missing = _predict_case(tmp_path)
+    from tests.helpers import cmd
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(cmd("numpy_mlp.predict", "--run", run_dir, good, missing),
+                           cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=full,
+                           timeout=120)
+    assert p.returncode == 2 and b"error:" not in p.stdout, p.stdout
+
+
+# ------------------------------------------------------------------ predict --output
+def test_a_killed_predict_output_leaves_no_temp_file_for_long(tmp_path):
+    """`predict --output` killed mid-way (kill -9) left its .scores.csv.*.tmp forever. The
+    next write of the same file removes it; a live writer's temp file, and files that are
+    not ours, are kept."""
+    run_dir, good, _ = _predict_case(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good.rename(photos / "good.jpg")
+    out = tmp_path / "scores.csv"
+    p = start("numpy_mlp.predict", "--run", run_dir, "--batch-size", "1", "--output", out,
+              *[photos] * 2000)
+    t0 = time.time()
+    while not _temp_files(tmp_path):
+        assert p.poll() is None, "predict ended before it could be killed"
+        assert time.time() - t0 < 60
+        time.sleep(0.002)
+    rc, _ = kill(p)
+    assert rc == -signal.SIGKILL and not out.exists()
+    (left,) = _temp_files(tmp_path)
+    foreign = tmp_path / ".scores.csv.editor.tmp"
+    foreign.write_text("not ours")
+    assert_ok(run("numpy_mlp.predict", "--run", run_dir, photos, "--output", out))
+    assert _temp_files(tmp_path) == [foreign.name]
+    assert left.startswith(".scores.csv.cifake-")
+    assert len(out.read_text().splitlines()) == 2
+    from core.atomic import _locked_temp, remove_stale_temps
+    fd, live = _locked_temp(out)  # a writer at work: its lock is held
+    try:
+        remove_stale_temps(out)
+        assert os.path.exists(live)
+    finally:
+        os.close(fd)
+    remove_stale_temps(out)
+    assert not os.path.exists(live) and foreign.exists()

@@ -11,7 +11,9 @@ tensor is checked before use.
 - Every stack's checkpoint loader rejects a wrong shape, an extra or missing tensor and
   a wrong dtype with a one-line UserError naming the tensor.
 - Archives are decoded in memory (nothing extracted to disk) and image decoding is
-  bounded (PIL's MAX_IMAGE_PIXELS set; a bomb is refused by predict too).
+  bounded (PIL's MAX_IMAGE_PIXELS set; a bomb is refused by predict too, and so is a
+  large picture nested in a small-looking container).
+- A file name cannot become a spreadsheet formula in predict's CSV.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import tokenize
 import zipfile
 from pathlib import Path
@@ -395,3 +398,51 @@ def test_predict_refuses_a_decompression_bomb_without_allocating(runs_dir, tmp_p
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "decompression bomb" in last_line(p.stderr) and str(bomb) in last_line(p.stderr)
     assert str(runs_dir["img"]) in p.stdout  # the good image was still scored
+
+
+def _icns(png: bytes, kind: bytes = b"ic10") -> bytes:
+    """A macOS icon file holding one PNG; its type code (ic10) declares 1024x1024."""
+    entry = kind + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+@pytest.mark.parametrize("where", ["file", "bytes"])
+def test_a_picture_nested_in_an_icon_is_held_to_the_pixel_cap(where, tmp_path):
+    """An ICNS declares 1024x1024 in its header and may hold an 8000x8000 PNG (64 Mpx, over
+    the 40 Mpx cap): Pillow only warned, and the PNG was decoded. The cap now holds for
+    every picture decoded and for the size it decodes to. (A 100-byte PNG header stands in
+    for the picture: refused before any pixel is decoded.)"""
+    from data.errors import DataError
+    from data.images import load_image_bytes, load_image_for_model
+    from tests.helpers import png_bomb
+    data = _icns(png_bomb(8000, 8000))
+    f = tmp_path / "icon.icns"
+    f.write_bytes(data)
+    with pytest.raises(DataError, match=r"too many pixels.*decompression bomb refused") as e:
+        load_image_for_model(str(f)) if where == "file" else load_image_bytes(data, "upload")
+    assert str(e.value).startswith(str(f) if where == "file" else "upload")
+
+
+# ------------------------------------------------------------------ spreadsheets
+def test_csv_cells_that_look_like_formulas_are_neutralised(tmp_path):
+    """A file named '=HYPERLINK(...).jpg' put its name verbatim into predict's CSV, where a
+    spreadsheet runs it as a formula. Every text cell beginning with =, +, -, @, a tab or a
+    carriage return now starts with ' (OWASP), in the path and the error columns alike."""
+    import csv
+    from tests.helpers import mlp_run
+    r = mlp_run(tmp_path / "run")
+    good = "=HYPERLINK(\"evil\",\"x\").jpg"
+    (tmp_path / good).write_bytes(image_bytes(synthetic_image(1, 0)))
+    (tmp_path / "@SUM(1+1).jpg").write_bytes(b"not an image")
+    (tmp_path / "\tx.jpg").write_bytes(b"not an image")
+    out = tmp_path / "scores.csv"
+    p = run("numpy_mlp.predict", "--run", r, good, "@SUM(1+1).jpg", "\tx.jpg", "--output", out,
+            cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [row["path"] for row in rows] == ["'" + good, "'@SUM(1+1).jpg", "'\tx.jpg"]
+    assert rows[0]["error"] == "" and rows[0]["label"] in ("FAKE", "REAL")
+    assert rows[1]["error"].startswith("'@SUM(1+1).jpg: not a readable image")
+    assert rows[2]["error"].startswith("\\tx.jpg: not a readable image")  # escaped: text
+    for row in rows:
+        assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())

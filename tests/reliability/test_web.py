@@ -24,7 +24,8 @@ from contextlib import contextmanager
 import pytest
 from PIL import Image
 
-from tests.helpers import cmd, env, mlp_run, require_modules, skip_or_fail
+from data.errors import UserError
+from tests.helpers import cmd, env, make_archive, mlp_run, require_modules, skip_or_fail
 
 MiB = 2**20
 BOUNDARY = "cifake-test-boundary"
@@ -497,3 +498,28 @@ def test_the_page_splits_a_drop_into_uploads_within_the_limits(run_dir, tmp_path
     finally:
         p.terminate()
         p.wait(20)
+
+
+def test_the_page_shows_the_battery_when_the_run_has_it_and_a_note_when_it_is_damaged(
+        run_dir, tmp_path):
+    from cifake import battery
+    never = call(make_app(run_dir), "GET", "/").body.decode()
+    assert "not been measured" in never and "cifake.battery" in never
+    archive = make_archive(tmp_path / "tiny.zip", n_train=2, n_test=4)
+    assert battery.main(["--run", str(run_dir), "--data", str(archive), "--cache-dir",
+                         str(tmp_path / "cache"), "--workers", "1"]) == 0
+    shown = call(make_app(run_dir), "GET", "/")
+    assert shown.status == 200 and "JPEG quality 50" in shown.body.decode()
+    (run_dir / "battery.json").write_text("[1, 2")
+    damaged = call(make_app(run_dir), "GET", "/")
+    assert damaged.status == 200, (damaged.status, damaged.crashed)
+    text = damaged.body.decode()
+    assert 'class="note"' in text and "battery.json" in text and "Traceback" not in text
+
+
+def test_a_wrongly_shaped_realworld_json_is_refused_at_start_with_one_line(run_dir):
+    from cifake.demo import realworld_html
+    bad = run_dir / "realworld.json"
+    bad.write_text(json.dumps({"rows": [{"key": "a", "chosen": True, "n": "16"}]}))
+    with pytest.raises(UserError, match="realworld.json"):
+        realworld_html(bad, run_dir)

@@ -178,6 +178,7 @@ def test_realworld_end_to_end_on_a_generated_cnn_run(tmp_path, capsys):
     out = tmp_path / "out"
     assert realworld.main(["--run", str(run), "--out", str(out)]) == 0
     res = json.loads((out / "realworld.json").read_text())
+    assert realworld.read_result(out / "realworld.json") == res  # what it writes, it reads back
     assert res["n_photos"] == len(realworld.PHOTOS)
     assert len(res["rows"]) == 11 and sum(r["chosen"] for r in res["rows"]) == 1
     for r in res["rows"]:
