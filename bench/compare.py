@@ -59,7 +59,10 @@ from core.catalog import CNN_MODELS, MLP_MODELS, MODELS, family_of
 from core import flags
 from core.flags import ArgumentParser, positive_int
 
+from jax_port import CONV_IMPLS  # the names only: importing it starts no JAX
+
 from .files import out_dir, png_bytes
+
 from .speed.backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
 from .speed.machine import roofline_fraction, train_flops
 from .speed.worker import RESULT_TAG
@@ -135,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "estimating it from the throughput (GPU CNN epochs are always measured)")
     ap.add_argument("--seed", type=flags.seed, default=0,
                     help="seed of init, batch order, augmentation, in [0, 2**32)")
+    ap.add_argument("--jax-conv", choices=CONV_IMPLS, default=None,
+                    help="the JAX CNN's convolution formulation (default: the port's own "
+                         "for the device, what `python -m jax_port.train` uses); parity is "
+                         "checked for the one timed")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     ap.add_argument("--no-chart", action="store_true", help="skip bench.png")
     ap.add_argument("--no-scaling", action="store_true",
@@ -662,6 +669,7 @@ def _config(args) -> tuple[dict, dict]:
     cfg = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v)
            for k, v in base.items()}
     cfg.update(seed=args.seed, measure_cnn_epoch=args.measure_cnn_epoch, quick=args.quick,
+               jax_conv=args.jax_conv,
                backends=args.backends, models=args.models, devices=args.devices)
     if cfg["seed"] + cfg["budget_seeds"] > flags.SEED_LIMIT:
         raise UserError(f"--seed {cfg['seed']} with --budget-seeds {cfg['budget_seeds']}: the "
@@ -714,7 +722,8 @@ def _run_rows(args, runs, cfg: dict, base: dict, data_path, seeds, inits) -> lis
         spec = {"backend": b, "device": d, "model": m, "n_devices": n, "data": data_path,
                 "cache_dir": args.cache_dir, **{k: cfg[k] for k in base},
                 "seed": cfg["seed"], "measure_cnn_epoch": cfg["measure_cnn_epoch"],
-                "budget_seed_list": seeds, "init_weights": inits.get(m)}
+                "budget_seed_list": seeds, "init_weights": inits.get(m),
+                "jax_conv": args.jax_conv}
         res, err = run_worker(worker_argv(b, spec), worker_env(b, d), args.worker_timeout)
         if res is None:
             res = {"ok": False, "backend": b, "device": d, "model": m, "error": err}
@@ -731,6 +740,8 @@ def _run_parity(args, runs, notes: list[str]) -> dict | None:
     want = sorted({m for (b, _, m, _) in runs if b.startswith("jax")})
     # the port uses lax.conv on a GPU: check that formulation too (computed on the CPU)
     want += sorted({f"{m}:xla" for (b, d, m, _) in runs if b == "jax-cnn" and d == "gpu"})
+    if args.jax_conv:  # the formulation asked for, wherever it was timed
+        want += sorted({f"{m}:{args.jax_conv}" for (b, _, m, _) in runs if b == "jax-cnn"})
     checks = want + (["torch-device"] if any(b in TORCH_DEVICE_PIPELINE
                                              for b, _, _, _ in runs) else [])
     if not checks:

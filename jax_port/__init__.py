@@ -21,3 +21,7 @@ done (tests/parity/test_parity_mlp.py, tests/parity/test_parity_cnn.py). Public 
 - ``jax_port.checkpoint``: ``save(path, spec, variables)`` / ``load(path, model=None)``.
 - ``python -m jax_port.train`` / ``python -m jax_port.predict``.
 """
+
+# The CNN's convolution formulations (jax_port.model.conv3x3), here so that a command can
+# offer them without importing JAX.
+CONV_IMPLS = ("hybrid", "im2col", "xla")

@@ -33,7 +33,7 @@ from core.architecture import (BN_EPS, BN_MOMENTUM, DROPOUT_P, FC_HIDDEN, has_ba
 from core.catalog import CNN_MODELS, DROPOUT_MODELS, MLP_HIDDEN
 from core.init import cnn_init, mlp_init
 
-from . import convert
+from . import CONV_IMPLS, convert
 
 # ---------------------------------------------------------------- architectures
 
@@ -90,7 +90,6 @@ def init_variables(spec: ModelSpec, seed: int, dtype=jnp.float32) -> dict:
 
 
 # ---------------------------------------------------------------- layers
-CONV_IMPLS = ("hybrid", "im2col", "xla")
 # Below this many input channels the hybrid forward uses im2col: with C_in = 3 the patch
 # matrix is small (27 columns) and one matmul beats XLA:CPU's convolution; above it
 # lax.conv wins (measured inside lax.scan, where training runs).
@@ -107,6 +106,8 @@ def conv3x3(x, kernel, bias, impl: str):
     ``impl="hybrid"`` (CPU): the same function with a hand-written backward, see
     ``_conv3x3_hybrid``.
     """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown convolution formulation {impl!r} (one of {CONV_IMPLS})")
     if impl == "xla":
         return _conv_xla(x, kernel) + bias
     if impl == "hybrid":

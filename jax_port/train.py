@@ -56,10 +56,11 @@ from data.errors import UserError
 from . import checkpoint, convert
 from . import steps as S
 from .checkpoint import jax_to_numpy
+from . import CONV_IMPLS
 from .model import default_conv_impl, get_spec, init_variables, layer_dims_for
 from .steps import EpochRunner, StepConfig, TrainState, final_variables, init_state
 
-CONV_IMPLS = ("auto", "hybrid", "im2col", "xla")
+CONV_CHOICES = ("auto", *CONV_IMPLS)
 # what starts a multi-host run (jax.distributed.initialize reads the first itself)
 MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -127,14 +128,14 @@ class JaxPort(Stack):
     name = "jax_port"
     description = "Train a CIFAKE detector with JAX (MLP or CNN)."
     models = MODELS
-    checks = {"conv_impl": flags.choice("--conv-impl", CONV_IMPLS),
+    checks = {"conv_impl": flags.choice("--conv-impl", CONV_CHOICES),
               "devices": flags.optional(flags.devices)}
     # how many devices is where, not what (float rounding apart): a run may continue on
     # another number
     resume_flags = frozenset({"devices"})
 
     def add_flags(self, ap):
-        ap.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
+        ap.add_argument("--conv-impl", choices=CONV_CHOICES, default="auto",
                         help="CNN convolution formulation: hybrid (CPU default: fast XLA:CPU "
                              "kernels, hand-written backward), im2col+matmul, or XLA's "
                              "convolution (GPU default)")

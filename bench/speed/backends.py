@@ -28,6 +28,7 @@ against ``BACKENDS`` without paying for them.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -370,6 +371,10 @@ class JaxBackend(Backend):
                                      lr=self.hp["lr"], decay=self.hp["decay"])
         self.full_runner = None  # the full-batch phase's, made on its first epoch
 
+    def use_conv_impl(self, conv_impl: str) -> None:
+        self.cfg = dataclasses.replace(self.cfg, conv_impl=conv_impl)
+        self.runner.cfg = self.cfg
+
     def set_seed(self, seed):
         super().set_seed(seed)
         self.runner.seed = seed  # the runner draws its batch order and dropout masks
@@ -443,13 +448,17 @@ _CLASSES = {"numpy-mlp": NumpyMLP, "torch-torchvision": TorchTorchvision,
 
 
 def make_backend(name: str, model: str, device: str, seed: int = 0,
-                 n_devices: int = 1) -> Backend:
+                 n_devices: int = 1, conv_impl: str | None = None) -> Backend:
+    """``conv_impl``: the JAX CNN's convolution formulation (None: the port's default for
+    the device); every other backend has one formulation and ignores it."""
     info = BACKENDS[name]
     if family_of(model) != info.family:
         raise ValueError(f"backend {name} runs {info.family.upper()} models, not {model}")
     if n_devices > 1 and not info.parallel:
         raise ValueError(f"backend {name} trains on one device")
     b = _CLASSES[name](model, device, seed, n_devices)
+    if conv_impl is not None and name == "jax-cnn":
+        b.use_conv_impl(conv_impl)
     b.name = name
     b.jit = info.jit
     return b

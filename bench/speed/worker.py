@@ -115,7 +115,8 @@ def run(spec: dict) -> dict:
     log(spec, "importing and loading data")
     train, test = load_splits(spec)
     n_devices = spec.get("n_devices", 1)
-    b = make_backend(spec["backend"], model, spec["device"], seed, n_devices)
+    b = make_backend(spec["backend"], model, spec["device"], seed, n_devices,
+                     conv_impl=spec.get("jax_conv"))
     setup_s = time.perf_counter() - t_start
     rss_setup = rss_peak_mib()
     res = {"backend": spec["backend"], "device": spec["device"], "model": model,

@@ -377,3 +377,15 @@ def test_torch_device_on_two_processes_reports_one_row(tmp_path):
     assert res is not None and res["ok"], err or res
     assert res["n_devices"] == 2 and res["device_name"] == "2 x cpu"
     assert res["budget"]["n_train"] == 20 and res["budget"]["n_test"] == 10
+
+
+def test_jax_conv_chooses_the_timed_formulation_and_its_parity_check():
+    require("jax")
+    from bench.speed.backends import make_backend
+    assert make_backend("jax-cnn", "v3", "cpu", conv_impl="im2col").cfg.conv_impl == "im2col"
+    assert make_backend("jax-cnn", "v3", "cpu").cfg.conv_impl == "hybrid"   # the CPU default
+    args = compare.build_parser().parse_args(["--jax-conv", "im2col", "--backends", "jax-cnn",
+                                              "--models", "v3"])
+    assert compare._config(args)[0]["jax_conv"] == "im2col"
+    with pytest.raises(SystemExit):
+        compare.build_parser().parse_args(["--jax-conv", "winograd"])
