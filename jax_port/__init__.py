@@ -25,3 +25,22 @@ done (tests/parity/test_parity_mlp.py, tests/parity/test_parity_cnn.py). Public 
 # The CNN's convolution formulations (jax_port.model.conv3x3), here so that a command can
 # offer them without importing JAX.
 CONV_IMPLS = ("hybrid", "im2col", "xla")
+
+# XLA:CPU hands each ``lax.conv`` to YNNPACK, which runs the v3 step's convolutions on one
+# thread: on a 2-core machine the second core then idles through a quarter of the step.
+# Without that route XLA runs them with its own multi-threaded (Eigen) kernels, measured
+# 1.2-1.3x faster for the whole v3 training step on the project's 2-core CPU
+# (docs/bench.md, "Where the CPU step's time goes"). XLA reads XLA_FLAGS once, when JAX
+# starts its CPU backend: the flag is added here, at import, unless the user's XLA_FLAGS
+# already choose YNNPACK's fusions. The values are the same function (parity tests).
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def _prefer_threaded_convolutions() -> None:
+    import os
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
+
+
+_prefer_threaded_convolutions()
