@@ -26,21 +26,22 @@ done (tests/parity/test_parity_mlp.py, tests/parity/test_parity_cnn.py). Public 
 # offer them without importing JAX.
 CONV_IMPLS = ("hybrid", "im2col", "xla")
 
-# XLA:CPU hands each ``lax.conv`` to YNNPACK, which runs the v3 step's convolutions on one
-# thread: on a 2-core machine the second core then idles through a quarter of the step.
-# Without that route XLA runs them with its own multi-threaded (Eigen) kernels, measured
-# 1.2-1.3x faster for the whole v3 training step on the project's 2-core CPU
+# XLA:CPU hands each ``lax.conv`` and each dot to YNNPACK, which runs the v3 step's
+# convolutions and the small MLP's products on one thread: on a 2-core machine the second
+# core then idles through much of the step. Without that route XLA runs them with its own
+# multi-threaded (Eigen) kernels, measured on the project's 2-core CPU at 1.2-1.3x for the
+# v3 training step and ~1.2x for the mini-batch MLP epoch, full-batch epochs unchanged
 # (docs/bench.md, "Where the CPU step's time goes"). XLA reads XLA_FLAGS once, when JAX
 # starts its CPU backend: the flag is added here, at import, unless the user's XLA_FLAGS
-# already choose YNNPACK's fusions. The values are the same function (parity tests).
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# already choose YNNPACK's fusions. Same function, other rounding (parity tests).
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution"
 
 
-def _prefer_threaded_convolutions() -> None:
+def _prefer_threaded_kernels() -> None:
     import os
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
 
 
-_prefer_threaded_convolutions()
+_prefer_threaded_kernels()
