@@ -16,7 +16,7 @@ from bench import compare
 from bench.speed import machine
 from bench.speed.backends import BACKENDS
 from bench.speed.machine import roofline_fraction, train_flops
-from data.errors import run_cli
+from data.errors import UserError, run_cli
 from tests.helpers import require, REPO, make_archive
 from tests.helpers import env as helpers_env
 
@@ -387,5 +387,5 @@ def test_jax_conv_chooses_the_timed_formulation_and_its_parity_check():
     args = compare.build_parser().parse_args(["--jax-conv", "im2col", "--backends", "jax-cnn",
                                               "--models", "v3"])
     assert compare._config(args)[0]["jax_conv"] == "im2col"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--jax-conv: invalid choice: 'winograd'"):
         compare.build_parser().parse_args(["--jax-conv", "winograd"])
