@@ -55,6 +55,7 @@ from pathlib import Path
 
 from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes, atomic_write_json
+from core.tensors import save_safetensors
 from core.catalog import CNN_MODELS, MLP_MODELS, MODELS, family_of
 from core import flags
 from core.flags import ArgumentParser, positive_int
@@ -63,7 +64,7 @@ from jax_port import CONV_IMPLS  # the names only: importing it starts no JAX
 
 from .files import out_dir, png_bytes
 
-from .speed.backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS
+from .speed.backends import BACKENDS, DEVICES, REFERENCE, TORCH_CNN_BACKENDS, spec_init_weights
 from .speed.machine import roofline_fraction, train_flops
 from .speed.worker import RESULT_TAG
 
@@ -695,21 +696,15 @@ def _data_info(args, cfg: dict) -> dict:
     return {**info, "n_train": len(ds.train), "n_test": len(ds.test)}
 
 
-def _write_inits(models, seeds, folder: str, notes: list[str]) -> dict[str, list[str]]:
+def _write_inits(models, seeds, folder: str) -> dict[str, list[str]]:
     """The accuracy budget starts every backend of a family from the same weights: the
     spec's init for each seed, written once per model into ``folder`` (not a result)."""
     files = {}
     for m in models:
         paths = [str(Path(folder) / f"init-{m}-s{sd}.safetensors") for sd in seeds]
         for sd, path in zip(seeds, paths):
-            res, err = run_worker(["bench.speed.worker", "--init", m, str(sd), path],
-                                  worker_env("numpy-mlp", "cpu"), 300)
-            if res is None:
-                notes.append(f"{m}: could not write the spec's initial weights ({err}); "
-                             f"each backend starts the budget from its own init")
-                break
-        else:
-            files[m] = paths
+            save_safetensors(path, spec_init_weights(m, sd), {"model": m, "seed": str(sd)})
+        files[m] = paths
     return files
 
 
@@ -781,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     machine_before = measure_machine(notes)
     seeds = [cfg["seed"] + k for k in range(cfg["budget_seeds"])]
     with tempfile.TemporaryDirectory(prefix="bench-init-") as tmp:
-        inits = _write_inits(args.models, seeds, tmp, notes) if data_info["path"] else {}
+        inits = _write_inits(args.models, seeds, tmp) if data_info["path"] else {}
         rows = _run_rows(args, runs, cfg, base, data_info["path"], seeds, inits)
     if any(n > 1 and d == "cpu" for _, d, _, n in runs):
         notes.append("the CPU rows on several devices are JAX's forced host devices: they "

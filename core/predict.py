@@ -167,12 +167,6 @@ def check_threshold(t) -> float:
     return v
 
 
-def normalize_device(device: str) -> str:
-    """'auto' | 'cpu' | 'gpu' ('cuda' is the same as 'gpu', case-insensitive): the train
-    commands' vocabulary (``core.flags.device``)."""
-    return flags.device(device)
-
-
 # ------------------------------------------------------------------ detector
 class DetectorBase:
     """A trained run, ready to score images. Subclasses set ``stack`` and implement
@@ -303,7 +297,7 @@ def text_line(rec: dict) -> str:
 def add_device_flag(ap: argparse.ArgumentParser, help_extra: str = "") -> None:
     def parse(s: str) -> str:
         try:
-            return normalize_device(s)
+            return flags.device(s)  # the train commands' vocabulary
         except UserError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     ap.add_argument("--device", type=parse, default="auto", metavar="{auto,cpu,gpu}",

@@ -20,7 +20,8 @@ import numpy as np
 
 from data import run_cli
 from data.errors import UserError
-from core.predict import DetectorBase, normalize_device, predict_cli
+from core import flags
+from core.predict import DetectorBase, predict_cli
 from core.recipe import tta_of
 from core.rundir import read_run_config
 
@@ -31,7 +32,7 @@ def jax_device(device: str):
     """'auto' | 'cpu' | 'gpu' (or 'cuda') -> a jax.Device; a GPU asked for and absent is an
     error rather than a silent fall back to the CPU."""
     import jax
-    d = normalize_device(device)
+    d = flags.device(device)
     if d == "cpu":
         return jax.devices("cpu")[0]
     if d == "auto":

@@ -20,7 +20,8 @@ import numpy as np
 from data import run_cli
 from data.errors import UserError
 from core.architecture import check_layer_dims
-from core.predict import DetectorBase, normalize_device, predict_cli
+from core import flags
+from core.predict import DetectorBase, predict_cli
 from core.rundir import read_run_config
 
 from . import checkpoint
@@ -71,7 +72,7 @@ class Detector(DetectorBase):
 
     @classmethod
     def load(cls, run_dir, device: str = "auto") -> "Detector":
-        if normalize_device(device) == "gpu":
+        if flags.device(device) == "gpu":
             raise UserError("--device gpu: the NumPy MLP runs on the CPU only "
                             "(use --device cpu or auto)")
         params, cfg = load_run(run_dir)

@@ -132,14 +132,14 @@ class Backend:
 
 def spec_init_weights(model: str, seed: int) -> dict[str, np.ndarray]:
     """The SPEC stack's initial weights for ``seed`` under the canonical names (numpy_mlp's
-    He init for MLPs, torch_cnn's seeded default init for CNNs). The accuracy budget starts
+    He init for MLPs, the CNNs' seeded init that torch_cnn loads). The accuracy budget starts
     every backend of a family from these, so its rows differ only by the engine (and by the
     augmentation / dropout draws, which each pipeline makes its own way)."""
     if family_of(model) == "mlp":
         from numpy_mlp import model as nm
         return nm.init_params(nm.layer_dims_for(model), seed, np.float32)
-    from torch_cnn.model import init_model
-    return {k: v.detach().cpu().numpy().copy() for k, v in init_model(model, seed).state_dict().items()}
+    from core.init import cnn_init  # the arrays torch_cnn.model.init_model loads
+    return cnn_init(model, seed)
 
 
 # ------------------------------------------------------------------ NumPy MLP

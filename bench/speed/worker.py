@@ -27,7 +27,6 @@ Phases (all clocks read with ``time.perf_counter`` after the device is idle):
 5. full batch   -- MLPs: seconds per full-batch gradient-descent epoch over the whole
                    training split (one untimed warm-up epoch, then ``repeats`` timed ones),
                    with the ``<model>-full`` preset's learning rate.
-``python -m bench.speed.worker --init MODEL SEED PATH`` writes those initial weights (safetensors).
 """
 from __future__ import annotations
 
@@ -330,8 +329,6 @@ def _probe_torch() -> dict:
         info["torch_gpu"] = torch.cuda.get_device_name(0) if info["torch_cuda"] else None
         info["torch_gpu_count"] = torch.cuda.device_count() if info["torch_cuda"] else 0
         info["torch_threads"] = torch.get_num_threads()
-        import torchvision
-        info["torchvision"] = torchvision.__version__
     except Exception as e:  # noqa: BLE001 -- report, don't fail: the row will say why
         info["torch_error"] = f"{type(e).__name__}: {e}"
     return info
@@ -365,13 +362,6 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "--machine":  # the compute roof and memory bandwidth, now
         from bench.speed.machine import measure
         print(RESULT_TAG + json.dumps(measure()), flush=True)
-        return 0
-    if argv and argv[0] == "--init":  # --init MODEL SEED PATH: the spec's initial weights
-        from bench.speed.backends import spec_init_weights
-        from core.tensors import save_safetensors
-        model, seed, path = argv[1], int(argv[2]), argv[3]
-        save_safetensors(path, spec_init_weights(model, seed), {"model": model, "seed": str(seed)})
-        print(RESULT_TAG + json.dumps({"ok": True, "path": path}), flush=True)
         return 0
     spec = json.loads(argv[0])
     try:
