@@ -1,28 +1,8 @@
 import os
-import shutil
-import tempfile
 
 import pytest
 
 from tests.helpers import MINI_ZIP, make_archive
-
-# One JAX compilation cache for the whole session, shared by the xdist workers and every
-# subprocess they start (they inherit the environment): the suite compiles the same tiny
-# programs in dozens of processes. A cache hit loads the executable XLA compiled for the
-# same program, flags and jax version, so it changes no value. Set here, in the process
-# that starts the workers, before any of them imports jax.
-if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _JAX_CACHE = tempfile.mkdtemp(prefix="cifake-tests-jax-cache-")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE,
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-else:
-    _JAX_CACHE = None
-
-
-def pytest_unconfigure(config):
-    if _JAX_CACHE and not hasattr(config, "workerinput"):
-        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
