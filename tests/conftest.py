@@ -29,7 +29,6 @@ def mini_zip():
     return MINI_ZIP
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Files holding a ``slow`` test run first (each file's tests keep their order, so its
     module fixtures are built once): the workers then finish on the many short tests
