@@ -1,14 +1,24 @@
 """The behaviour does not change: tiny fixed-seed runs of every stack and preset, through
-the public ``train`` entry points, end at the recorded weights. NumPy and torch must be
-bit-identical; JAX identical or within float32 rounding (its fusion choices may reorder
-sums). ``CIFAKE_GOLDEN_WRITE=1`` records the fingerprints anew (only when a change of
-behaviour is intended, and said so in the commit)."""
+the public ``train`` entry points, end at the recorded weights.
+
+Which float32 kernels a library runs depends on the CPU (OpenBLAS, MKL, oneDNN and XLA each
+pick code for the vector instructions and vendor they find), and another kernel sums in
+another order. So the fingerprints are recorded per machine class (``machine_class``: the
+architecture, the CPU vendor and its widest vector extension). On a class that has a record,
+NumPy and torch must be bit-identical and JAX within float32 rounding (its fusion choices
+may reorder sums). On a class without one, every record is compared within what another
+summation order can produce over these few steps (``CROSS_RTOL``), and the test says that
+exactness was not checked. ``CIFAKE_GOLDEN_WRITE=1`` writes this class's record: anew when
+a change of behaviour is intended (said so in the commit), or for a new class once the
+comparison with the other classes' records has passed."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +28,30 @@ from tests.parity.golden.runner import STACK_PRESETS
 from tests.helpers import PY, REPO, env, load_weights
 
 GOLDEN = Path(__file__).parent / "golden" / "weights.json"
-JAX_RTOL = 1e-4  # of each tensor's norm
+JAX_RTOL = 1e-4  # of each tensor's norm, on the recording machine class
+# Across machine classes, of each tensor's norm. Without BatchNorm the runs agree to ~1e-5
+# (measured between an AMD AVX2 and an Intel AVX-512 machine: <= 7.4e-6). With BatchNorm,
+# the biases before it have a zero true gradient and Adam, which divides by each gradient's
+# own RMS, walks them on rounding noise by up to ~lr per step, and a few near-zero gradient
+# components elsewhere likewise: measured up to 5e-2 (conv2.bias) and 3e-3 (fc1.weight).
+CROSS_RTOL = {False: 1e-4, True: 1e-1}
+
+
+def machine_class() -> str:
+    """What selects the float32 kernels: e.g. "x86_64/GenuineIntel/avx512"."""
+    vendor, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "base"
+    return f"{platform.machine()}/{vendor}/{isa}"
 
 
 def fingerprint(w: np.ndarray) -> dict:
@@ -40,27 +73,41 @@ def run_stack(stack: str, data: Path, tmp: Path) -> dict:
         for preset in STACK_PRESETS[stack]}
 
 
+def assert_close(run: str, got: dict, want: dict, rtol: float) -> None:
+    """A change d of the weights moves the norm by at most |d|, and the sum and a projection
+    on random unit-variance probes by about |d| each."""
+    for name, fp in got.items():
+        w = want[name]
+        for key, slack in (("norm", 1.0), ("sum", 10.0), ("proj", 10.0)):
+            a, b = np.asarray(fp[key]), np.asarray(w[key])
+            assert np.all(np.abs(a - b) <= rtol * slack * max(w["norm"], 1e-12)), \
+                f"{run} {name}: {key} {a} against {b}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stack", sorted(STACK_PRESETS))
 def test_final_weights_unchanged(stack, mini_zip, tmp_path):
     got = run_stack(stack, mini_zip, tmp_path)
     recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    here = machine_class()
     if os.environ.get("CIFAKE_GOLDEN_WRITE") == "1":
-        recorded.update(got)
+        recorded.setdefault(here, {}).update(got)
         GOLDEN.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
         return
     for run, tensors in got.items():
-        want = recorded[run]
-        assert sorted(tensors) == sorted(want), f"{run}: tensor names changed"
-        for name, fp in tensors.items():
-            w = want[name]
-            assert (fp["dtype"], fp["shape"]) == (w["dtype"], w["shape"]), f"{run} {name}"
-            if stack != "jax_port":
-                assert fp["sha256"] == w["sha256"], f"{run} {name}: not bit-identical"
-                continue
-            # a change d of the weights moves the norm by at most |d|, and the sum and a
-            # projection on random unit-variance probes by about |d| each
-            for key, slack in (("norm", 1.0), ("sum", 10.0), ("proj", 10.0)):
-                a, b = np.asarray(fp[key]), np.asarray(w[key])
-                assert np.all(np.abs(a - b) <= JAX_RTOL * slack * max(w["norm"], 1e-12)), \
-                    f"{run} {name}: {key} {a} against {b}"
+        for cls, runs in recorded.items():
+            want = runs[run]
+            assert sorted(tensors) == sorted(want), f"{run}: tensor names changed"
+            for name, fp in tensors.items():
+                w = want[name]
+                assert (fp["dtype"], fp["shape"]) == (w["dtype"], w["shape"]), f"{run} {name}"
+            if cls != here:
+                assert_close(run, tensors, want, CROSS_RTOL[any(n.startswith("bn") for n in want)])
+            elif stack == "jax_port":
+                assert_close(run, tensors, want, JAX_RTOL)
+            else:
+                for name, fp in tensors.items():
+                    assert fp["sha256"] == want[name]["sha256"], f"{run} {name}: not bit-identical"
+    if here not in recorded:
+        warnings.warn(f"no golden record for machine class {here}: compared within "
+                      f"CROSS_RTOL only, exactness not checked")
