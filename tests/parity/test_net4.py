@@ -32,13 +32,16 @@ torch.set_num_threads(1)  # tiny tensors; the test machine is shared
 SEED = 5
 BATCH = 6
 # float64: the engines sum in different orders (im2col matmul, lax.conv, torch's kernels),
-# ~1e-16 relative per operation; through 7 convolutions and 7 BatchNorms (whose 1/std
-# amplifies) measured <= 2e-14 on logits and gradients. 1e-10 leaves room for other BLAS.
+# ~1e-16 relative per operation; through 7 convolutions and 7 BatchNorms measured <= 3.4e-14
+# (relative to each tensor's max |value|, every formulation). 1e-10 leaves room for other BLAS.
 F64_TOL = 1e-10
 # float32: the port's error against the float64 spec may be at most this many times the
 # torch spec's own float32 error against the same reference (plus FLOOR, for quantities
 # that torch happens to round exactly): a port computing the same function in float32
 # lands at the same order of error; a wrong function lands orders of magnitude away.
+# Measured: the port's error <= 5.7e-6 on every quantity; torch's 8e-7 .. 1.3e-2 (its
+# largest on the stem's gradients: stem.bn.bias 1.3e-2, not a max-pool tie flipped --
+# checked -- but its float32 sums); the worst port / torch ratio 1.43 (block3.bn2.bias).
 F32_FACTOR = 10.0
 F32_FLOOR = 1e-6
 EVAL_ATOL = 1e-5  # float32 eval logits, absolute (as tests/parity/test_parity_cnn.py)
@@ -279,17 +282,18 @@ def test_dropout_p_is_refused():
 
 
 def test_adam_steps_of_both_stacks_agree_in_float64():
-    """Three Adam steps with augmentation: torch_cnn.train.train_step against the port's
-    EpochRunner.step on the same batches and draws, float64 (no rounding to amplify)."""
+    """Two Adam steps with augmentation: torch_cnn.train.train_step against the port's
+    EpochRunner.step on the same batches and draws, float64 (no rounding for Adam's
+    normalisation to amplify much; measured 7e-11 apart, relative to each tensor's max)."""
     model = _torch_model(torch.float64)
     opt = make_optimizer(model, 1e-3)
-    images, labels = _data(24, seed=2)
+    images, labels = _data(16, seed=2)
     with jax.enable_x64(True):
         cfg, tr = runner(JM.get_spec("net4"), lr=1e-3, batch_size=8, augment=True, seed=SEED,
                          conv_impl="hybrid", dtype=jnp.float64)
         state = S.init_state(cfg, convert.cnn_from_canonical(state_to_numpy(model)))
-        order, draws = epoch_order(SEED, 0, 24), augment_draws(SEED, 0, 24)
-        for k in range(0, 24, 8):
+        order, draws = epoch_order(SEED, 0, 16), augment_draws(SEED, 0, 16)
+        for k in range(0, 16, 8):
             d = draws[k:k + 8]
             x_u8, y = images[order[k:k + 8]], labels[order[k:k + 8]]
             xt = augment_torch(torch.from_numpy(x_u8), torch.from_numpy(d.dy),
@@ -299,8 +303,8 @@ def test_adam_steps_of_both_stacks_agree_in_float64():
             state, _ = tr.step(state, x_u8, y, d)
         got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state.variables))
     want = state_to_numpy(model)
-    assert int(got["block3.bn2.num_batches_tracked"]) == int(want["block3.bn2.num_batches_tracked"]) == 3
-    assert_close_tree(got, want, 1e-8, "net4 after 3 float64 Adam steps")
+    assert int(got["block3.bn2.num_batches_tracked"]) == int(want["block3.bn2.num_batches_tracked"]) == 2
+    assert_close_tree(got, want, 1e-8, "net4 after 2 float64 Adam steps")
     assert np.abs(want["fc.weight"] - cnn_init("net4", SEED)["fc.weight"]).max() > 1e-4  # moved
 
 
