@@ -136,7 +136,9 @@ def test_float64_logits_gradients_and_stats_match_torch(conv_impl):
     assert_close_tree(got, want, F64_TOL, f"net4/{conv_impl} float64")
 
 
-@pytest.mark.parametrize("conv_impl", JM.CONV_IMPLS)
+# the formulations the port trains with by default (CPU: hybrid; GPU: xla); im2col's
+# function is checked in float64 above, and its autodiff compiles slowest (~6 s here)
+@pytest.mark.parametrize("conv_impl", ["hybrid", "xla"])
 def test_float32_error_is_the_specs_own(conv_impl):
     """float32, the same quantities against the float64 spec: the port's error is of the
     order of torch's own float32 error (F32_FACTOR x, + F32_FLOOR), tensor by tensor."""
