@@ -1,4 +1,5 @@
-"""Train any of the six models with JAX: ``python -m jax_port.train --model mlp2|mlp4|baseline|dropout|v3|net4``.
+"""Train any of the six models with JAX: ``python -m jax_port.train --model MODEL``
+(mlp2|mlp4|baseline|dropout|v3|net4).
 
 The shared flags and the run directory are ``core.driver``'s; the port's own flags are
 ``--conv-impl`` and ``--devices``. Runs on CPU, or on a GPU when JAX sees one, with no code

@@ -332,7 +332,8 @@ def test_adam_steps_of_both_stacks_agree_in_float64():
             state, _ = tr.step(state, x_u8, y, d)
         got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, state.variables))
     want = state_to_numpy(model)
-    assert int(got["block3.bn2.num_batches_tracked"]) == int(want["block3.bn2.num_batches_tracked"]) == 2
+    n = "block3.bn2.num_batches_tracked"
+    assert int(got[n]) == int(want[n]) == 2
     assert_close_tree(got, want, 1e-8, "net4 after 2 float64 Adam steps")
     assert np.abs(want["fc.weight"] - cnn_init("net4", SEED)["fc.weight"]).max() > 1e-4  # moved
 
@@ -372,7 +373,8 @@ def test_one_epoch_of_each_stacks_own_loop_agrees():
                                 ("EMA", js.state.ema, ts.ema_model)):
         got = convert.cnn_to_canonical(jax.tree_util.tree_map(np.asarray, jtree))
         want = state_to_numpy(tmodel)
-        assert int(got["stem.bn.num_batches_tracked"]) == int(want["stem.bn.num_batches_tracked"]) == 2
+        n = "stem.bn.num_batches_tracked"
+        assert int(got[n]) == int(want[n]) == 2
         for k, _ in tmodel.named_parameters():
             d = np.abs(got[k] - want[k])
             assert d.max() <= 2 * lr_sum and np.median(d) <= 0.1 * lr_sum, (what, k)
