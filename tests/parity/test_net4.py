@@ -290,6 +290,20 @@ def test_a_run_scores_the_same_in_both_stacks_detectors(tmp_path):
     assert np.abs(p_t - p_j).max() < 1e-6 and np.ptp(p_t) > 1e-5
 
 
+def test_ddp_preparation_reaches_the_nested_batchnorms():
+    """Several processes (torchrun): torch_cnn.distributed.prepare_model swaps every
+    BatchNorm for its global-batch version, net4's inside the stem and blocks too, keeping
+    the parameters, buffers and state_dict names."""
+    from torch_cnn.distributed import AllReduceBatchNorm2d, prepare_model
+    model = _torch_model()
+    before = _copy(model)
+    prepare_model(model, torch.device("cpu"))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 7 and all(isinstance(m, AllReduceBatchNorm2d) for m in bns)
+    after = state_to_numpy(model)
+    assert list(after) == list(before) and all(np.array_equal(after[k], before[k]) for k in after)
+
+
 def test_flax_wrapper_builds_the_same_variables():
     spec = JM.get_spec("net4")
     x = jnp.asarray(np.random.default_rng(0).random((2, 32, 32, 3)), jnp.float32)
