@@ -20,17 +20,19 @@ Beyond the original: ``v3-robust`` (v3 + ``degrade``) and ``v3-recipe``, the unc
 network with a one-cycle learning rate, a moving average of the weights and flip test-time
 averaging; label smoothing, measured in the ablation, is left out (``RECIPE_DEFAULTS`` below;
 formulas in ``core/recipe.py``; the ablation is ``python -m bench.studies.recipe``,
-docs/results/recipe.md). Its ``lr`` is the one-cycle's peak.
+docs/results/recipe.md). Its ``lr`` is the one-cycle's peak. ``net4``: the net4 network
+(core/architecture.py) with those ingredients, a starting point not yet tuned.
 """
 from __future__ import annotations
 
 MLP_MODELS = ("mlp2", "mlp4")
-CNN_MODELS = ("baseline", "dropout", "v3")
+# net4 (beyond the original): a deeper all-BatchNorm CNN, core/architecture.py
+CNN_MODELS = ("baseline", "dropout", "v3", "net4")
 MODELS = MLP_MODELS + CNN_MODELS
 # the original project's hidden layouts (3072-7-1 and 3072-20-7-5-1); --hidden changes them
 MLP_HIDDEN = {"mlp2": (7,), "mlp4": (20, 7, 5)}
-# augmentation (random crop 32 / padding 4 + horizontal flip) belongs to v3 only
-AUGMENTED_MODELS = ("v3",)
+# augmentation (random crop 32 / padding 4 + horizontal flip): v3, and net4 beyond the original
+AUGMENTED_MODELS = ("v3", "net4")
 # the CNNs with a dropout layer after fc1's ReLU (--dropout-p sets its probability)
 DROPOUT_MODELS = ("dropout", "v3")
 
@@ -82,6 +84,11 @@ PRESETS = {
                   # label smoothing measured in the ablation and left out (docs/results/recipe.md)
                   "label_smoothing": 0.0, "ema_decay": 0.999, "tta": "flip",
                   "dropout_p": None},  # the network's own Dropout(0.5)
+    # beyond the original: net4 with the v3-recipe's ingredients; a starting point, its
+    # values are to be chosen on the validation split (--val), not on the test split
+    "net4": {"model": "net4", "epochs": 10, "batch_size": 128, "lr": 2e-3,
+             "schedule": "onecycle", **ONECYCLE_DEFAULTS, "label_smoothing": 0.0,
+             "ema_decay": 0.999, "tta": "flip", "dropout_p": None},  # net4 has no dropout
 }
 
 

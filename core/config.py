@@ -80,8 +80,8 @@ def build_parser(stack: Stack) -> argparse.ArgumentParser:
     ap.add_argument("--out", type=flags.printable_path("--out"),
                     help="run directory (default: runs/<stack>-<preset or model>)")
     ap.add_argument("--preset", choices=sorted(presets), help="a configuration of the original "
-                    "project (or v3-robust, v3-recipe: beyond it); explicit flags override its "
-                    "values")
+                    "project (or v3-robust, v3-recipe, net4: beyond it); explicit flags override "
+                    "its values")
     ap.add_argument("--model", choices=stack.models,
                     help=f"network (default: the preset's"
                          f"{', else ' + stack.default_model if stack.default_model else ''})")

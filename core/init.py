@@ -39,18 +39,24 @@ def mlp_init(layer_dims, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
     return params
 
 
+def _is_batchnorm(layer: str) -> bool:
+    """``layer`` ("bn1", "stem.bn", "block2.bn1", "conv1", ...) names a BatchNorm2d."""
+    return layer.rsplit(".", 1)[-1].startswith("bn")
+
+
 def cnn_init(model: str, seed: int) -> dict[str, np.ndarray]:
-    """A fresh ``model`` ("baseline" | "dropout" | "v3") as a torch ``state_dict`` of NumPy
-    arrays, drawn tensor by tensor in the canonical table's order (``cnn_tensors``)."""
+    """A fresh CNN ``model`` (``core.catalog.CNN_MODELS``) as a torch ``state_dict`` of
+    NumPy arrays, drawn tensor by tensor in the canonical table's order (``cnn_tensors``);
+    a layer's bias, when it has one, is drawn with its weight's fan_in."""
     table = cnn_tensors(model)
     g = init_rng(seed)
     weights = {k[:-len(".weight")]: shape for k, (shape, _) in table.items()
-               if k.endswith(".weight") and not k.startswith("bn")}
+               if k.endswith(".weight") and not _is_batchnorm(k[:-len(".weight")])}
     constant = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
     sd: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in table.items():
-        layer, kind = name.split(".")
-        if layer.startswith("bn"):
+        layer, kind = name.rsplit(".", 1)
+        if _is_batchnorm(layer):
             sd[name] = (np.zeros(shape, np.int64) if kind == "num_batches_tracked"
                         else np.full(shape, constant[kind], np.float32))
             continue

@@ -16,10 +16,19 @@ CNN family (torch ``state_dict``):
                                      permuted from torch's (C, H, W) flatten order to the
                                      port's NHWC (H, W, C) order
     fc{1,2}.bias, fc2.weight (1, 512) <-> fc2.kernel (512, 1)
+net4 (nested by module, as its torch names: ``model.py``'s docstring), for every module
+path M ("stem.conv", "block2.bn1", "fc", ...):
+    M.weight of a conv (O, I, kh, kw) <-> params M.kernel (kh, kw, I, O)   [HWIO]
+    M.weight / .bias of a BN         <-> params M.scale / .bias
+    M.running_mean / _var, M.num_batches_tracked <-> batch_stats M.mean / .var /
+                                         .num_batches_tracked (int64 <-> int32)
+    fc.weight (1, 128), fc.bias      <-> params fc.kernel (128, 1), fc.bias
 """
 from __future__ import annotations
 
 import numpy as np
+
+from core.architecture import cnn_tensors
 
 FEAT_C, FEAT_H, FEAT_W = 64, 8, 8  # the CNN's feature map entering fc1
 
@@ -64,6 +73,8 @@ def _fc1_to_torch(k: np.ndarray) -> np.ndarray:
 
 def cnn_params_from_canonical(sd: dict) -> dict:
     """The trainable part only (also used for Adam moments, which have the params' shapes)."""
+    if _is_net4(sd):
+        return _net4_from_canonical(sd)["params"]
     p = {}
     for i in (1, 2):
         p[f"conv{i}"] = {"kernel": np.ascontiguousarray(_np(sd[f"conv{i}.weight"]).transpose(2, 3, 1, 0)),
@@ -79,6 +90,8 @@ def cnn_params_from_canonical(sd: dict) -> dict:
 
 def cnn_params_to_canonical(p: dict) -> dict[str, np.ndarray]:
     """Inverse of ``cnn_params_from_canonical``, in torch ``state_dict`` order (BN stats excluded)."""
+    if "stem" in p:
+        return _net4_to_canonical({"params": p}, buffers=False)
     out = {}
     for i in (1, 2):
         out[f"conv{i}.weight"] = np.ascontiguousarray(_np(p[f"conv{i}"]["kernel"]).transpose(3, 2, 0, 1))
@@ -95,6 +108,8 @@ def cnn_params_to_canonical(p: dict) -> dict[str, np.ndarray]:
 
 def cnn_from_canonical(sd: dict) -> dict:
     """torch state_dict (NumPy arrays, canonical names) -> JAX variables."""
+    if _is_net4(sd):
+        return _net4_from_canonical(sd)
     out = {"params": cnn_params_from_canonical(sd)}
     stats = {}
     for i in (1, 2):
@@ -111,6 +126,8 @@ def cnn_from_canonical(sd: dict) -> dict:
 
 def cnn_to_canonical(variables: dict) -> dict[str, np.ndarray]:
     """JAX variables -> torch state_dict as NumPy arrays, names and order of ``state_dict()``."""
+    if "stem" in variables["params"]:
+        return _net4_to_canonical(variables, buffers=True)
     flat = cnn_params_to_canonical(variables["params"])
     stats = variables.get("batch_stats", {})
     out = {}
@@ -122,6 +139,69 @@ def cnn_to_canonical(variables: dict) -> dict[str, np.ndarray]:
             out[f"{b}.running_mean"] = _np(s["mean"]).copy()
             out[f"{b}.running_var"] = _np(s["var"]).copy()
             out[f"{b}.num_batches_tracked"] = np.asarray(s["num_batches_tracked"], np.int64)
+    return out
+
+
+# ---------------------------------------------------------------- net4
+_STATS = {"running_mean": "mean", "running_var": "var",
+          "num_batches_tracked": "num_batches_tracked"}
+
+
+def _is_net4(sd: dict) -> bool:
+    return "stem.conv.weight" in sd
+
+
+def _net4_slot(name: str) -> tuple[str, list[str], str]:
+    """Canonical net4 name -> (collection, module path, leaf): "block1.bn2.running_var"
+    -> ("batch_stats", ["block1", "bn2"], "var")."""
+    *path, kind = name.split(".")
+    if kind in _STATS:
+        return "batch_stats", path, _STATS[kind]
+    if path[-1].startswith("bn"):
+        return "params", path, {"weight": "scale", "bias": "bias"}[kind]
+    return "params", path, {"weight": "kernel", "bias": "bias"}[kind]
+
+
+def _net4_leaf_to_flax(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "kernel":  # conv OIHW -> HWIO, linear (out, in) -> (in, out)
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T)
+    if kind == "num_batches_tracked":  # JAX's default integer width is 32 bits
+        return np.asarray(a, np.int32)
+    return a.copy()
+
+
+def _net4_leaf_to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "kernel":
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T)
+    if kind == "num_batches_tracked":
+        return np.asarray(a, np.int64)
+    return a.copy()
+
+
+def _net4_from_canonical(sd: dict) -> dict:
+    """net4 tensors (a whole state_dict, or the parameters alone) -> variables."""
+    out: dict = {}
+    for name, a in sd.items():
+        coll, path, leaf = _net4_slot(name)
+        node = out.setdefault(coll, {})
+        for k in path:
+            node = node.setdefault(k, {})
+        node[leaf] = _net4_leaf_to_flax(leaf, _np(a))
+    return out
+
+
+def _net4_to_canonical(variables: dict, buffers: bool) -> dict[str, np.ndarray]:
+    """net4 variables -> tensors in state_dict order (``buffers``: BN's running
+    statistics too, else the parameters alone)."""
+    out = {}
+    for name in cnn_tensors("net4"):
+        coll, path, leaf = _net4_slot(name)
+        if coll == "batch_stats" and not buffers:
+            continue
+        node = variables[coll]
+        for k in path:
+            node = node[k]
+        out[name] = _net4_leaf_to_torch(leaf, _np(node[leaf]))
     return out
 
 

@@ -1,4 +1,5 @@
-"""The five models of the spec stacks as pure JAX functions (+ thin Flax linen wrappers).
+"""The models of the spec stacks as pure JAX functions (+ thin Flax linen wrappers): the
+two MLPs, the original project's three CNNs and net4 (core/architecture.py).
 
 Why plain functions rather than stock ``flax.linen`` layers: parity with the specs
 needs exact control that the stock layers do not give --
@@ -14,7 +15,18 @@ linen Module over the same functions, so ``Module.init``/``apply`` work on these
 
 Layouts: images NHWC; the MLP flattens each image in (H, W, C) order (the numpy_mlp
 convention), the CNN flattens its 8x8x64 feature map in (H, W, C) order (torch uses
-(C, H, W): ``convert.py`` permutes fc1's rows).
+(C, H, W): ``convert.py`` permutes fc1's rows). net4's variables nest by module, as its
+torch names do: ``{"params": {"stem": {"conv": {"kernel"}, "bn": {"scale", "bias"}},
+"block1": {"conv1", "bn1", "conv2", "bn2"}, ..., "fc": {"kernel", "bias"}},
+"batch_stats": {"stem": {"bn": ...}, "block1": {"bn1": ..., "bn2": ...}, ...}}``.
+
+Max pooling with torch's gradient: torch's max_pool2d sends a window's gradient to its
+FIRST maximum in row-major order, where ``reduce_max``'s autodiff splits it among tied
+maxima. The original CNNs pool after a ReLU, where a tie at 0 gets no gradient either way;
+net4 pools a convolution's raw output (no bias: an all-zero neighbourhood gives exactly 0,
+so ties happen) and its global pool follows the same rule (torch: ``F.max_pool2d`` over
+the whole map), so ``maxpool2_first`` and ``global_maxpool_first`` carry torch's rule in
+hand-written backwards.
 """
 from __future__ import annotations
 
@@ -28,8 +40,8 @@ import numpy as np
 from jax import lax
 
 from data.errors import UserError
-from core.architecture import (BN_EPS, BN_MOMENTUM, DROPOUT_P, FC_HIDDEN, has_batchnorm,
-                               has_dropout, mlp_layer_dims)
+from core.architecture import (BN_EPS, BN_MOMENTUM, DROPOUT_P, FC_HIDDEN, NET4_WIDTHS,
+                               cnn_layout, has_batchnorm, has_dropout, mlp_layer_dims)
 from core.catalog import CNN_MODELS, DROPOUT_MODELS, MLP_HIDDEN
 from core.init import cnn_init, mlp_init
 
@@ -46,11 +58,14 @@ class ModelSpec:
     batchnorm: bool = False          # CNN only: BatchNorm2d after each conv
     dropout: bool = False            # CNN only: Dropout after fc1's ReLU
     dropout_p: float = DROPOUT_P     # its probability of zeroing a unit (training only)
+    layout: str = "original"         # CNN only: "original" (conv1, conv2, fc1, fc2) | "net4"
 
 
 # CNN variants (torch_cnn.model.build_model): baseline = plain; dropout = + Dropout(0.5);
-# v3 = + BatchNorm after both convs (and data augmentation, a training-loop option).
-CNN_VARIANTS = {m: dict(batchnorm=has_batchnorm(m), dropout=has_dropout(m)) for m in CNN_MODELS}
+# v3 = + BatchNorm after both convs (and data augmentation, a training-loop option);
+# net4 = its own layout (stem, 3 blocks, global max pool), BatchNorm throughout.
+CNN_VARIANTS = {m: dict(batchnorm=has_batchnorm(m), dropout=has_dropout(m),
+                        layout=cnn_layout(m)) for m in CNN_MODELS}
 MODELS = tuple(MLP_HIDDEN) + tuple(CNN_VARIANTS)
 
 
@@ -105,16 +120,18 @@ def conv3x3(x, kernel, bias, impl: str):
     ``impl="xla"``: ``lax.conv_general_dilated`` with autodiff (cuDNN on a GPU).
     ``impl="hybrid"`` (CPU): the same function with a hand-written backward, see
     ``_conv3x3_hybrid``.
+    ``bias`` None: no bias (net4's convolutions).
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown convolution formulation {impl!r} (one of {CONV_IMPLS})")
     if impl == "xla":
-        return _conv_xla(x, kernel) + bias
-    if impl == "hybrid":
-        return _conv3x3_hybrid(x, kernel) + bias
-    b, h, w, c = x.shape
-    y = _im2col(x) @ kernel.reshape(9 * c, -1)
-    return y.reshape(b, h, w, -1) + bias
+        y = _conv_xla(x, kernel)
+    elif impl == "hybrid":
+        y = _conv3x3_hybrid(x, kernel)
+    else:
+        b, h, w, c = x.shape
+        y = (_im2col(x) @ kernel.reshape(9 * c, -1)).reshape(b, h, w, -1)
+    return y if bias is None else y + bias
 
 
 def _im2col(x):
@@ -208,10 +225,10 @@ def _relu_pool_fwd(x):
     return jax.nn.relu(m), (x, m)
 
 
-def _relu_pool_bwd(res, g):
-    x, m = res
+def _first_max_grad(x, m, g):
+    """The gradient of 2x2 max pooling ``m = maxpool2(x)`` under cotangent ``g``, torch's
+    way: each window's ``g`` to its FIRST maximum in row-major order."""
     b, h, w, c = x.shape
-    g = jnp.where(m > 0, g, jnp.zeros((), g.dtype))
     xr = x.reshape(b, h // 2, 2, w // 2, 2, c)
     hit = xr == m[:, :, None, :, None, :]
     # first maximum of each window in row-major order: (0,0), (0,1), (1,0), (1,1)
@@ -221,10 +238,61 @@ def _relu_pool_bwd(res, g):
     row1 = jnp.stack([cc & ~seen, ~(seen | cc)], axis=-2)
     first = jnp.stack([row0, row1], axis=2)                   # (B, H/2, 2, W/2, 2, C)
     dx = jnp.where(first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-    return (dx.reshape(x.shape),)
+    return dx.reshape(x.shape)
+
+
+def _relu_pool_bwd(res, g):
+    x, m = res
+    g = jnp.where(m > 0, g, jnp.zeros((), g.dtype))
+    return (_first_max_grad(x, m, g),)
 
 
 relu_maxpool2.defvjp(_relu_pool_fwd, _relu_pool_bwd)
+
+
+@jax.custom_vjp
+def maxpool2_first(x):
+    """``maxpool2(x)`` (torch MaxPool2d(2)) with torch's gradient: each window's to its
+    first maximum in row-major order, also on ties (net4 pools raw convolution outputs,
+    where exact ties at 0 are common)."""
+    return maxpool2(x)
+
+
+def _pool_first_fwd(x):
+    m = maxpool2(x)
+    return m, (x, m)
+
+
+def _pool_first_bwd(res, g):
+    x, m = res
+    return (_first_max_grad(x, m, g),)
+
+
+maxpool2_first.defvjp(_pool_first_fwd, _pool_first_bwd)
+
+
+@jax.custom_vjp
+def global_maxpool_first(x):
+    """Max over H and W: (B, H, W, C) -> (B, C), with the gradient of torch's
+    ``F.max_pool2d(x, kernel_size=(H, W))``: all of it to the FIRST maximum in row-major
+    order (``jnp.argmax`` returns the first), not split among ties as autodiff of
+    ``max`` (and torch's ``amax``) would."""
+    return x.max(axis=(1, 2))
+
+
+def _gmax_fwd(x):
+    return x.max(axis=(1, 2)), x
+
+
+def _gmax_bwd(x, g):
+    b, h, w, c = x.shape
+    first = jnp.argmax(x.reshape(b, h * w, c), axis=1)                     # (B, C)
+    hit = jnp.arange(h * w, dtype=first.dtype)[None, :, None] == first[:, None, :]
+    dx = jnp.where(hit, g[:, None, :], jnp.zeros((), g.dtype))
+    return (dx.reshape(x.shape),)
+
+
+global_maxpool_first.defvjp(_gmax_fwd, _gmax_bwd)
 
 
 def batchnorm(x, p, s, train: bool):
@@ -290,6 +358,8 @@ def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
     ``mask``: dropout keep-mask (B, 512) bool, required when ``train`` and the model
     has dropout (the caller draws it, so tests can share it with torch).
     """
+    if spec.layout == "net4":
+        return _apply_net4(spec, variables, x, train, conv_impl)
     p = variables["params"]
     stats = variables.get("batch_stats", {})
     b = x.shape[0]
@@ -321,6 +391,36 @@ def apply(spec: ModelSpec, variables: dict, x, train: bool = False, mask=None,
     return logits, new_stats
 
 
+def _apply_net4(spec: ModelSpec, variables: dict, x, train: bool, conv_impl: str):
+    """net4's forward (core/architecture.py): ``(logits (B,), new batch_stats)``.
+
+    Also runs the folded form ``fold_batchnorm`` makes (``spec.batchnorm`` False, eval
+    only): a BatchNorm missing from the params was folded into the convolution before it,
+    which then has a bias."""
+    if train and not spec.batchnorm:
+        raise ValueError("a net4 with its BatchNorm folded (fold_batchnorm) evaluates only")
+    p, stats = variables["params"], variables.get("batch_stats", {})
+    new_stats: dict = {}
+
+    def conv(h, q):
+        return conv3x3(h, q["kernel"], q.get("bias"), conv_impl)
+
+    def bn_relu(h, module, bn):
+        if bn in p[module]:
+            h, st = batchnorm(h, p[module][bn], stats[module][bn], train)
+            new_stats.setdefault(module, {})[bn] = st
+        return jax.nn.relu(h)
+
+    h = bn_relu(conv(x, p["stem"]["conv"]), "stem", "bn")
+    for b in range(1, len(NET4_WIDTHS) + 1):
+        m = f"block{b}"
+        h = bn_relu(maxpool2_first(conv(h, p[m]["conv1"])), m, "bn1")
+        h = bn_relu(conv(h, p[m]["conv2"]), m, "bn2")
+    h = global_maxpool_first(h)                               # (B, 128)
+    logits = (h @ p["fc"]["kernel"] + p["fc"]["bias"])[:, 0]
+    return logits, new_stats
+
+
 def mlp_apply_features_major(spec: ModelSpec, params: dict, xt):
     """The MLP's ``apply`` on feature-major input: ``xt`` (n_in, B) float (pixels / 255,
     one image per column, numpy_mlp's layout) -> logits (B,). The same function as
@@ -344,10 +444,29 @@ def fold_batchnorm(spec: ModelSpec, variables: dict) -> tuple[ModelSpec, dict]:
     float rounding (BN in eval mode is a per-channel affine map, so conv -> BN is one conv
     with kernel * s and bias (bias - mean) * s + beta, s = scale / sqrt(var + eps)).
     Evaluation then skips a full elementwise pass over each conv's output. Models without
-    BatchNorm come back unchanged."""
+    BatchNorm come back unchanged.
+
+    net4: the BatchNorms right after a convolution (the stem's, each block's bn2) are
+    folded; each block's bn1 follows a max pool and stays, applied with its running
+    statistics (folding it through the pool needs a positive scale: max(s x) = s max(x)
+    for s > 0 only). ``apply`` runs that form in eval mode only."""
     if not spec.batchnorm:
         return spec, variables
     p, st = variables["params"], variables["batch_stats"]
+    if spec.layout == "net4":
+        def fold(q, bn, s):
+            sc = lax.rsqrt(s["var"] + BN_EPS) * bn["scale"]
+            return {"kernel": q["kernel"] * sc, "bias": bn["bias"] - s["mean"] * sc}
+        params = {"stem": {"conv": fold(p["stem"]["conv"], p["stem"]["bn"], st["stem"]["bn"])},
+                  "fc": p["fc"]}
+        stats = {}
+        for b in range(1, len(NET4_WIDTHS) + 1):
+            m = f"block{b}"
+            params[m] = {"conv1": p[m]["conv1"], "bn1": p[m]["bn1"],
+                         "conv2": fold(p[m]["conv2"], p[m]["bn2"], st[m]["bn2"])}
+            stats[m] = {"bn1": st[m]["bn1"]}
+        return dataclasses.replace(spec, batchnorm=False), {"params": params,
+                                                             "batch_stats": stats}
     params = {k: v for k, v in p.items() if not k.startswith("bn")}
     for i in (1, 2):
         s = lax.rsqrt(st[f"bn{i}"]["var"] + BN_EPS) * p[f"bn{i}"]["scale"]
@@ -400,7 +519,7 @@ def _flax_module():
                     return fresh["v"]["params"][name]
                 return init
             params = {k: self.param(k, param_init(k)) for k in _param_names(self.spec)}
-            stats = {k: self.variable("batch_stats", k, _fresh_bn_stats, params[k]["scale"])
+            stats = {k: self.variable("batch_stats", k, _fresh_stats, self.spec, params[k])
                      for k in _stat_names(self.spec)}
             logits, new = apply(self.spec, {"params": params,
                                             "batch_stats": {k: v.value for k, v in stats.items()}},
@@ -413,9 +532,15 @@ def _flax_module():
     return FlaxModel
 
 
+def _net4_modules() -> list[str]:
+    return ["stem"] + [f"block{b}" for b in range(1, len(NET4_WIDTHS) + 1)]
+
+
 def _param_names(spec: ModelSpec) -> list[str]:
     if spec.family == "mlp":
         return [f"dense{l}" for l in range(1, len(spec.layer_dims))]
+    if spec.layout == "net4":
+        return _net4_modules() + ["fc"]
     return ["conv1"] + (["bn1"] if spec.batchnorm else []) + ["conv2"] + \
         (["bn2"] if spec.batchnorm else []) + ["fc1", "fc2"]
 
@@ -425,7 +550,16 @@ def _fresh_bn_stats(like):
             "num_batches_tracked": jnp.zeros((), jnp.int32)}
 
 
+def _fresh_stats(spec: ModelSpec, params: dict):
+    """The fresh running statistics of the module whose params are ``params``."""
+    if spec.layout == "net4":  # a module holding BatchNorms
+        return {k: _fresh_bn_stats(q["scale"]) for k, q in params.items() if k.startswith("bn")}
+    return _fresh_bn_stats(params["scale"])
+
+
 def _stat_names(spec: ModelSpec) -> list[str]:
+    if spec.layout == "net4":
+        return _net4_modules() if spec.batchnorm else []
     return ["bn1", "bn2"] if spec.batchnorm else []
 
 

@@ -75,7 +75,8 @@ class Detector(DetectorBase):
         from . import checkpoint
         from .steps import StepConfig
         spec, variables, _ = checkpoint.load(run / "model.safetensors", cfg.get("model"))
-        dtype = np.asarray(variables["params"][next(iter(variables["params"]))]["kernel"]).dtype
+        # the weights' dtype (any parameter's: net4's nest by module)
+        dtype = np.asarray(jax.tree_util.tree_leaves(variables["params"])[0]).dtype
         step_cfg = StepConfig.of(spec, dtype=dtype, tta=tta_of(cfg, run / "config.json"))
         return cls(step_cfg, jax.device_put(variables, dev), run, cfg, dev)
 

@@ -1,4 +1,5 @@
-"""Train any of the five models with JAX: ``python -m jax_port.train --model mlp2|mlp4|baseline|dropout|v3``.
+"""Train any of the six models with JAX: ``python -m jax_port.train --model MODEL``
+(mlp2|mlp4|baseline|dropout|v3|net4).
 
 The shared flags and the run directory are ``core.driver``'s; the port's own flags are
 ``--conv-impl`` and ``--devices``. Runs on CPU, or on a GPU when JAX sees one, with no code
@@ -44,6 +45,7 @@ import numpy as np
 import optax
 
 from core import flags
+from core.architecture import cnn_tensors
 from core.catalog import AUGMENTED_MODELS, MODELS, family_of
 from core.driver import Stack, train
 from core.flags import check_fits_memory
@@ -105,8 +107,9 @@ def load_state(cfg: StepConfig, path: Path) -> tuple[TrainState, int]:
             state = init_state(cfg, convert.from_canonical(tensors))
         else:
             state = init_state(cfg, convert.cnn_from_canonical(part("model.")))
+            last = list(cnn_tensors(spec.name))[-1]  # every parameter holds the same step
             adam = state.opt._replace(
-                count=jnp.asarray(int(tensors["adam.step.fc2.bias"]), state.opt.count.dtype),
+                count=jnp.asarray(int(tensors[f"adam.step.{last}"]), state.opt.count.dtype),
                 mu=jax.tree_util.tree_map(jnp.asarray,
                                           convert.cnn_params_from_canonical(part("adam.exp_avg."))),
                 nu=jax.tree_util.tree_map(jnp.asarray, convert.cnn_params_from_canonical(

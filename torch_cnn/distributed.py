@@ -15,7 +15,7 @@ of every global batch. The global function is the one-process function:
   global batch's mean-loss gradient also when the parts differ in size;
 - dropout (``GlobalBatchDropout``): every rank draws the global batch's keep-mask from the
   same seeded torch RNG, as one process would, and keeps its rows;
-- BatchNorm (v3): statistics over the global batch. On CUDA this is ``nn.SyncBatchNorm``;
+- BatchNorm (v3, net4): statistics over the global batch. On CUDA this is ``nn.SyncBatchNorm``;
   torch's SyncBatchNorm runs on GPUs only (its kernels have no CPU version), so on the
   CPU (gloo) ``AllReduceBatchNorm2d`` computes the same statistics with all-reduces of
   per-channel sums (the backward is the closed form of batch norm's gradient with the
@@ -179,8 +179,13 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The model's BatchNorms made global-batch (SyncBatchNorm on CUDA, else
     AllReduceBatchNorm2d) and its dropout a GlobalBatchDropout, in place and keeping the
-    same Parameter objects and state_dict names. Call before building the optimizer."""
-    for name, mod in list(model.named_children()):
+    same Parameter objects and state_dict names. Call before building the optimizer.
+    Nested modules too (net4's BatchNorms sit inside its stem and blocks)."""
+    for path, mod in list(model.named_modules()):
+        if not path:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
         if isinstance(mod, nn.BatchNorm2d) and not isinstance(mod, AllReduceBatchNorm2d):
             if device.type == "cuda":
                 new = nn.SyncBatchNorm.convert_sync_batchnorm(mod)
@@ -191,9 +196,9 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
                 new.weight, new.bias = mod.weight, mod.bias
                 new.running_mean, new.running_var = mod.running_mean, mod.running_var
                 new.num_batches_tracked = mod.num_batches_tracked
-            setattr(model, name, new)
+            setattr(parent, name, new)
         elif type(mod) is nn.Dropout:
-            setattr(model, name, GlobalBatchDropout(mod.p))
+            setattr(parent, name, GlobalBatchDropout(mod.p))
     return model
 
 

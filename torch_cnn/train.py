@@ -1,4 +1,4 @@
-"""Train one of the CNNs on CIFAKE: ``python -m torch_cnn.train --model baseline|dropout|v3``.
+"""Train one of the CNNs on CIFAKE: ``python -m torch_cnn.train --model baseline|dropout|v3|net4``.
 
 The shared flags and the run directory are ``core.driver``'s; the CNN's own flags are
 ``--device cpu|cuda|auto``, ``--pipeline device|torchvision``, ``--workers``
@@ -240,7 +240,7 @@ class _BoolFlag(argparse.Action):
 
 class TorchCNN(Stack):
     name = "torch_cnn"
-    description = "Train a CIFAKE CNN (baseline | dropout | v3)."
+    description = "Train a CIFAKE CNN (baseline | dropout | v3 | net4)."
     models = CNN_MODELS
     default_model = "baseline"
     # where and how fast, not what: a run may continue on another device or thread count

@@ -9,11 +9,11 @@ against the machine it ran on.
   several), once over 256 MiB (main memory) and once over 4 MiB (the caches). A step whose
   activations spill out of the caches is bound by the first.
 
-``train_flops(model)``: floating-point operations of one training image, counted as the
-products alone (2 per multiply-add): the forward pass F, the weight gradients (F again)
-and the input gradients of every layer but the first (which has no input to differentiate
-into). Bias adds, activations, pooling, BatchNorm and the optimiser are left out: they
-are memory traffic, not FLOPs that a matrix unit could run.
+``train_flops(model)`` (``core.architecture``'s, re-exported): floating-point operations of
+one training image, counted as the products alone (2 per multiply-add): the forward pass F,
+the weight gradients (F again) and the input gradients of every layer but the first (which
+has no input to differentiate into). Bias adds, activations, pooling, BatchNorm and the
+optimiser are left out: they are memory traffic, not FLOPs that a matrix unit could run.
 """
 from __future__ import annotations
 
@@ -21,34 +21,13 @@ import time
 
 import numpy as np
 
-from core.architecture import (CONV_CHANNELS, FC_HIDDEN, FEATURES, IMAGE_SHAPE, KERNEL,
-                               mlp_layer_dims)
-from core.catalog import CNN_MODELS
+from core.architecture import train_flops  # noqa: F401  (the count lives in core; re-exported)
 
 SGEMM_N = 2048          # side of the square float32 matrices timed for the compute roof
 SGEMM_REPEATS = 5       # products timed; the best one counts
 COPY_BIG = 256 << 20    # bytes: well past any cache of the project's machines
 COPY_SMALL = 4 << 20    # bytes: fits in L3 (and mostly L2 on two cores)
 COPY_REPEATS = 5
-
-
-def _layer_macs(model: str) -> list[int]:
-    """Multiply-adds per image of each weight layer, first layer first."""
-    if model in CNN_MODELS:
-        h, w, c = IMAGE_SHAPE
-        macs = []
-        for c_out in CONV_CHANNELS:  # each conv keeps the size; a 2x2 pool halves it after
-            macs.append(h * w * KERNEL * KERNEL * c * c_out)
-            h, w, c = h // 2, w // 2, c_out
-        return macs + [FEATURES * FC_HIDDEN, FC_HIDDEN * 1]
-    dims = mlp_layer_dims(model)
-    return [a * b for a, b in zip(dims[:-1], dims[1:])]
-
-
-def train_flops(model: str) -> int:
-    """FLOPs of one training image (forward + weight gradients + input gradients)."""
-    macs = _layer_macs(model)
-    return 2 * (2 * sum(macs) + sum(macs[1:]))
 
 
 def sgemm_gflops(n: int = SGEMM_N, repeats: int = SGEMM_REPEATS) -> float:

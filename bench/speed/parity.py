@@ -4,8 +4,8 @@
 
 - ``mlp2`` / ``mlp4``: numpy_mlp (the spec) vs the JAX MLP, float64, weights converted with
   ``jax_port.convert``: logits, mean BCE and every gradient on one batch of 16 images.
-- ``baseline`` / ``dropout`` / ``v3``: torch_cnn (the spec) vs the JAX CNN, float32, weights
-  converted from torch: eval-mode logits, then train-mode loss, every gradient and the BN
+- ``baseline`` / ``dropout`` / ``v3`` / ``net4``: torch_cnn (the spec) vs the JAX CNN, float32,
+  weights converted from torch: eval-mode logits, then train-mode loss, every gradient and the BN
   running statistics on one batch of 8 images with the same dropout mask; for augmented
   models also JAX's on-device augmentation vs the NumPy reference (bit for bit). With the
   port's default convolution here (im2col on CPU); ``v3:xla`` checks ``lax.conv`` (the GPU one).
@@ -270,8 +270,8 @@ def check_torch_device() -> dict:
 
 # A CNN check "v3" uses the port's default convolution for this platform (im2col on CPU);
 # "v3:xla" forces lax.conv (what the port uses on a GPU), still computed on this machine.
-CHECKS = ("mlp2", "mlp4", "baseline", "dropout", "v3", "torch-device") + tuple(
-    f"{m}:xla" for m in ("baseline", "dropout", "v3"))
+CHECKS = ("mlp2", "mlp4", "baseline", "dropout", "v3", "net4", "torch-device") + tuple(
+    f"{m}:xla" for m in ("baseline", "dropout", "v3", "net4"))
 
 
 def run_checks(names) -> dict:

@@ -14,7 +14,7 @@ from numpy_mlp import model as NM
 from tests.helpers import make_archive
 
 
-@pytest.mark.parametrize("name", ["baseline", "dropout", "v3"])
+@pytest.mark.parametrize("name", ["baseline", "dropout", "v3", "net4"])
 @pytest.mark.parametrize("seed", [0, 7])
 def test_cnn_epoch0_weights_identical_in_torch_and_jax(name, seed):
     from torch_cnn.model import init_model
@@ -54,6 +54,32 @@ def test_cnn_init_follows_torch_default_distributions():
     assert not np.array_equal(cnn_init("v3", 1)["fc1.weight"], sd["fc1.weight"])
     w = mlp_init([3072, 12, 1], 0, np.float64)["W1"]
     assert abs(w.std() - np.sqrt(2 / 3072)) < 0.05 * np.sqrt(2 / 3072)
+
+
+def test_cnn_init_draws_of_the_original_models_are_unchanged():
+    """sha256 over names and bytes of cnn_init(model, 0), recorded before net4 joined the
+    catalog (the draws are the shared contract every stack and every golden run start from)."""
+    import hashlib
+    want = {"baseline": "afa0f9f6df693b1b", "dropout": "afa0f9f6df693b1b",
+            "v3": "ca6dd99e29c59bb8"}
+    for name, fingerprint in want.items():
+        h = hashlib.sha256()
+        for k, a in cnn_init(name, 0).items():
+            h.update(k.encode())
+            h.update(a.tobytes())
+        assert h.hexdigest()[:16] == fingerprint, name
+
+
+def test_net4_init_follows_torch_default_distributions():
+    sd = cnn_init("net4", 0)
+    for name, fan_in in (("stem.conv", 27), ("block1.conv1", 144), ("block3.conv2", 1152),
+                         ("fc", 128)):
+        a = sd[f"{name}.weight"]
+        assert a.dtype == np.float32 and 0.9 / np.sqrt(fan_in) < np.abs(a).max() <= 1 / np.sqrt(fan_in)
+    assert np.abs(sd["fc.bias"]).max() <= 1 / np.sqrt(128)
+    assert "stem.conv.bias" not in sd and "block1.conv1.bias" not in sd  # convs without bias
+    assert (sd["block2.bn1.weight"] == 1).all() and (sd["stem.bn.running_var"] == 1).all()
+    assert sd["block3.bn2.num_batches_tracked"].dtype == np.int64
 
 
 def _run(main, argv, capsys):

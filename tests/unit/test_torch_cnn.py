@@ -36,6 +36,10 @@ def fake_split(n: int, seed: int = 0) -> Split:
 
 # ------------------------------------------------------------------ models
 def expected_params(name: str) -> int:
+    if name == "net4":  # convs without bias, BN scale and shift after each, fc 128 -> 1
+        convs = 9 * (3 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 64 * 64 + 64 * 128 + 128 * 128)
+        bn = 2 * (16 + 2 * 32 + 2 * 64 + 2 * 128)
+        return convs + bn + 128 + 1
     conv1 = 3 * 32 * 3 * 3 + 32
     conv2 = 32 * 64 * 3 * 3 + 64
     fc1 = 64 * 8 * 8 * 512 + 512
@@ -48,7 +52,8 @@ def expected_params(name: str) -> int:
 def test_shapes_param_counts_and_names(name):
     m = init_model(name, 0)
     assert param_count(m) == expected_params(name)
-    assert {"baseline": 2_117_569, "dropout": 2_117_569, "v3": 2_117_761}[name] == expected_params(name)
+    assert {"baseline": 2_117_569, "dropout": 2_117_569, "v3": 2_117_761,
+            "net4": 291_793}[name] == expected_params(name)
     x = torch.rand(5, 3, 32, 32)
     m.eval()
     out = m(x)
@@ -60,6 +65,33 @@ def test_shapes_param_counts_and_names(name):
               for k, v in m.state_dict().items()}
     assert shapes == cnn_tensors(name)
     assert ("bn1.weight" in shapes) == (name == "v3")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_train_flops_count_the_layers_torch_runs(name):
+    """core.architecture.train_flops against a count taken from the running model: every
+    Conv2d's and Linear's multiply-adds per image from the shapes torch actually produces
+    (forward hooks, in execution order), then forward + weight gradients + the input
+    gradients of all but the first layer, 2 FLOPs per multiply-add."""
+    from core.architecture import layer_macs, train_flops
+    m = build_model(name).eval()
+    macs = []
+
+    def hook(mod, inputs, out):
+        if isinstance(mod, torch.nn.Conv2d):  # outputs per image x (C_in * kh * kw)
+            k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+            macs.append(out[0].numel() * k)
+        else:
+            macs.append(mod.in_features * mod.out_features)
+    for mod in m.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            mod.register_forward_hook(hook)
+    with torch.no_grad():
+        m(torch.rand(2, 3, 32, 32))
+    assert macs == layer_macs(name)
+    assert train_flops(name) == 2 * (2 * sum(macs) + sum(macs[1:]))
+    if name == "net4":  # ~2.9x v3's per training image (core/architecture.py's docstring)
+        assert train_flops("net4") / train_flops("v3") == pytest.approx(2.907, abs=1e-3)
 
 
 def test_init_is_seeded_and_leaves_global_rng_alone():
