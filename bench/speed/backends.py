@@ -92,9 +92,13 @@ def hyperparameters(model: str) -> dict:
                 "decay": p["decay"], "optimizer": "gradient descent, lr0 / (1 + decay * epoch)",
                 "augment": False}
     p = PRESETS[model]
+    optimizer = "Adam (0.9, 0.999, eps 1e-8), constant lr"
+    if p.get("schedule", "constant") != "constant" or p.get("ema_decay"):
+        # net4's preset trains with a one-cycle lr and a weight average: the bench times
+        # the network's step at the schedule's peak lr, without the average's update
+        optimizer += " (the preset's peak; its lr schedule and weight average not timed)"
     return {"preset": model, "batch_size": p["batch_size"], "lr": p["lr"], "decay": 0.0,
-            "optimizer": "Adam (0.9, 0.999, eps 1e-8), constant lr",
-            "augment": model in AUGMENTED_MODELS}
+            "optimizer": optimizer, "augment": model in AUGMENTED_MODELS}
 
 
 def full_batch_hyperparameters(model: str) -> dict:
