@@ -1,4 +1,5 @@
-"""bench.studies.seed_spread's statistics and bench.speed.gpu's summary, on made-up inputs."""
+"""bench.studies.seed_spread's statistics, bench.studies.frontier's table and bench.speed.gpu's
+summary, on made-up inputs."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import math
 import pytest
 
 from bench.speed import gpu
-from bench.studies import seed_spread
+from bench.studies import frontier, seed_spread
 from data.errors import UserError
 
 
@@ -90,3 +91,36 @@ def test_gpu_continues_only_its_own_training_with_a_command_the_driver_accepts(t
     assert "--resume" in argv and "--preset" not in argv and "--data" not in argv
     stack = importlib.import_module("jax_port.train").JaxPort()
     assert configure(stack, argv)[2] is True  # the driver takes it as a resume
+
+
+def _pair(d, name, cfg, secs, accs, val=None, complete=True):
+    """A run as docs/results keeps it: <name>.config.json and <name>.metrics.json."""
+    hist = [{"epoch": i + 1, "seconds": s, "test_acc": a, **({"val_acc": val} if val else {})}
+            for i, (s, a) in enumerate(zip(secs, accs))]
+    (d / f"{name}.config.json").write_text(json.dumps({"stack": "jax_port", "family": "cnn",
+                                                       "device_kind": "cpu", **cfg}))
+    (d / f"{name}.metrics.json").write_text(json.dumps(
+        {"history": hist, "complete": complete, "final": {"test_acc": accs[-1]}}))
+
+
+def test_frontier_rows_times_and_the_frontier_per_device(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    recipe = {"preset": "v3-recipe", "model": "v3", "epochs": 30, "lr": 2e-3, "dropout_p": None}
+    _pair(runs, "slow-worse", {**recipe, "epochs": 50}, [30.0] * 2, [96.0, 96.5])
+    _pair(runs, "fast", recipe, [10.0, 10.0], [95.0, 97.0])
+    _pair(runs, "p0-val", {**recipe, "dropout_p": 0.0, "val": 5000}, [20.0, 20.0],
+          [96.0, 97.5], val=97.1)
+    _pair(runs, "cut", recipe, [5.0], [90.0], complete=False)
+    assert frontier.main([str(runs), "--out", str(tmp_path / "out"), "--no-chart"]) == 0
+    rows = list(__import__("csv").DictReader((tmp_path / "out" / "frontier.csv").open()))
+    assert [(r["run"], r["train_s"], r["frontier"]) for r in rows] == [
+        ("v3-recipe", "20.0", "True"),                              # 10 + 10 s
+        ("v3-recipe, dropout_p 0, val 5000", "40.0", "True"),
+        ("v3-recipe, epochs 50", "60.0", "False")]                  # slower and worse
+    assert rows[1]["val_acc"] == "97.1" and rows[0]["val_acc"] == ""
+    out = capsys.readouterr().out
+    assert "Unfinished, left out: " in out and "cut.metrics.json" in out
+    (runs / "fast.metrics.json").write_text("{")
+    with pytest.raises(UserError, match=r"fast\.metrics\.json: not a readable JSON file"):
+        frontier.main([str(runs), "--out", str(tmp_path / "out")])
