@@ -14,41 +14,49 @@ from tests.helpers import assert_user_error, run
 torch = require("torch")
 
 
-@pytest.fixture
-def v3_run(tmp_path):
-    """A v3 run (BatchNorm + Dropout) with non-trivial running statistics."""
+def cnn_run(tmp_path, model: str):
+    """A run of CNN ``model`` whose BatchNorms hold non-trivial running statistics."""
     from torch_cnn import checkpoint
     from torch_cnn.model import build_model
     torch.manual_seed(0)
-    m = build_model("v3")
+    m = build_model(model)
     for mod in m.modules():
         if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 2.0)
     d = tmp_path / "run"
     d.mkdir()
-    checkpoint.save(d / "model.safetensors", m, "v3")
-    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "v3", "family": "cnn"}))
+    checkpoint.save(d / "model.safetensors", m, model)
+    (d / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": model,
+                                               "family": "cnn"}))
     return d
 
 
-@pytest.mark.parametrize("tta", ["none", "flip"])
-def test_onnx_logits_match_torch(tta, v3_run, tmp_path, capsys):
+@pytest.fixture
+def v3_run(tmp_path):
+    """A v3 run (BatchNorm + Dropout)."""
+    return cnn_run(tmp_path, "v3")
+
+
+@pytest.mark.parametrize("name,tta", [("v3", "none"), ("v3", "flip"), ("net4", "flip")])
+def test_onnx_logits_match_torch(name, tta, tmp_path, capsys):
     """A run with flip test-time averaging exports it: the graph averages the logits of each
     image and its mirror image, as predict does."""
     require_modules("onnx", "onnxscript", "onnxruntime", extra="export")
-    (v3_run / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": "v3", "family": "cnn", "tta": tta}))
+    run_dir = cnn_run(tmp_path, name)
+    (run_dir / "config.json").write_text(json.dumps({"run_format": RUN_FORMAT, "model": name,
+                                                    "family": "cnn", "tta": tta}))
     from data.errors import run_cli
     from torch_cnn import export
     from torch_cnn.pipeline import to_input
     from torch_cnn.predict import load_run
     out = tmp_path / "detector.onnx"
     with pytest.raises(SystemExit) as e:
-        run_cli(export.main, ["--run", str(v3_run), "--out", str(out)])
+        run_cli(export.main, ["--run", str(run_dir), "--out", str(out)])
     assert e.value.code == 0
     assert "checked with onnxruntime" in capsys.readouterr().out
     imgs = np.stack([synthetic_image(i % 2, i) for i in range(5)])  # traced with a batch of 2
-    model = load_run(v3_run)
+    model = load_run(run_dir)
     with torch.inference_mode():
         want = model(to_input(torch.from_numpy(imgs))).reshape(-1).numpy()
     import onnxruntime as ort
@@ -58,11 +66,12 @@ def test_onnx_logits_match_torch(tta, v3_run, tmp_path, capsys):
     np.testing.assert_allclose(logit, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(p_fake, 1 / (1 + np.exp(want)), rtol=0, atol=1e-6)
     meta = sess.get_modelmeta().custom_metadata_map
-    assert meta["model"] == "v3" and meta["family"] == "cnn" and meta["tta"] == tta
-    if tta == "flip":  # the mirror image's half is really in the graph
+    assert meta["model"] == name and meta["family"] == "cnn" and meta["tta"] == tta
+    if tta == "flip":  # the mirror image's half is really in the graph: averaging it in
+        # moves the logits by far more than the export's own error
         with torch.inference_mode():
             plain = model.model(to_input(torch.from_numpy(imgs))).reshape(-1).numpy()
-        assert np.abs(logit - plain).max() > 1e-4
+        assert np.abs(logit - plain).max() > 10 * max(np.abs(logit - want).max(), 1e-7)
     assert not list(tmp_path.glob(".detector.onnx*"))  # written via temp + rename
 
 
