@@ -27,6 +27,7 @@ PROG = "python -m bench.studies.frontier"
 # what a row names when it differs from the run's preset
 KEYS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", "ema_decay", "tta",
         "dropout_p", "degrade")
+MARKERS = {"net4": "^"}  # chart markers of models other than the original CNNs (dots)
 COLUMNS = ("device", "stack", "model", "run", "epochs", "train_s", "val_acc", "test_acc",
            "frontier")
 
@@ -117,6 +118,11 @@ def chart(rows: list[dict]) -> bytes:
         pts = sorted((r for r in rows if r["device"] == dev), key=lambda r: r["train_s"])
         sc = ax.scatter([r["train_s"] for r in pts], [r["test_acc"] for r in pts], s=18,
                         label=dev, alpha=0.7)
+        for model, marker in MARKERS.items():  # the models beyond v3 drawn over it
+            mine = [r for r in pts if r["model"] == model]
+            if mine:
+                ax.scatter([r["train_s"] for r in mine], [r["test_acc"] for r in mine], s=40,
+                           marker=marker, color=sc.get_facecolor()[0], label=f"{dev}: {model}")
         front = [r for r in pts if r["frontier"]]
         ax.step([r["train_s"] for r in front], [r["test_acc"] for r in front], where="post",
                 color=sc.get_facecolor()[0], alpha=0.5)
