@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes
 from core.catalog import DEFAULTS, PRESETS
 from core.flags import ArgumentParser
+from core.rundir import read_json
 
 from ..files import out_dir, png_bytes
 
@@ -30,16 +30,6 @@ KEYS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", "ema_decay"
 MARKERS = {"net4": "^"}  # chart markers of models other than the original CNNs (dots)
 COLUMNS = ("device", "stack", "model", "run", "epochs", "train_s", "val_acc", "test_acc",
            "frontier")
-
-
-def _json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return doc
 
 
 def find_runs(paths) -> list[tuple[Path, Path]]:
@@ -73,11 +63,14 @@ def describe(cfg: dict) -> str:
 
 def row(cfg_path: Path, met_path: Path) -> dict | None:
     """One run's row, or None when the run did not finish."""
-    cfg, met = _json(cfg_path), _json(met_path)
+    cfg, met = read_json(cfg_path), read_json(met_path)
     hist = met.get("history")
     if not met.get("complete") or not isinstance(hist, list) or not hist:
         return None
     vals = [h["val_acc"] for h in hist if "val_acc" in h]
+    missing = [k for k in ("stack", "model") if k not in cfg]
+    if missing:
+        raise UserError(f"{cfg_path}: no {missing[0]!r} in a run's config")
     try:
         return {"device": cfg.get("device_kind", "?"), "stack": cfg["stack"],
                 "model": cfg["model"], "run": describe(cfg), "epochs": len(hist),

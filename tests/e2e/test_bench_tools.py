@@ -122,5 +122,5 @@ def test_frontier_rows_times_and_the_frontier_per_device(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Unfinished, left out: " in out and "cut.metrics.json" in out
     (runs / "fast.metrics.json").write_text("{")
-    with pytest.raises(UserError, match=r"fast\.metrics\.json: not a readable JSON file"):
+    with pytest.raises(UserError, match=r"fast\.metrics\.json: not valid JSON"):
         frontier.main([str(runs), "--out", str(tmp_path / "out")])
