@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes
-from core.catalog import DEFAULTS, PRESETS
+from core.catalog import DEFAULTS, MLP_HIDDEN, PRESETS
 from core.flags import ArgumentParser
 from core.rundir import read_json
 
@@ -25,8 +25,8 @@ from ..files import out_dir, png_bytes
 
 PROG = "python -m bench.studies.frontier"
 # what a row names when it differs from the run's preset
-KEYS = ("epochs", "batch_size", "lr", "schedule", "label_smoothing", "ema_decay", "tta",
-        "dropout_p", "degrade")
+KEYS = ("hidden", "epochs", "batch_size", "lr", "schedule", "label_smoothing", "ema_decay",
+        "tta", "dropout_p", "degrade")
 MARKERS = {"net4": "^"}  # chart markers of models other than the original CNNs (dots)
 COLUMNS = ("device", "stack", "model", "run", "epochs", "train_s", "val_acc", "test_acc",
            "frontier")
@@ -50,12 +50,23 @@ def find_runs(paths) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def value(v) -> str:
+    """A config value as a row names it: 0.002 -> "0.002", [64, 32, 16] -> "64-32-16"."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "-".join(map(str, v))
+    return str(v)
+
+
 def describe(cfg: dict) -> str:
     """The preset and what the run changed from it: "v3-recipe, epochs 50, dropout_p 0"."""
     preset = cfg.get("preset")
     base = {**DEFAULTS.get(cfg.get("family"), {}), **PRESETS.get(preset, {})}
-    changed = [f"{k} {cfg[k]:g}" if isinstance(cfg[k], float) else f"{k} {cfg[k]}"
-               for k in KEYS if k in cfg and k in base and cfg[k] != base[k]]
+    if base.get("hidden") is None and cfg.get("model") in MLP_HIDDEN:
+        base["hidden"] = list(MLP_HIDDEN[cfg["model"]])  # an MLP's own layout
+    changed = [f"{k} {value(cfg[k])}" for k in KEYS
+               if k in cfg and k in base and cfg[k] != base[k]]
     if cfg.get("val"):
         changed.append(f"val {cfg['val']}")
     return ", ".join([preset or cfg.get("model", "?"), *changed])
