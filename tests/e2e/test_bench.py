@@ -260,7 +260,7 @@ def test_training_flops_count_the_products_of_each_pass():
     macs = [32 * 32 * 27 * 32, 16 * 16 * 288 * 64, 4096 * 512, 512]
     assert train_flops("v3") == train_flops("baseline") == 2 * (2 * sum(macs) + sum(macs[1:]))
     assert train_flops("v3") == 44_436_480
-    dims = [3072, 20, 7, 5, 1]  # mlp4's preset widths
+    dims = [3072, 20, 7, 5, 1]  # mlp4's own widths (the model the bench times)
     macs = [a * b for a, b in zip(dims, dims[1:])]
     assert train_flops("mlp4") == 2 * (2 * sum(macs) + sum(macs[1:]))
     assert roofline_fraction("v3", 1000.0, 44.43648) == pytest.approx(1.0)
