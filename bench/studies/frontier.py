@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data.errors import UserError, run_cli
 from core.atomic import atomic_write_bytes
-from core.catalog import DEFAULTS, MLP_HIDDEN, PRESETS
+from core.catalog import DEFAULTS, MLP_HIDDEN, PRESETS, family_of
 from core.flags import ArgumentParser
 from core.rundir import read_json
 
@@ -143,14 +143,19 @@ def main(argv=None) -> int:
     ap.add_argument("paths", nargs="+", help="run folders, or folders that hold runs")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--no-chart", action="store_true", help="skip frontier.png")
+    ap.add_argument("--family", choices=("cnn", "mlp", "all"), default="all",
+                    help="only the runs of this model family (default all)")
     args = ap.parse_args(argv)
     out = out_dir(args.out)
     rows, unfinished = [], []
     for cfg, met in find_runs(args.paths):
         r = row(cfg, met)
+        if r and args.family != "all" and family_of(r["model"]) != args.family:
+            continue
         (rows.append(r) if r else unfinished.append(str(met)))
     if not rows:
-        raise UserError(f"no finished run under {', '.join(args.paths)}")
+        raise UserError(f"no finished {'' if args.family == 'all' else args.family + ' '}"
+                        f"run under {', '.join(args.paths)}")
     mark_frontier(rows)
     rows.sort(key=lambda r: (r["device"], r["train_s"]))
     buf = io.StringIO()

@@ -9,6 +9,7 @@ import pytest
 
 from bench.speed import gpu
 from bench.studies import frontier, seed_spread
+from core.catalog import PRESETS
 from data.errors import UserError
 
 
@@ -113,18 +114,28 @@ def test_frontier_rows_times_and_the_frontier_per_device(tmp_path, capsys):
           [96.0, 97.5], val=97.1)
     _pair(runs, "cut", recipe, [5.0], [90.0], complete=False)
     mlp = {"family": "mlp", "preset": "mlp4-mini", "model": "mlp4", "device_kind": "cpu-mlp"}
-    _pair(runs, "mlp-own", {**mlp, "hidden": [20, 7, 5]}, [1.0], [80.0])    # its own layout
+    _pair(runs, "mlp-own", {**mlp, "hidden": PRESETS["mlp4-mini"]["hidden"]}, [1.0], [80.0])
     _pair(runs, "mlp-wide", {**mlp, "hidden": [64, 32, 16]}, [2.0], [82.0])
+    _pair(runs, "mlp-bare", {**mlp, "preset": None, "hidden": [20, 7, 5]}, [0.5], [79.0])
     assert frontier.main([str(runs), "--out", str(tmp_path / "out"), "--no-chart"]) == 0
     rows = list(__import__("csv").DictReader((tmp_path / "out" / "frontier.csv").open()))
     assert [(r["run"], r["train_s"], r["frontier"]) for r in rows] == [
         ("v3-recipe", "20.0", "True"),                              # 10 + 10 s
         ("v3-recipe, dropout_p 0, val 5000", "40.0", "True"),
         ("v3-recipe, epochs 50", "60.0", "False"),                  # slower and worse
-        ("mlp4-mini", "1.0", "True"), ("mlp4-mini, hidden 64-32-16", "2.0", "True")]
+        ("mlp4", "0.5", "True"), ("mlp4-mini", "1.0", "True"),
+        ("mlp4-mini, hidden 64-32-16", "2.0", "True")]  # neither a preset's widths nor,
+    # without a preset, a model's own layout is named as a change
     assert rows[1]["val_acc"] == "97.1" and rows[0]["val_acc"] == ""
     out = capsys.readouterr().out
     assert "Unfinished, left out: " in out and "cut.metrics.json" in out
+    assert frontier.main([str(runs), "--out", str(tmp_path / "cnn"), "--no-chart",
+                          "--family", "cnn"]) == 0
+    cnn = list(__import__("csv").DictReader((tmp_path / "cnn" / "frontier.csv").open()))
+    assert [r["run"] for r in cnn] == [r["run"] for r in rows[:3]]   # the MLP runs left out
+    with pytest.raises(UserError, match="no finished mlp run under"):
+        frontier.main([str(runs / "fast.config.json"), "--out", str(tmp_path / "x"),
+                       "--family", "mlp"])
     (runs / "fast.metrics.json").write_text("{")
     with pytest.raises(UserError, match=r"fast\.metrics\.json: not valid JSON"):
         frontier.main([str(runs), "--out", str(tmp_path / "out")])
