@@ -1,0 +1,184 @@
+"""``python -m bench.studies.sweep``: choose a setting on the validation split.
+
+Trains one stack's preset once per variant and seed, each with ``--val N`` training images
+held out (the same images for every variant: ``--val-seed`` is fixed), and writes
+``--out``/sweep.{md,csv,json}: per run its train, validation (last epoch, and the mean of
+the last tenth of its epochs) and test accuracy; per variant the mean over seeds; and the
+variant validation chooses: the highest mean last-epoch validation accuracy. The test
+column is read once per finished run and reported, never used to choose.
+
+    python -m bench.studies.sweep --stack jax_port --preset mlp4-mini --val 5000 \\
+        --seeds 0,1 --try "--hidden 20,7,5" --try "--hidden 32,16,8" --data cifake.zip \\
+        --out results/sweep-mlp4
+
+Each ``--try`` is a variant: training flags added to the preset's and to ``--common``'s (an
+empty string is the preset itself). Runs go to ``--out``/runs/<variant>-s<seed>/ beside the command that made
+them (``command.json``). Resumable: a finished run is not run again, an interrupted one
+resumes; a folder made by another command is refused, never mixed in.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from core.atomic import atomic_write_bytes, atomic_write_json
+from core.catalog import PRESETS
+from core import flags
+from core.flags import ArgumentParser, positive_int
+from data.errors import UserError, run_cli
+
+from ..files import out_dir
+from .reproduce import _read_json, parse_seeds, run_or_resume
+
+PROG = "python -m bench.studies.sweep"
+STACKS = ("numpy_mlp", "torch_cnn", "jax_port")
+COLUMNS = ("variant", "seed", "status", "epochs", "train_acc", "val_acc", "val_acc_tail",
+           "val_loss", "test_acc", "train_s")
+
+
+def slug(variant: str) -> str:
+    """A folder name for a variant: "--hidden 32,16,8" -> "hidden-32-16-8"."""
+    s = re.sub(r"[^A-Za-z0-9.]+", "-", variant).strip("-")
+    return s or "preset"
+
+
+def fresh_flags(args, variant: str, seed: int) -> list[str]:
+    return ["--preset", args.preset, "--data", args.data, "--val", str(args.val),
+            "--val-seed", str(args.val_seed), "--seed", str(seed), *shlex.split(args.common),
+            *shlex.split(variant)]
+
+
+def run_one(args, variant: str, seed: int, run_dir: Path) -> str:
+    """Runs or resumes one variant and seed; refuses a folder another command made."""
+    flags = fresh_flags(args, variant, seed)
+    made = {"stack": args.stack, "flags": flags}
+    stamp = run_dir.parent / f"{run_dir.name}.command.json"
+    old = _read_json(stamp)
+    if (run_dir / "config.json").exists() and old != made:
+        raise UserError(f"{run_dir} was made by another command ({' '.join((old or {}).get('flags', ['?']))}); "
+                        f"delete it or use another --out")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, made)
+    return run_or_resume(f"{slug(variant)} seed {seed}", args.stack, run_dir, flags,
+                         run_dir.parent / f"{run_dir.name}.log", args.cache_dir, args.device)
+
+
+def record(variant: str, seed: int, status: str, run_dir: Path) -> dict:
+    rec = {"variant": variant, "seed": seed, "status": status}
+    m = _read_json(run_dir / "metrics.json") or {}
+    hist, final = m.get("history") or [], m.get("final") or {}
+    vals = [h["val_acc"] for h in hist if "val_acc" in h]
+    if not (m.get("complete") and vals):
+        return rec
+    tail = vals[-max(1, len(vals) // 10):]
+    rec.update(epochs=len(hist), train_acc=final.get("train_acc"), val_acc=vals[-1],
+               val_acc_tail=statistics.fmean(tail), val_loss=hist[-1].get("val_loss"),
+               test_acc=final.get("test_acc"),
+               train_s=round(sum(float(h["seconds"]) for h in hist), 1))
+    return rec
+
+
+def choose(records: list[dict], variants: list[str]) -> tuple[dict, list[str]]:
+    """Per variant the mean last-epoch validation accuracy over its seeds (when all
+    finished); the variants at the top: one is a choice, several a tie, none until every
+    run has finished."""
+    means = {v: statistics.fmean(r["val_acc"] for r in records if r["variant"] == v)
+             for v in variants
+             if all("val_acc" in r for r in records if r["variant"] == v)}
+    if len(means) < len(variants):
+        return means, []
+    top = max(means.values())
+    return means, [v for v, m in means.items() if m == top]
+
+
+def fmt(v, nd=2) -> str:
+    return "—" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def name(variant: str) -> str:
+    return variant or "(preset)"
+
+
+def verdict(top: list[str]) -> str:
+    if not top:
+        return "none yet: some runs have not finished"
+    if len(top) > 1:
+        return "none: a tie between " + ", ".join(f"`{name(v)}`" for v in top)
+    return f"`{name(top[0])}`"
+
+
+def markdown(args, records: list[dict], means: dict, top: list[str]) -> str:
+    common = f", with `{args.common}`" if args.common else ""
+    lines = [f"# Sweep: {args.stack} --preset {args.preset}{common}, {args.val} images held "
+             f"out (--val-seed {args.val_seed})", "",
+             "Chosen on validation (the highest mean last-epoch validation accuracy): "
+             + verdict(top) + ".",
+             "The test column is read once per finished run and is not used to choose.", "",
+             "| variant | seed | train % | validation % (last) | validation % (last tenth) "
+             "| validation loss | test % | training s |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {name(r['variant'])} | {r['seed']} | {fmt(r.get('train_acc'))} | "
+                     f"{fmt(r.get('val_acc'))} | {fmt(r.get('val_acc_tail'))} | "
+                     f"{fmt(r.get('val_loss'), 4)} | {fmt(r.get('test_acc'))} | "
+                     f"{fmt(r.get('train_s'), 0)} |" if "val_acc" in r else
+                     f"| {name(r['variant'])} | {r['seed']} | {r['status']} |  |  |  |  |  |")
+    lines += ["", "| variant | mean validation % (last epoch) |", "|---|---|"]
+    lines += [f"| {name(v)} | {m:.2f} |" for v, m in means.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--stack", required=True, choices=STACKS)
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--val", required=True, type=positive_int("--val"),
+                    help="training images held out for validation (stratified)")
+    ap.add_argument("--val-seed", type=flags.val_seed, default=0,
+                    help="seed of the held-out draw (default 0)")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    ap.add_argument("--try", dest="variants", action="append", required=True,
+                    help="training flags of one variant, quoted; repeat per variant")
+    ap.add_argument("--common", default="",
+                    help="training flags every variant gets, quoted (e.g. \"--epochs 20\")")
+    ap.add_argument("--data", required=True, help="CIFAKE zip or folder")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    args.seeds = parse_seeds(args.seeds)
+    if len({slug(v) for v in args.variants}) != len(args.variants):
+        raise UserError(f"--try values must differ: {args.variants}")
+    out = out_dir(args.out)
+    records = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            run_dir = out / "runs" / f"{slug(variant)}-s{seed}"
+            records.append(record(variant, seed, run_one(args, variant, seed, run_dir), run_dir))
+    means, top = choose(records, args.variants)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(records)
+    atomic_write_bytes(out / "sweep.csv", buf.getvalue().encode())
+    atomic_write_json(out / "sweep.json", {"command": sys.argv if argv is None else argv,
+                                           "records": records, "means": means,
+                                           "chosen": top[0] if len(top) == 1 else None,
+                                           "tied": top if len(top) > 1 else []})
+    md = markdown(args, records, means, top)
+    atomic_write_bytes(out / "sweep.md", md.encode())
+    print(md, end="")
+    failed = [f"{name(r['variant'])} seed {r['seed']}" for r in records
+              if r["status"] == "failed"]
+    if failed:
+        print(f"{PROG}: failed: {', '.join(failed)} (logs in {out / 'runs'})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)
