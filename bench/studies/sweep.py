@@ -12,9 +12,10 @@ column is read once per finished run and reported, never used to choose.
         --out results/sweep-mlp4
 
 Each ``--try`` is a variant: training flags added to the preset's and to ``--common``'s (an
-empty string is the preset itself). Runs go to ``--out``/runs/<variant>-s<seed>/ beside the command that made
-them (``command.json``). Resumable: a finished run is not run again, an interrupted one
-resumes; a folder made by another command is refused, never mixed in.
+empty string is the preset itself). Runs go to ``--out``/runs/<variant>-s<seed>/, the
+command that made each beside it (``<variant>-s<seed>.command.json``). Resumable: a finished
+run is not run again, an interrupted one resumes; a folder made by another command is
+refused, never mixed in.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from core.atomic import atomic_write_bytes, atomic_write_json
 from core.catalog import PRESETS
 from core import flags
 from core.flags import ArgumentParser, positive_int
+from core.rundir import read_json
 from data.errors import UserError, run_cli
 
 from ..files import out_dir
+from . import frontier
 from .reproduce import _read_json, parse_seeds, run_or_resume
 
 PROG = "python -m bench.studies.sweep"
@@ -60,7 +63,8 @@ def run_one(args, variant: str, seed: int, run_dir: Path) -> str:
     stamp = run_dir.parent / f"{run_dir.name}.command.json"
     old = _read_json(stamp)
     if (run_dir / "config.json").exists() and old != made:
-        raise UserError(f"{run_dir} was made by another command ({' '.join((old or {}).get('flags', ['?']))}); "
+        by = " ".join((old or {}).get("flags") or ["?"])
+        raise UserError(f"{run_dir} was made by another command ({by}); "
                         f"delete it or use another --out")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, made)
@@ -69,17 +73,20 @@ def run_one(args, variant: str, seed: int, run_dir: Path) -> str:
 
 
 def record(variant: str, seed: int, status: str, run_dir: Path) -> dict:
+    """One run's row; its accuracies only when it finished (``frontier.row`` reads and
+    checks the files: a damaged one is a one-line error, not an unfinished run)."""
     rec = {"variant": variant, "seed": seed, "status": status}
-    m = _read_json(run_dir / "metrics.json") or {}
-    hist, final = m.get("history") or [], m.get("final") or {}
-    vals = [h["val_acc"] for h in hist if "val_acc" in h]
-    if not (m.get("complete") and vals):
+    met = run_dir / "metrics.json"
+    base = frontier.row(run_dir / "config.json", met) if met.exists() else None
+    if base is None or base["val_acc"] is None:
         return rec
-    tail = vals[-max(1, len(vals) // 10):]
-    rec.update(epochs=len(hist), train_acc=final.get("train_acc"), val_acc=vals[-1],
-               val_acc_tail=statistics.fmean(tail), val_loss=hist[-1].get("val_loss"),
-               test_acc=final.get("test_acc"),
-               train_s=round(sum(float(h["seconds"]) for h in hist), 1))
+    m = read_json(met)
+    vals = [h["val_acc"] for h in m["history"] if "val_acc" in h]
+    tail = vals[-max(1, len(vals) // 10):]  # the last tenth of the epochs
+    rec.update(epochs=base["epochs"], train_acc=m["final"].get("train_acc"),
+               val_acc=base["val_acc"], val_acc_tail=statistics.fmean(tail),
+               val_loss=m["history"][-1].get("val_loss"), test_acc=base["test_acc"],
+               train_s=base["train_s"])
     return rec
 
 

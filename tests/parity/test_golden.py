@@ -120,7 +120,6 @@ def compare(stack: str, got: dict, recorded: dict, here: str) -> None:
                       f"compared within CROSS_RTOL only, exactness not checked")
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stack", sorted(STACK_PRESETS))
 def test_final_weights_unchanged(stack, mini_zip, tmp_path):
