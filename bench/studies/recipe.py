@@ -47,7 +47,7 @@ from core.catalog import DEFAULTS, ONECYCLE_KEYS, ORIGINAL, PRESETS
 from data.errors import run_cli
 from core.flags import ArgumentParser, positive_int
 
-from . import reproduce
+from . import launcher, reproduce
 from ..files import out_dir, png_bytes
 from .side_by_side import run_summary
 
@@ -85,16 +85,16 @@ def parse_args(argv):
     ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated seeds of the final recipe; the ladder runs on the "
                          "first")
-    ap.add_argument("--epochs-scale", type=reproduce._positive_float, default=1.0,
+    ap.add_argument("--epochs-scale", type=launcher.epochs_scale, default=1.0,
                     help="multiply every run's epochs (at least 1): a miniature")
     ap.add_argument("--subset", type=positive_int("--subset"),
                     help="first N images per class of each split: a miniature")
-    ap.add_argument("--device", type=reproduce._device, default=None,
+    ap.add_argument("--device", type=launcher.device, default=None,
                     help="auto | cpu | gpu (cuda = gpu) (default: the stack's auto)")
     ap.add_argument("--plots-only", action="store_true",
                     help="only rebuild the tables from the run directories present")
     args = ap.parse_args(argv)
-    args.seeds = reproduce.parse_seeds(args.seeds)
+    args.seeds = launcher.parse_seeds(args.seeds)
     return args
 
 
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         run_dir = out / "runs" / item["name"]
         status = "present"
         if not args.plots_only:
-            status = reproduce.run_or_resume(
+            status = launcher.run_or_resume(
                 item["name"], stack, run_dir,
                 train_flags(args, item["rung"], item["settings"], item["seed"]),
                 out / f"{item['name']}.log", args.cache_dir, args.device)

@@ -22,21 +22,17 @@ rows), ``numpy`` (MLP rows only), ``torch`` (CNN rows only), ``jax`` (all rows).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from core.atomic import atomic_write_bytes, atomic_write_json
-from core import flags
 from core.catalog import ORIGINAL, PRESETS, ROWS, parse_rows
 
 from ..files import out_dir, png_bytes
+from .launcher import device, epochs_scale, parse_seeds, read_json_or_none, run_or_resume
 from data.errors import UserError, run_cli
 from core.flags import ArgumentParser, positive_int
 
@@ -44,23 +40,6 @@ STACK_OF = {("spec", "mlp"): "numpy_mlp", ("spec", "cnn"): "torch_cnn",
             ("numpy", "mlp"): "numpy_mlp", ("torch", "cnn"): "torch_cnn",
             ("jax", "mlp"): "jax_port", ("jax", "cnn"): "jax_port"}
 BACKENDS = ("spec", "numpy", "torch", "jax")
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--epochs-scale must be a number, got {s!r}") from None
-    if not (0 < v <= 1):
-        raise argparse.ArgumentTypeError(f"--epochs-scale must be in (0, 1], got {v}")
-    return v
-
-
-def _device(s: str) -> str:
-    try:
-        return flags.device(s)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def default_out(backend: str) -> str:
@@ -80,11 +59,11 @@ def parse_args(argv):
     ap.add_argument("--cache-dir")
     ap.add_argument("--out", help="output folder (default results/reproduce-jax for --backend "
                                   "jax, else results/reproduce-spec)")
-    ap.add_argument("--epochs-scale", type=_positive_float, default=1.0,
+    ap.add_argument("--epochs-scale", type=epochs_scale, default=1.0,
                     help="multiply each preset's epochs (at least 1): a miniature of the table")
     ap.add_argument("--subset", type=positive_int("--subset"),
                     help="first N images per class of each split: a miniature of the table")
-    ap.add_argument("--device", type=_device, default=None,
+    ap.add_argument("--device", type=device, default=None,
                     help="auto | cpu | gpu (cuda = gpu) for the torch and JAX rows (default: "
                          "each stack's auto); the NumPy rows always run on the CPU")
     ap.add_argument("--seeds", default="0",
@@ -96,17 +75,6 @@ def parse_args(argv):
     args.rows = parse_rows(args.rows)
     args.seeds = parse_seeds(args.seeds)
     return args
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds``: comma-separated seeds, each checked as ``--seed`` is; no repeats."""
-    parts = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(not t for t in parts):
-        raise UserError(f"--seeds must be comma-separated seeds like 0,1,2, got {text!r}")
-    seeds = tuple(flags.seed(t) for t in parts)
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds lists a seed twice: {text!r}")
-    return seeds
 
 
 def run_name(stack: str, row: str, seed: int = 0) -> str:
@@ -134,15 +102,6 @@ def row_flags(args, row: str, seed: int = 0) -> list[str]:
     return flags_
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 # config.json keys that define a row's result; a run directory made with other values
 # (an older preset, another --epochs-scale) must not be reused or resumed as this row.
 _DEFINING = ("model", "batch_size", "lr", "decay", "epochs", "hidden", "subset", "seed")
@@ -152,7 +111,7 @@ def check_settings(run_dir: Path, want: dict, what: str) -> None:
     """UserError if ``run_dir`` holds a run whose config.json differs from ``want`` in a key
     both have: a run made with other settings must not stand for (or be resumed as)
     ``what``."""
-    cfg = _read_json(run_dir / "config.json")
+    cfg = read_json_or_none(run_dir / "config.json")
     if cfg is None:
         return
     diff = [f"{k} {cfg[k]!r} (now {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
@@ -170,43 +129,6 @@ def check_not_stale(args, row: str, stack: str, run_dir: Path, seed: int = 0) ->
     check_settings(run_dir, {k: want[k] for k in _DEFINING if k in want}, f"row {row}")
 
 
-def launch(cmd: list[str], log: Path) -> int:
-    """Run one training command to its end, its output appended to ``log``; its exit status."""
-    with open(log, "a") as lf:
-        lf.write(f"\n# {datetime.now(timezone.utc).isoformat()} {' '.join(cmd)}\n")
-        lf.flush()
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.wait()  # the child got the same SIGINT and saves its last epoch
-            raise
-
-
-def run_or_resume(tag: str, stack: str, run_dir: Path, fresh: list[str], log: Path,
-                  cache_dir: str | None = None, device: str | None = None) -> str:
-    """Runs ``python -m <stack>.train`` into ``run_dir``: started with the ``fresh`` flags,
-    or resumed from its last completed epoch when the folder already holds a run (its own
-    config.json fixes the rest). Returns 'done', 'skipped' (already complete) or 'failed'."""
-    m = _read_json(run_dir / "metrics.json")
-    if m and m.get("complete"):
-        return "skipped"
-    resume = (run_dir / "config.json").exists()
-    cmd = [sys.executable, "-m", f"{stack}.train", *(["--resume"] if resume else fresh),
-           "--out", str(run_dir), "--no-progress"]
-    if cache_dir:
-        cmd += ["--cache-dir", cache_dir]
-    if device and stack != "numpy_mlp":
-        cmd += ["--device", device]
-    print(f"[{tag}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    rc = launch(cmd, log)
-    status = "done" if rc == 0 else "failed"
-    print(f"[{tag}] {status} in {time.time() - t0:.0f} s (log: {log})", file=sys.stderr,
-          flush=True)
-    return status
-
-
 def run_row(args, row: str, stack: str, run_dir: Path, log: Path, seed: int = 0) -> str:
     """Runs (or resumes) one row. Returns 'done', 'skipped' (already complete) or 'failed'."""
     tag = row + (f" seed {seed}" if seed else "")
@@ -219,8 +141,8 @@ def collect(args, row: str, stack: str, run_dir: Path, status: str, seed: int = 
     rec = {"row": row, "description": desc, "backend": stack, "seed": seed, "status": status,
            "run_dir": str(run_dir), "original_test": o_test, "original_train": o_train,
            "original_gap": round(o_train - o_test, 2), "original_epochs": epochs}
-    m = _read_json(run_dir / "metrics.json")
-    c = _read_json(run_dir / "config.json") or {}
+    m = read_json_or_none(run_dir / "metrics.json")
+    c = read_json_or_none(run_dir / "config.json") or {}
     if not m or not m.get("final"):
         return rec
     f = m["final"]

@@ -36,7 +36,7 @@ from data.errors import UserError, run_cli
 
 from ..files import out_dir
 from . import frontier
-from .reproduce import _read_json, parse_seeds, run_or_resume
+from .launcher import parse_seeds, read_json_or_none, run_or_resume
 
 PROG = "python -m bench.studies.sweep"
 STACKS = ("numpy_mlp", "torch_cnn", "jax_port")
@@ -61,7 +61,7 @@ def run_one(args, variant: str, seed: int, run_dir: Path) -> str:
     flags = fresh_flags(args, variant, seed)
     made = {"stack": args.stack, "flags": flags}
     stamp = run_dir.parent / f"{run_dir.name}.command.json"
-    old = _read_json(stamp)
+    old = read_json_or_none(stamp)
     if (run_dir / "config.json").exists() and old != made:
         by = " ".join((old or {}).get("flags") or ["?"])
         raise UserError(f"{run_dir} was made by another command ({by}); "

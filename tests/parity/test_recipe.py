@@ -309,7 +309,7 @@ def test_the_ladder_adds_one_ingredient_at_a_time_and_ends_at_the_preset():
 
 
 def _in_process(cmd, log):
-    """bench.studies.reproduce.launch, in this process: ``[python, -m, <stack>.train, args...]``."""
+    """bench.studies.launcher.launch, in this process: ``[python, -m, <stack>.train, args...]``."""
     main = importlib.import_module(cmd[2]).main
     try:
         return main(cmd[3:])
@@ -319,8 +319,8 @@ def _in_process(cmd, log):
 
 def test_recipe_ablation_miniature_end_to_end(archive, tmp_path, monkeypatch, capsys):
     from bench.studies import recipe as R
-    from bench.studies import reproduce
-    monkeypatch.setattr(reproduce, "launch", _in_process)
+    from bench.studies import launcher
+    monkeypatch.setattr(launcher, "launch", _in_process)
     zip_path, cache = archive
     out = tmp_path / "rec"
     args = ["--backend", "spec", "--data", str(zip_path), "--cache-dir", str(cache), "--out",
