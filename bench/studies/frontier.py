@@ -149,9 +149,10 @@ def main(argv=None) -> int:
     out = out_dir(args.out)
     rows, unfinished = [], []
     for cfg, met in find_runs(args.paths):
+        model = read_json(cfg).get("model")
+        if args.family != "all" and model is not None and family_of(model) != args.family:
+            continue  # finished or not: another family's run is not this table's
         r = row(cfg, met)
-        if r and args.family != "all" and family_of(r["model"]) != args.family:
-            continue
         (rows.append(r) if r else unfinished.append(str(met)))
     if not rows:
         raise UserError(f"no finished {'' if args.family == 'all' else args.family + ' '}"

@@ -117,6 +117,7 @@ def test_frontier_rows_times_and_the_frontier_per_device(tmp_path, capsys):
     _pair(runs, "mlp-own", {**mlp, "hidden": PRESETS["mlp4-mini"]["hidden"]}, [1.0], [80.0])
     _pair(runs, "mlp-wide", {**mlp, "hidden": [64, 32, 16]}, [2.0], [82.0])
     _pair(runs, "mlp-bare", {**mlp, "preset": None, "hidden": [20, 7, 5]}, [0.5], [79.0])
+    _pair(runs, "mlp-cut", mlp, [1.0], [70.0], complete=False)
     assert frontier.main([str(runs), "--out", str(tmp_path / "out"), "--no-chart"]) == 0
     rows = list(__import__("csv").DictReader((tmp_path / "out" / "frontier.csv").open()))
     assert [(r["run"], r["train_s"], r["frontier"]) for r in rows] == [
@@ -133,6 +134,8 @@ def test_frontier_rows_times_and_the_frontier_per_device(tmp_path, capsys):
                           "--family", "cnn"]) == 0
     cnn = list(__import__("csv").DictReader((tmp_path / "cnn" / "frontier.csv").open()))
     assert [r["run"] for r in cnn] == [r["run"] for r in rows[:3]]   # the MLP runs left out
+    out = capsys.readouterr().out   # unfinished: the CNN's listed, the MLP's not
+    assert "cut.metrics.json" in out and "mlp-cut" not in out
     with pytest.raises(UserError, match="no finished mlp run under"):
         frontier.main([str(runs / "fast.config.json"), "--out", str(tmp_path / "x"),
                        "--family", "mlp"])
