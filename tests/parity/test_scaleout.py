@@ -1,10 +1,10 @@
 """Data parallelism trains the one-device function: JAX over a Mesh of 2 forced host
 devices and torch DDP over 2 gloo processes end with the weights of the 1-device /
 1-process run of the same seed, within float32 reduction-order tolerance (the baseline,
-v3 on resize-and-compress copies, and v3 with the recipe: one-cycle lr, label smoothing,
-the weights' moving average, flip TTA); the pieces that
-make it so (the split of a global batch, the global dropout mask, the all-reduce
-BatchNorm) are checked on their own; refusals are one line.
+v3 on resize-and-compress copies, v3 with the recipe: one-cycle lr, label smoothing,
+the weights' moving average, flip TTA; and net4 with its one-cycle lr and flip TTA); the
+pieces that make it so (the split of a global batch, the global dropout mask, the
+all-reduce BatchNorm) are checked on their own; refusals are one line.
 
 Tolerances (per tensor, relative Frobenius norm ||N devices - 1 device|| / ||1 device||):
 the two runs add the same float32 numbers in another order (per-device partial sums
@@ -20,6 +20,13 @@ batch's gives 2.4e-1 (bn1.bias) and 8.6e-2 (fc1.weight); per-process dropout mas
 The convolution biases before a BatchNorm and the running means that carry them are
 compared apart (as in test_parity_cnn.py): their true gradient is zero, so Adam walks
 them on rounding noise in both runs, by at most ~lr per step.
+net4 (7 BatchNorms, three 2x2 max pools and a global max pool that routes each channel's
+whole gradient to one position) amplifies rounding far more than v3: torch alone on 1
+thread against 2 threads ends 2.5e-3 apart in its BatchNorm biases and 7.5e-5 in the
+second epoch's train loss (v3: 2.4e-6 and 1e-7). Measured 1 vs 2: JAX 9.2e-4
+(block1.bn1.bias), torch 1.0e-2 (block1.bn2.bias) and 4.7e-4 in the second epoch's loss;
+torch with per-process statistics instead: 0.35-1.08 in every BatchNorm bias and 3.7e-3 in
+the first epoch's loss. Hence net4's wider bounds (5e-2; loss 1.5e-3), between the two.
 """
 from __future__ import annotations
 
@@ -34,11 +41,16 @@ from data.batching import rank_rows
 from tests.helpers import REPO, assert_ok, assert_same_weights, env, load_weights, \
     make_archive, require_modules
 
-FRO = {"baseline": 1e-4, "v3": 5e-3, "v3-recipe": 5e-3}
+FRO = {"baseline": 1e-4, "v3": 5e-3, "v3-recipe": 5e-3, "net4": 5e-2}
+# per-epoch train loss, 1 vs N (net4: see the module docstring)
+LOSS_TOL = {"net4": 1.5e-3}
 # v3 with the recipe (core.recipe: one-cycle lr, label smoothing, the EMA that is saved,
 # flip TTA in the sharded evaluation); with --degrade as v3 below
 RECIPE = ["--schedule", "onecycle", "--label-smoothing", "0.1", "--ema-decay", "0.99",
           "--tta", "flip"]
+# net4 (BatchNorm after each of its 7 convolutions, nested in blocks) with its preset's
+# schedule and flip TTA, at the other models' batch of 64
+NET4 = ["--schedule", "onecycle", "--tta", "flip"]
 LR = 1e-3
 EPOCHS = 2
 N_TRAIN = 80   # per class: 160 images = 2 batches of 64 + a partial batch of 32
@@ -56,8 +68,8 @@ def argv(archive, out, model, *more):
     """A fresh run's flags; v3 also trains on resize-and-compress copies (--degrade), which
     every device and process must see alike."""
     zip_path, d = archive
-    extra = {"v3": ["--degrade", "0.5"], "v3-recipe": ["--degrade", "0.5", *RECIPE]}.get(
-        model, [])
+    extra = {"v3": ["--degrade", "0.5"], "v3-recipe": ["--degrade", "0.5", *RECIPE],
+             "net4": NET4}.get(model, [])
     return ["--model", model.split("-")[0], "--epochs", str(EPOCHS), "--seed", "5", "--data",
             str(zip_path), "--cache-dir", str(d / "cache"), "--out", str(out), "--no-progress",
             *extra, *map(str, more)]
@@ -89,9 +101,11 @@ def assert_same_function(one, many, model: str) -> dict[str, float]:
     h1 = json.loads((one / "metrics.json").read_text())
     hn = json.loads((many / "metrics.json").read_text())
     for r1, rn in zip(h1["history"], hn["history"], strict=True):
-        assert abs(r1["train_loss"] - rn["train_loss"]) < 1e-4
+        assert abs(r1["train_loss"] - rn["train_loss"]) < LOSS_TOL.get(model, 1e-4)
         assert abs(r1["test_loss"] - rn["test_loss"]) < 1e-3  # evaluation split too
-        assert r1["train_acc"] == rn["train_acc"]
+        # net4: a near-zero logit may cross zero on rounding (at most one image an epoch)
+        one_image = 100 / (2 * N_TRAIN) + 1e-9
+        assert abs(r1["train_acc"] - rn["train_acc"]) <= (one_image if model == "net4" else 0)
     return errs
 
 
@@ -204,7 +218,7 @@ for a in json.loads(sys.argv[1]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["baseline", "v3", "v3-recipe"])
+@pytest.mark.parametrize("model", ["baseline", "v3", "v3-recipe", "net4"])
 def test_jax_on_two_devices_trains_the_one_device_weights(archive, tmp_path, model):
     """XLA_FLAGS forces 2 host devices (it must be set before jax is imported: a
     subprocess). v3 also resumes the 2-device run after its first epoch."""
@@ -278,7 +292,7 @@ def ddp_v3(archive):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["baseline", "v3", "v3-recipe"])
+@pytest.mark.parametrize("model", ["baseline", "v3", "v3-recipe", "net4"])
 def test_torchrun_on_two_processes_trains_the_one_process_weights(archive, tmp_path, model,
                                                                   ddp_v3):
     require_modules("torch", "torchvision", extra="torch")
