@@ -13,12 +13,16 @@ sigmoid(logit), FAKE when >= 0.5. ROC-AUC is that of P(FAKE) with FAKE as the po
 class (``core.metrics.roc_auc``: rank-based, ties counted half).
 
 ``--limit N`` scores the first N test images (file-name order), stratified by class, and
-says so in every output. When the run directory holds a ``cifake.realworld`` result
+says so in every output. ``--split val`` scores the validation images the run held out of
+the training split instead (a run trained with ``--val N``: the same draw, checked against
+the ``val_digest`` its config.json recorded), so that a choice made for robustness -- how
+strongly to augment, which run to keep -- is made without reading the test split; it
+writes battery-val.* beside the test split's files, never over them. When the run directory holds a ``cifake.realworld`` result
 (realworld.json), its real-photo false-positive rate through predict's own pipeline is
 reported beside the table.
 
-Writes battery.csv, battery.md, battery.png and battery.json (what the web page reads)
-into the run directory, or ``--out``; each file appears whole or not at all, and nothing
+Writes battery.csv, battery.md, battery.png and battery.json (what the web page reads;
+battery-val.* for ``--split val``) into the run directory, or ``--out``; each file appears whole or not at all, and nothing
 is written before every image has been scored.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ import numpy as np
 
 from data.cache import content_fingerprint
 from data.errors import UserError, run_cli
+from data.validation import hold_out, split_digest
 from data.perturb import BATTERY, NOISE_SEED, Perturbation, timed_apply
 from core.atomic import atomic_write_bytes
 from core.flags import MAX_WORKERS, ArgumentParser, integer, positive_int
@@ -56,6 +61,13 @@ from .stacks import STACKS, load_detector
 PROG = "python -m cifake.battery"
 DEFAULT_BATCH = 512
 FILES = ("battery.md", "battery.csv", "battery.png", "battery.json")  # written in this order
+SPLITS = ("test", "val")
+
+
+def file_names(split: str) -> tuple[str, ...]:
+    """The outputs of a battery on ``split``: battery.* (test), battery-val.* (val)."""
+    return FILES if split == "test" else tuple(f.replace("battery", f"battery-{split}", 1)
+                                               for f in FILES)
 MAX_PNG_BYTES = 4 * 2**20  # a chart larger than this is not ours: the page leaves it out
 
 
@@ -219,7 +231,15 @@ def _scope(result: dict) -> str:
     d = result["data"]
     which = (f"the first {d['n']:,} of {d['n_split']:,} (--limit {d['limit']:,}, stratified)"
              if d["n"] < d["n_split"] else f"all {d['n']:,}")
-    return f"{which} CIFAKE test images ({d['n_fake']:,} FAKE, {d['n_real']:,} REAL)"
+    return f"{which} {_images(d)} ({d['n_fake']:,} FAKE, {d['n_real']:,} REAL)"
+
+
+def _images(d: dict) -> str:
+    """What the scored images are, in words."""
+    if d.get("split", "test") == "test":
+        return "CIFAKE test images"
+    return (f"validation images (held out of CIFAKE's training split: --val {d['n_split']:,}, "
+            f"--val-seed {d['val_seed']})")
 
 
 def _realworld_line(result: dict) -> str:
@@ -294,7 +314,7 @@ def figure_png(result: dict) -> bytes:
         a1.text(1, i, f"{row['accuracy']:.1f}%, drop {row['acc_drop_pp']:+.1f} pp", va="center",
                 fontsize=7, color="white" if row["accuracy"] > 25 else "black")
     a1.set_xlim(0, 100)
-    a1.set_xlabel("% of test images")
+    a1.set_xlabel(f"% of {result['data'].get('split', 'test')} images")
     a1.legend(loc="upper left", bbox_to_anchor=(0, -0.09), ncol=3, fontsize=8)
     a1.set_yticks(y, names)
     a1.invert_yaxis()
@@ -310,7 +330,7 @@ def figure_png(result: dict) -> bytes:
     a2.set_xlabel("ROC-AUC of P(FAKE) (bars from chance, 0.5)")
     rw = result.get("realworld")
     extra = f"; real photos called FAKE {rw['n_fake']}/{rw['n']}" if rw else ""
-    fig.suptitle(f"run {result['run']['run']}: {result['data']['n']:,} CIFAKE test images"
+    fig.suptitle(f"run {result['run']['run']}: {result['data']['n']:,} {_images(result['data'])}"
                  f"{extra}; dashed = clean")
     fig.tight_layout()
     return png_bytes(fig)
@@ -373,8 +393,12 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--stack", choices=list(STACKS),
                     help="stack that scores (default: the one that trained --run)")
     add_device_flag(ap)
+    ap.add_argument("--split", choices=SPLITS, default="test",
+                    help="test (default): CIFAKE's test split, written to battery.*; val: "
+                         "the validation images the run held out (--val N), written to "
+                         "battery-val.*, for choices that must not read the test split")
     ap.add_argument("--limit", type=positive_int("--limit"), metavar="N",
-                    help="score only the first N test images, stratified by class "
+                    help="score only the first N images of the split, stratified by class "
                          "(default: all)")
     ap.add_argument("--batch-size", type=positive_int("--batch-size"), default=DEFAULT_BATCH,
                     metavar="B", help="images perturbed and scored at once")
@@ -385,14 +409,35 @@ def build_parser() -> ArgumentParser:
     return ap
 
 
-def _data_block(ds, idx: np.ndarray, limit: int | None, cfg: dict) -> dict:
-    labels = ds.test.labels[idx]
+def scored_split(ds, cfg: dict, split: str, run_dir: Path):
+    """The images the battery scores: the test split, or the validation images the run
+    held out (the draw ``core.driver`` made, checked against the run's ``val_digest``)."""
+    if split == "test":
+        return ds.test
+    n = cfg.get("val") or 0
+    if not isinstance(n, int) or n <= 0:
+        raise UserError(f"{run_dir / 'config.json'}: the run held out no validation images "
+                        f"(val {n!r}); --split val scores the images of a run trained with "
+                        f"--val N")
+    _, val = hold_out(ds.train, n, int(cfg.get("val_seed") or 0))
+    if split_digest(val) != cfg.get("val_digest"):
+        raise UserError(f"{run_dir / 'config.json'}: these are not the validation images the "
+                        f"run held out (its val_digest differs: other data, or another "
+                        f"draw); --split val needs the data the run was trained on")
+    return val
+
+
+def _data_block(ds, images, split: str, idx: np.ndarray, limit: int | None, cfg: dict) -> dict:
+    labels = images.labels[idx]
     fp = content_fingerprint(ds.manifest)
     run_fp = cfg.get("data_fingerprint")
-    return {"split": "test", "n_split": len(ds.test), "limit": limit, "n": int(len(idx)),
-            "n_fake": int((labels == 0).sum()), "n_real": int((labels == 1).sum()),
-            "fingerprint": fp, "same_as_run": None if run_fp is None else run_fp == fp,
-            "run_n_test": cfg.get("n_test")}
+    out = {"split": split, "n_split": len(images), "limit": limit, "n": int(len(idx)),
+           "n_fake": int((labels == 0).sum()), "n_real": int((labels == 1).sum()),
+           "fingerprint": fp, "same_as_run": None if run_fp is None else run_fp == fp,
+           "run_n_test": cfg.get("n_test")}
+    if split == "val":
+        out.update(val_seed=int(cfg.get("val_seed") or 0), val_digest=cfg.get("val_digest"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,34 +449,35 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("battery.png needs matplotlib: pip install -e \".[bench]\"")
     from data import load_cifake
     ds = load_cifake(args.data, args.cache_dir, verbose=False)
-    idx = stratified_first(ds.test.labels, args.limit)
+    images = scored_split(ds, detector.config, args.split, run_dir)
+    idx = stratified_first(images.labels, args.limit)
     out = out_dir(args.out or run_dir)
     t0 = time.perf_counter()
     workers = args.workers or min(os.cpu_count() or 1, 8)
     if len(idx) <= args.batch_size:
         workers = 1  # one batch: nothing to overlap, and starting processes costs seconds
-    p_fake, secs = score(detector.p_fake_batch, ds.test.images[idx], idx, args.batch_size,
+    p_fake, secs = score(detector.p_fake_batch, images.images[idx], idx, args.batch_size,
                          progress=sys.stderr.isatty(), workers=workers)
     seconds = time.perf_counter() - t0
     result = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "run": run_summary(run_dir), "scored_with": detector.stack,
               "device": detector.device, "threshold": DEFAULT_THRESHOLD,
               "noise_seed": NOISE_SEED, "batch_size": args.batch_size, "workers": workers,
-              "data": _data_block(ds, idx, args.limit, detector.config),
+              "data": _data_block(ds, images, args.split, idx, args.limit, detector.config),
               "realworld": realworld,
-              "rows": condition_rows(p_fake, ds.test.labels[idx]),
+              "rows": condition_rows(p_fake, images.labels[idx]),
               "timing": {"seconds": seconds, "predictions": len(idx) * len(BATTERY),
                          "perturb_s": sum(s["perturb_s"] for s in secs.values()),
                          "score_s": sum(s["score_s"] for s in secs.values()),
                          "per_condition": secs}}
     md = table_md(result)
-    blobs = {"battery.md": md.encode(), "battery.csv": table_csv(result).encode(),
-             "battery.png": figure_png(result),
-             "battery.json": (json.dumps(result, indent=1, allow_nan=False) + "\n").encode()}
-    for name in FILES:  # the JSON last: the web page reads it
+    names = file_names(args.split)
+    blobs = dict(zip(names, (md.encode(), table_csv(result).encode(), figure_png(result),
+                             (json.dumps(result, indent=1, allow_nan=False) + "\n").encode())))
+    for name in names:  # the JSON last: the web page reads it
         atomic_write_bytes(out / name, blobs[name])
     print(md, end="")
-    print(f"wrote {out}/battery.{{md,csv,png,json}}")
+    print(f"wrote {out}/{names[0].rsplit('.', 1)[0]}.{{md,csv,png,json}}")
     return 0
 
 

@@ -326,6 +326,43 @@ def test_a_failure_after_scoring_writes_nothing(archive, tmp_path, monkeypatch):
     assert no_outputs(run_dir)
 
 
+def test_split_val_scores_the_images_the_run_held_out(tmp_path):
+    """A NumPy MLP trained with --val 16: the battery on its validation split scores those
+    16 images (its clean accuracy is the run's own final validation accuracy), writes
+    battery-val.* beside nothing else; a run without --val, or data whose draw differs from
+    the run's val_digest, is a one-line refusal."""
+    from cifake import battery
+    zip_path = make_archive(tmp_path / "small.zip", n_train=20, n_test=4)
+    run_dir = tmp_path / "run"
+    assert_ok(run("numpy_mlp.train", "--preset", "mlp2-mini", "--epochs", "2", "--val", "16",
+                  "--data", zip_path, "--cache-dir", tmp_path / "cache", "--out", run_dir,
+                  "--no-progress"))
+    argv = battery_argv(run_dir, zip_path, tmp_path, "--split", "val")
+    assert battery.main(argv) == 0
+    names = ("battery-val.md", "battery-val.csv", "battery-val.png", "battery-val.json")
+    assert all((run_dir / f).is_file() for f in names) and not (run_dir / "battery.json").exists()
+    res = json.loads((run_dir / "battery-val.json").read_text())
+    assert res["data"]["split"] == "val" and res["data"]["n"] == res["data"]["n_split"] == 16
+    assert res["data"]["n_fake"] == res["data"]["n_real"] == 8
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert abs(res["rows"][0]["accuracy"] - final["val_acc"]) < 1e-9
+    assert "validation images (held out of CIFAKE's training split: --val 16" in \
+        (run_dir / "battery-val.md").read_text()
+    # the test split's battery is another file, not overwritten
+    assert battery.main(battery_argv(run_dir, zip_path, tmp_path)) == 0
+    assert json.loads((run_dir / "battery.json").read_text())["data"]["split"] == "test"
+    assert json.loads((run_dir / "battery-val.json").read_text()) == res
+    # refusals: no validation split; another draw than the run recorded
+    plain = mlp_run(tmp_path / "plain")
+    with pytest.raises(UserError, match=r"held out no validation images.*--val N"):
+        battery.main(battery_argv(plain, zip_path, tmp_path, "--split", "val"))
+    cfg = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**cfg, "val_seed": 1}))
+    with pytest.raises(UserError, match="not the validation images the run held out"):
+        battery.main(argv + ["--out", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
+
+
 def test_battery_html_for_the_web_page(archive, tmp_path):
     from cifake import battery
     run_dir = mlp_run(tmp_path / "run<b>")
