@@ -448,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("battery.png needs matplotlib: pip install -e \".[bench]\"")
     from data import load_cifake
-    ds = load_cifake(args.data, args.cache_dir, verbose=False)
+    # the validation images are drawn from the training split the run saw (its --subset)
+    subset = detector.config.get("subset") if args.split == "val" else None
+    ds = load_cifake(args.data, args.cache_dir, subset=subset, verbose=False)
     images = scored_split(ds, detector.config, args.split, run_dir)
     idx = stratified_first(images.labels, args.limit)
     out = out_dir(args.out or run_dir)

@@ -11,6 +11,13 @@ column is read once per finished run and reported, never used to choose.
         --seeds 0,1 --try "--hidden 20,7,5" --try "--hidden 32,16,8" --data cifake.zip \\
         --out results/sweep-mlp4
 
+``--choose battery`` chooses for robustness instead: after each finished run its
+robustness battery is scored on the same held-out images (``cifake.battery --split val``,
+battery-val.json in the run's folder, scored once), and the variant with the highest mean
+validation accuracy over the battery's 13 conditions (the clean images, JPEG, resizing, blur
+and noise, each weighted alike) is chosen; the clean and the worst condition's figures are
+reported beside it.
+
 Each ``--try`` is a variant: training flags added to the preset's and to ``--common``'s (an
 empty string is the preset itself). Runs go to ``--out``/runs/<variant>-s<seed>/, the
 command that made each beside it (``<variant>-s<seed>.command.json``). Resumable: a finished
@@ -36,12 +43,17 @@ from data.errors import UserError, run_cli
 
 from ..files import out_dir
 from . import frontier
-from .launcher import parse_seeds, read_json_or_none, run_or_resume
+from cifake.realworld import run_summary
+
+from .launcher import launch, parse_seeds, read_json_or_none, run_or_resume
 
 PROG = "python -m bench.studies.sweep"
 STACKS = ("numpy_mlp", "torch_cnn", "jax_port")
 COLUMNS = ("variant", "seed", "status", "epochs", "train_acc", "val_acc", "val_acc_tail",
-           "val_loss", "test_acc", "train_s")
+           "val_loss", "battery_mean", "battery_worst", "battery_worst_key", "test_acc",
+           "train_s")
+# what each --choose reads off a run's record: the mean over seeds of this key is compared
+CRITERIA = {"val": "val_acc", "battery": "battery_mean"}
 
 
 def slug(variant: str) -> str:
@@ -90,13 +102,38 @@ def record(variant: str, seed: int, status: str, run_dir: Path) -> dict:
     return rec
 
 
-def choose(records: list[dict], variants: list[str]) -> tuple[dict, list[str]]:
-    """Per variant the mean last-epoch validation accuracy over its seeds (when all
-    finished); the variants at the top: one is a choice, several a tie, none until every
-    run has finished."""
-    means = {v: statistics.fmean(r["val_acc"] for r in records if r["variant"] == v)
+def battery_on_val(args, run_dir: Path) -> dict:
+    """The run's robustness battery on its validation images (battery-val.json), scored
+    once per weights: ``battery_mean`` = the mean accuracy over every condition,
+    ``battery_worst`` and ``battery_worst_key``: the lowest one's."""
+    res_path = run_dir / "battery-val.json"
+    res = read_json_or_none(res_path)
+    if res is None or res.get("run", {}).get("model_sha256") != run_summary(run_dir)["model_sha256"]:
+        cmd = [sys.executable, "-m", "cifake.battery", "--run", str(run_dir), "--split", "val",
+               "--data", args.data]
+        cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+        cmd += ["--device", args.device] if args.device else []
+        if launch(cmd, run_dir.parent / f"{run_dir.name}.log") != 0:
+            raise UserError(f"the validation battery of {run_dir} failed (its log: "
+                            f"{run_dir.parent / f'{run_dir.name}.log'})")
+        res = read_json(res_path)
+    try:
+        accs = {r["key"]: float(r["accuracy"]) for r in res["rows"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{res_path}: not a cifake.battery result ({e!r})") from None
+    worst = min(accs, key=accs.get)
+    return {"battery_mean": statistics.fmean(accs.values()), "battery_worst": accs[worst],
+            "battery_worst_key": worst}
+
+
+def choose(records: list[dict], variants: list[str], key: str = "val_acc"
+           ) -> tuple[dict, list[str]]:
+    """Per variant the mean over its seeds of ``key`` (last-epoch validation accuracy, or
+    the validation battery's mean) when all finished; the variants at the top: one is a
+    choice, several a tie, none until every run has finished."""
+    means = {v: statistics.fmean(r[key] for r in records if r["variant"] == v)
              for v in variants
-             if all("val_acc" in r for r in records if r["variant"] == v)}
+             if all(key in r for r in records if r["variant"] == v)}
     if len(means) < len(variants):
         return means, []
     top = max(means.values())
@@ -119,22 +156,33 @@ def verdict(top: list[str]) -> str:
     return f"`{name(top[0])}`"
 
 
+CRITERION_TEXT = {"val": "the highest mean last-epoch validation accuracy",
+                  "battery": "the highest mean validation accuracy over the robustness "
+                             "battery's conditions"}
+
+
 def markdown(args, records: list[dict], means: dict, top: list[str]) -> str:
     common = f", with `{args.common}`" if args.common else ""
+    battery = args.choose == "battery"
+    extra_head = " validation battery % (mean; worst) |" if battery else ""
     lines = [f"# Sweep: {args.stack} --preset {args.preset}{common}, {args.val} images held "
              f"out (--val-seed {args.val_seed})", "",
-             "Chosen on validation (the highest mean last-epoch validation accuracy): "
-             + verdict(top) + ".",
+             f"Chosen on validation ({CRITERION_TEXT[args.choose]}): " + verdict(top) + ".",
              "The test column is read once per finished run and is not used to choose.", "",
              "| variant | seed | train % | validation % (last) | validation % (last tenth) "
-             "| validation loss | test % | training s |", "|---|---|---|---|---|---|---|---|"]
+             f"| validation loss |{extra_head} test % | training s |",
+             "|---|---|---|---|---|---|" + "---|" * battery + "---|---|"]
     for r in records:
+        cells = (f" {fmt(r.get('battery_mean'))}; {fmt(r.get('battery_worst'))} "
+                 f"({r.get('battery_worst_key', '—')}) |" if battery else "")
         lines.append(f"| {name(r['variant'])} | {r['seed']} | {fmt(r.get('train_acc'))} | "
                      f"{fmt(r.get('val_acc'))} | {fmt(r.get('val_acc_tail'))} | "
-                     f"{fmt(r.get('val_loss'), 4)} | {fmt(r.get('test_acc'))} | "
+                     f"{fmt(r.get('val_loss'), 4)} |{cells} {fmt(r.get('test_acc'))} | "
                      f"{fmt(r.get('train_s'), 0)} |" if "val_acc" in r else
-                     f"| {name(r['variant'])} | {r['seed']} | {r['status']} |  |  |  |  |  |")
-    lines += ["", "| variant | mean validation % (last epoch) |", "|---|---|"]
+                     f"| {name(r['variant'])} | {r['seed']} | {r['status']} |"
+                     + "  |" * (5 + battery))
+    what = "validation battery %, mean" if battery else "validation % (last epoch)"
+    lines += ["", f"| variant | mean over seeds: {what} |", "|---|---|"]
     lines += [f"| {name(v)} | {m:.2f} |" for v, m in means.items()]
     return "\n".join(lines) + "\n"
 
@@ -156,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--choose", choices=tuple(CRITERIA), default="val",
+                    help="val (default): the highest mean last-epoch validation accuracy; "
+                         "battery: the highest mean validation accuracy over the robustness "
+                         "battery's conditions (cifake.battery --split val, per run)")
     args = ap.parse_args(argv)
     args.seeds = parse_seeds(args.seeds)
     if len({slug(v) for v in args.variants}) != len(args.variants):
@@ -165,14 +217,18 @@ def main(argv=None) -> int:
     for variant in args.variants:
         for seed in args.seeds:
             run_dir = out / "runs" / f"{slug(variant)}-s{seed}"
-            records.append(record(variant, seed, run_one(args, variant, seed, run_dir), run_dir))
-    means, top = choose(records, args.variants)
+            rec = record(variant, seed, run_one(args, variant, seed, run_dir), run_dir)
+            if args.choose == "battery" and "val_acc" in rec:
+                rec.update(battery_on_val(args, run_dir))
+            records.append(rec)
+    means, top = choose(records, args.variants, CRITERIA[args.choose])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(records)
     atomic_write_bytes(out / "sweep.csv", buf.getvalue().encode())
     atomic_write_json(out / "sweep.json", {"command": sys.argv if argv is None else argv,
+                                           "criterion": CRITERIA[args.choose],
                                            "records": records, "means": means,
                                            "chosen": top[0] if len(top) == 1 else None,
                                            "tied": top if len(top) > 1 else []})

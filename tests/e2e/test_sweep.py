@@ -54,3 +54,33 @@ def test_sweep_refuses_bad_arguments_before_any_run(tmp_path):
     with pytest.raises(UserError, match="--seeds lists a seed twice"):
         sweep.main(argv(seeds="0,0"))
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_chooses_on_the_validation_battery_when_asked(mini_zip, tmp_path):
+    """--choose battery: every finished run's battery on its validation images, scored once;
+    the choice is the highest mean over the battery's conditions, recomputed here from the
+    runs' own battery-val.json."""
+    out = tmp_path / "swb"
+    args = ["--stack", "numpy_mlp", "--preset", "mlp2-mini", "--val", "20", "--seeds", "0",
+            "--common", "--epochs 1 --subset 40", "--try", "--hidden 3", "--try", "--hidden 9",
+            "--data", str(mini_zip), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--choose", "battery"]
+    assert sweep.main(args) == 0
+    got = json.loads((out / "sweep.json").read_text())
+    assert got["criterion"] == "battery_mean"
+    means, stamps = {}, {}
+    for r in got["records"]:
+        path = out / "runs" / f"{sweep.slug(r['variant'])}-s0" / "battery-val.json"
+        res = json.loads(path.read_text())
+        assert res["data"]["split"] == "val" and res["data"]["n"] == 20
+        accs = [row["accuracy"] for row in res["rows"]]
+        assert len(accs) == 13 and r["battery_mean"] == pytest.approx(sum(accs) / 13)
+        assert r["battery_worst"] == min(accs)
+        means[r["variant"]] = r["battery_mean"]
+        stamps[path] = path.stat().st_mtime_ns
+    assert got["means"] == pytest.approx(means)
+    top = [v for v, m in means.items() if m == max(means.values())]
+    assert (got["chosen"], got["tied"]) == ((top[0], []) if len(top) == 1 else (None, top))
+    assert "robustness battery" in (out / "sweep.md").read_text()
+    assert sweep.main(args) == 0                       # neither trained nor scored again
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
