@@ -16,14 +16,14 @@ class (``core.metrics.roc_auc``: rank-based, ties counted half).
 says so in every output. ``--split val`` scores the validation images the run held out of
 the training split instead (a run trained with ``--val N``: the same draw, checked against
 the ``val_digest`` its config.json recorded), so that a choice made for robustness -- how
-strongly to augment, which run to keep -- is made without reading the test split; it
-writes battery-val.* beside the test split's files, never over them. When the run directory holds a ``cifake.realworld`` result
-(realworld.json), its real-photo false-positive rate through predict's own pipeline is
-reported beside the table.
+strongly to augment, which run to keep -- is made without reading the test split. When
+the run directory holds a ``cifake.realworld`` result (realworld.json), its real-photo
+false-positive rate through predict's own pipeline is reported beside the table.
 
 Writes battery.csv, battery.md, battery.png and battery.json (what the web page reads;
-battery-val.* for ``--split val``) into the run directory, or ``--out``; each file appears whole or not at all, and nothing
-is written before every image has been scored.
+battery-val.* for ``--split val``, beside the test split's, never over them) into the run
+directory, or ``--out``; each file appears whole or not at all, and nothing is written
+before every image has been scored.
 """
 from __future__ import annotations
 
@@ -62,13 +62,13 @@ PROG = "python -m cifake.battery"
 DEFAULT_BATCH = 512
 FILES = ("battery.md", "battery.csv", "battery.png", "battery.json")  # written in this order
 SPLITS = ("test", "val")
+MAX_PNG_BYTES = 4 * 2**20  # a chart larger than this is not ours: the page leaves it out
 
 
 def file_names(split: str) -> tuple[str, ...]:
     """The outputs of a battery on ``split``: battery.* (test), battery-val.* (val)."""
     return FILES if split == "test" else tuple(f.replace("battery", f"battery-{split}", 1)
                                                for f in FILES)
-MAX_PNG_BYTES = 4 * 2**20  # a chart larger than this is not ours: the page leaves it out
 
 
 # ------------------------------------------------------------------ scoring
@@ -414,12 +414,14 @@ def scored_split(ds, cfg: dict, split: str, run_dir: Path):
     held out (the draw ``core.driver`` made, checked against the run's ``val_digest``)."""
     if split == "test":
         return ds.test
-    n = cfg.get("val") or 0
+    n, seed = cfg.get("val") or 0, cfg.get("val_seed", 0)
     if not isinstance(n, int) or n <= 0:
         raise UserError(f"{run_dir / 'config.json'}: the run held out no validation images "
                         f"(val {n!r}); --split val scores the images of a run trained with "
                         f"--val N")
-    _, val = hold_out(ds.train, n, int(cfg.get("val_seed") or 0))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{run_dir / 'config.json'}: val_seed {seed!r} is not an integer")
+    _, val = hold_out(ds.train, n, seed)
     if split_digest(val) != cfg.get("val_digest"):
         raise UserError(f"{run_dir / 'config.json'}: these are not the validation images the "
                         f"run held out (its val_digest differs: other data, or another "
@@ -436,7 +438,7 @@ def _data_block(ds, images, split: str, idx: np.ndarray, limit: int | None, cfg:
            "fingerprint": fp, "same_as_run": None if run_fp is None else run_fp == fp,
            "run_n_test": cfg.get("n_test")}
     if split == "val":
-        out.update(val_seed=int(cfg.get("val_seed") or 0), val_digest=cfg.get("val_digest"))
+        out.update(val_seed=cfg.get("val_seed", 0), val_digest=cfg.get("val_digest"))
     return out
 
 

@@ -108,7 +108,8 @@ def battery_on_val(args, run_dir: Path) -> dict:
     ``battery_worst`` and ``battery_worst_key``: the lowest one's."""
     res_path = run_dir / "battery-val.json"
     res = read_json_or_none(res_path)
-    if res is None or res.get("run", {}).get("model_sha256") != run_summary(run_dir)["model_sha256"]:
+    weights = run_summary(run_dir)["model_sha256"]
+    if res is None or (res.get("run") or {}).get("model_sha256") != weights:
         cmd = [sys.executable, "-m", "cifake.battery", "--run", str(run_dir), "--split", "val",
                "--data", args.data]
         cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
