@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib
 import csv
-import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from data.photo import CIFAKE_JPEG_QUALITY, FILTERS, PIPELINE, PIPELINE_FILTER, 
     PIPELINE_JPEG_QUALITY, shrink
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.flags import ArgumentParser, positive_int
-from core.rundir import field, read_json
+from core.rundir import field, read_json, weights_digest
 
 from bench.files import out_dir, png_bytes
 from data.realphotos import PHOTOS, Photo, load_photo
@@ -120,11 +119,7 @@ def run_summary(run_dir: Path) -> dict:
         fin = m.get("final") or {}
         out["test_acc"] = fin.get("test_acc", fin.get("test_accuracy", last.get("test_acc")))
         out["train_acc"] = fin.get("train_acc", fin.get("train_accuracy", last.get("train_acc")))
-    h = hashlib.sha256()
-    with open(run_dir / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    out["model_sha256"] = h.hexdigest()[:16]
+    out["model_sha256"] = weights_digest(run_dir)
     return out
 
 

@@ -17,6 +17,7 @@ Contract (numpy_mlp, torch_cnn and jax_port alike)::
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,16 @@ def field(obj: dict, key: str, types, path, required: bool = True, default=None)
     if not isinstance(v, types):
         raise UserError(f"{path}: '{key}' has the wrong type ({type(v).__name__} {v!r})")
     return v
+
+
+def weights_digest(run_dir: str | os.PathLike) -> str:
+    """The first 16 hex digits of the SHA-256 of the run's model.safetensors: what names the
+    weights a result was computed from (a battery, a real-photo check)."""
+    h = hashlib.sha256()
+    with open(Path(run_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def read_history(path: Path) -> tuple[list[dict], float]:

@@ -38,13 +38,11 @@ from core.atomic import atomic_write_bytes, atomic_write_json
 from core.catalog import PRESETS
 from core import flags
 from core.flags import ArgumentParser, positive_int
-from core.rundir import read_json
+from core.rundir import read_json, weights_digest
 from data.errors import UserError, run_cli
 
 from ..files import out_dir
 from . import frontier
-from cifake.realworld import run_summary
-
 from .launcher import launch, parse_seeds, read_json_or_none, run_or_resume
 
 PROG = "python -m bench.studies.sweep"
@@ -108,7 +106,7 @@ def battery_on_val(args, run_dir: Path) -> dict:
     ``battery_worst`` and ``battery_worst_key``: the lowest one's."""
     res_path = run_dir / "battery-val.json"
     res = read_json_or_none(res_path)
-    weights = run_summary(run_dir)["model_sha256"]
+    weights = weights_digest(run_dir)
     if res is None or (res.get("run") or {}).get("model_sha256") != weights:
         cmd = [sys.executable, "-m", "cifake.battery", "--run", str(run_dir), "--split", "val",
                "--data", args.data]

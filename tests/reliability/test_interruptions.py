@@ -297,7 +297,7 @@ ATOMIC_EXEMPT = {
     "core/faults.py": "the test-only fault hook writes half a temp file, then kills itself",
     "core/rundir.py": "the write probe of the run directory (deleted at once)",
     "data/cache.py": "writes only inside '<key>.tmp-PID/', fsynced, renamed into place whole",
-    "bench/studies/reproduce.py": "appends to a run's log file (a log, never read back as state)",
+    "bench/studies/launcher.py": "appends to a run's log file (a log, never read back as state)",
     "bench/speed/gpu.py": "a step's stdout/stderr log file (a log, never read back as state)",
 }
 _WRITE_FUNCS = {"save", "savez", "savez_compressed", "dump", "tofile", "write_text",
