@@ -58,7 +58,7 @@ from core.tensors import load_safetensors, save_safetensors
 from . import checkpoint
 from . import distributed as ddp
 from .model import init_model, with_tta
-from .pipeline import DevicePipeline, resolve_device, to_input, torchvision_loader
+from .pipeline import DevicePipeline, flush_denormals, resolve_device, to_input, torchvision_loader
 
 EVAL_BATCH = 1000        # images per forward pass in evaluation (memory only, not results)
 ADAM_BETAS = (0.9, 0.999)  # torch defaults (the original is silent)
@@ -377,6 +377,7 @@ class TorchCNN(Stack):
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before torch starts its threads (see its docstring)
     return train(TorchCNN(), argv)
 
 

@@ -201,6 +201,8 @@ class TorchCNN(Backend):
         import torch
         from torch_cnn import model as tm
         from torch_cnn import train as tt
+        from torch_cnn.pipeline import flush_denormals
+        flush_denormals()  # as torch_cnn.train does, before this worker's first torch operation
         self.torch, self.tm, self.tt = torch, tm, tt
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("torch sees no CUDA device")

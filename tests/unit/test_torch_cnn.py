@@ -199,6 +199,49 @@ def test_a_few_steps_lower_the_loss():
     assert logits.shape == (16,) and ((logits > 0) == (split.labels == 1)).mean() >= 0.9
 
 
+# Run in a fresh process: a denormal times one is zero only on threads that flush them, and the
+# 2**22 elements are split between both intra-op threads. The control shows the probe sees the
+# threads: threads started before the call keep the slow mode. (Float arithmetic on a thread
+# that flushes would zero the probe's own constant, so it is made and read as bits.)
+_FTZ_PROBE = """
+import sys, torch
+from torch_cnn.pipeline import flush_denormals
+torch.set_num_threads(2)
+what, out = sys.argv[1], sys.argv[2]
+
+
+def survivors():  # 1e-39 as bits (no float arithmetic on this thread), times one, read as bits
+    x = torch.full((1 << 22,), 0x000AE398, dtype=torch.int32).view(torch.float32)
+    return int(((x * 1.0).view(torch.int32) != 0).sum())
+
+
+if what == "train":
+    from tests.helpers import make_archive, train_argv
+    from torch_cnn import train
+    zip_path = make_archive(out + "/tiny.zip", n_train=4, n_test=2)
+    assert train.main(train_argv(zip_path, out + "/cache", out + "/run", fresh=(
+        "--model", "v3", "--epochs", "1", "--batch-size", "4", "--threads", "2"))) == 0
+elif what == "bench":
+    from bench.speed.backends import make_backend
+    make_backend("torch-device", "v3", "cpu", 0, 1)
+    torch.set_num_threads(2)
+else:  # control: the threads exist before the call
+    survivors()
+    flush_denormals()
+print(survivors())
+"""
+
+
+@pytest.mark.parametrize("what, survivors", [("train", "none"), ("bench", "none"),
+                                              ("late", "some")])
+def test_denormals_are_flushed_on_every_training_thread(what, survivors, tmp_path):
+    p = subprocess.run([sys.executable, "-c", _FTZ_PROBE, what, str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    n = int(p.stdout.split()[-1])
+    assert (n == 0) if survivors == "none" else (0 < n < 1 << 22), (what, n)
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     d = tmp_path_factory.mktemp("tcnn")
