@@ -158,7 +158,7 @@ def _conv3x3_hybrid(x, kernel):
     of ``lax.conv`` emits for the gradients (a kernel gradient contracting over the batch,
     an input gradient with a dilated/reversed kernel) fall back to a slow path (measured
     ~40x slower for net4's training step inside the scan, though not as a standalone jit).
-    autodiff of im2col instead pays a matmul with a (B*H*W, 9*C_in) output plus its
+    Autodiff of im2col instead pays a matmul with a (B*H*W, 9*C_in) output plus its
     col2im. Here every gradient is a canonical convolution:
     - forward: im2col + matmul for few input channels, else a plain ``lax.conv``;
     - input gradient: a plain forward convolution of the output gradient with the
@@ -187,8 +187,7 @@ def _kernel_grad(x, g):
     ~1.6-5x more per layer here (nine slice copies and a concatenate: memory traffic, not FLOPs)."""
     xt = jnp.transpose(x, (3, 1, 2, 0))                       # (C_in, H, W, B)
     gt = jnp.transpose(g, (1, 2, 0, 3))                       # (H, W, B, C_out)
-    dk = lax.conv_general_dilated(xt, gt, (1, 1), ((1, 1), (1, 1)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dk = _conv_xla(xt, gt)                                    # (C_in, 3, 3, C_out)
     return jnp.transpose(dk, (1, 2, 0, 3))                    # (C_in, 3, 3, C_out) -> HWIO
 
 
